@@ -1,0 +1,3 @@
+"""CLI commands of this area; they register themselves on `adapterhub.cli.main`."""
+
+from __future__ import annotations
