@@ -1,0 +1,553 @@
+"""A PEFT LoRA / rsLoRA / DoRA adapter in memory: config, exact tensors, validation (no torch).
+
+Shared by the registry (which stores the exact on-disk bytes) and the runtime (which wants float32
+arrays per module). The interchange format is what PEFT ``save_pretrained`` writes (SEMANTICS §6):
+``adapter_config.json`` + ``adapter_model.safetensors``. Tensors keep their on-disk dtype and bytes, so
+F32, F16 and BF16 round-trip byte-identically; numpy has no bfloat16, hence the small safetensors
+reader/writer below (format: 8-byte little-endian header length, JSON header, raw data).
+
+Pickle (``adapter_model.bin``) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from adapterhub.errors import AdapterFormatError, ConfigError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+# PEFT on-disk key suffixes (SEMANTICS §6.3): which AdapterModule field each one fills.
+KEY_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
+
+# safetensors dtype code -> (numpy dtype of the stored bits, bytes per element). BF16 is kept as its raw
+# uint16 bits and widened to float32 by a 16-bit shift.
+DTYPES = {"F64": (np.float64, 8), "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+_NUMPY_TO_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+# `LoraConfig().to_dict()` of peft 0.21.2 (SEMANTICS §6.2): what random_adapter writes besides its values.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
+    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+    "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA", "peft_version": "0.21.2",
+    "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None,
+    "target_parameters": None, "task_type": None, "trainable_token_indices": None, "use_bdlora": None,
+    "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+# target_modules=None on a Llama-family model resolves to these (SEMANTICS §6.4).
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _names(value: Any, field_name: str) -> str | tuple[str, ...] | None:
+    """A PEFT module selector: None, a regex string, or a list of names (kept as a tuple)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ConfigError(f"{field_name} {value!r} is not a valid regular expression: {error}") from None
+        return value
+    _check(isinstance(value, list) and all(isinstance(v, str) and v for v in value),
+           f"{field_name} must be null, a regex string or a list of module names; got {value!r}")
+    return tuple(value)
+
+
+def _pattern(value: Any, field_name: str, check_value) -> dict[str, Any]:
+    _check(isinstance(value, dict), f"{field_name} must be an object {{pattern: value}}; got {value!r}")
+    for key, item in value.items():
+        _check(check_value(item), f"{field_name}[{key!r}] = {item!r} is invalid; expected a positive number")
+    return dict(value)
+
+
+def _pattern_lookup(pattern: Mapping[str, Any], module: str, default):
+    """First key K (dict order) whose `(.*\\.)?(K)$` fully matches the module name wins (SEMANTICS §4.2)."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of `adapter_config.json` adapterhub uses; `to_dict()` returns the original dict."""
+
+    peft_type: str
+    r: int
+    lora_alpha: float
+    target_modules: str | tuple[str, ...] | None
+    use_dora: bool = False
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AdapterConfig:
+        _check(isinstance(d, Mapping), f"adapter config must be a JSON object; got {type(d).__name__}")
+        for required in ("peft_type", "r", "lora_alpha"):
+            _check(required in d, f"adapter config is missing the required field {required!r}; "
+                                  "PEFT writes it in adapter_config.json")
+        peft_type = d["peft_type"]
+        _check(peft_type == "LORA", f"peft_type {peft_type!r} is not supported; adapterhub supports only "
+                                    "'LORA' adapters (LoRA, rsLoRA, DoRA)")
+        _check(_is_int(d["r"]) and d["r"] > 0, f"r must be a positive integer; got {d['r']!r}")
+        _check(_is_number(d["lora_alpha"]), f"lora_alpha must be a finite number; got {d['lora_alpha']!r}")
+        flags = {k: d.get(k, False) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias")}
+        for key, value in flags.items():
+            _check(isinstance(value, bool), f"{key} must be true or false; got {value!r}")
+        _check(not (flags["use_dora"] and flags["lora_bias"]),
+               "lora_bias=true is not allowed with use_dora=true (PEFT refuses it too); set one of them to false")
+        _check(not flags["lora_bias"], "lora_bias=true (a bias on lora_B) is not supported by adapterhub; "
+                                       "retrain with lora_bias=false")
+        bias = d.get("bias", "none")
+        _check(bias == "none", f"bias={bias!r} saves base-layer biases, which adapterhub does not support; "
+                               "use bias='none'")
+        modules_to_save = d.get("modules_to_save")
+        _check(not modules_to_save, f"modules_to_save={modules_to_save!r} (fully trained extra modules) is not "
+                                    "supported; adapterhub keeps LoRA tensors only")
+        targets = _names(d.get("target_modules"), "target_modules")
+        layers = d.get("layers_to_transform")
+        if _is_int(layers):
+            layers = [layers]
+        _check(layers is None or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers)),
+               f"layers_to_transform must be null, an int or a list of ints; got {layers!r}")
+        _check(layers is None or not isinstance(targets, str),
+               "layers_to_transform cannot be used when target_modules is a regex string (PEFT rule, §6.4)")
+        for key in ("base_model_name_or_path", "task_type"):
+            _check(d.get(key) is None or isinstance(d.get(key), str), f"{key} must be a string or null")
+        return cls(
+            peft_type=peft_type, r=d["r"], lora_alpha=d["lora_alpha"], target_modules=targets,
+            use_dora=flags["use_dora"], use_rslora=flags["use_rslora"],
+            rank_pattern=_pattern(d.get("rank_pattern") or {}, "rank_pattern", lambda v: _is_int(v) and v > 0),
+            alpha_pattern=_pattern(d.get("alpha_pattern") or {}, "alpha_pattern", _is_number),
+            fan_in_fan_out=flags["fan_in_fan_out"], bias=bias, lora_bias=flags["lora_bias"],
+            modules_to_save=None, layers_to_transform=None if layers is None else tuple(layers),
+            layers_pattern=_names(d.get("layers_pattern"), "layers_pattern"),
+            exclude_modules=_names(d.get("exclude_modules"), "exclude_modules"),
+            base_model_name_or_path=d.get("base_model_name_or_path"), task_type=d.get("task_type"),
+            raw=json.loads(json.dumps(d)),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> AdapterConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise AdapterFormatError(f"{path} does not exist; a PEFT adapter directory needs {CONFIG_FILE}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AdapterFormatError(f"{path} is not valid JSON ({error}); re-save the adapter with "
+                                     "peft save_pretrained") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict this config was read from, unknown fields included (a deep copy)."""
+        return json.loads(json.dumps(self.raw))
+
+    def rank(self, module: str) -> int:
+        return _pattern_lookup(self.rank_pattern, module, self.r)
+
+    def alpha(self, module: str) -> float:
+        return _pattern_lookup(self.alpha_pattern, module, self.lora_alpha)
+
+    def scaling(self, module: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA, with the per-module r and alpha (SEMANTICS §4.2)."""
+        r = self.rank(module)
+        return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
+
+    def matches(self, module: str) -> bool:
+        """Whether PEFT would put a LoRA layer on `module` (a full HF module path; SEMANTICS §6.4)."""
+        if _selects(self.exclude_modules, module):
+            return False
+        targets = DEFAULT_TARGETS if self.target_modules is None else self.target_modules
+        if not _selects(targets, module):
+            return False
+        return self.layers_to_transform is None or _layer_index(module, self.layers_pattern) in self.layers_to_transform
+
+
+def _selects(selector: str | tuple[str, ...] | None, module: str) -> bool:
+    if selector is None:
+        return False
+    if isinstance(selector, str):
+        return re.fullmatch(selector, module) is not None
+    return any(module == name or module.endswith("." + name) for name in selector)
+
+
+def _layer_index(module: str, layers_pattern: str | tuple[str, ...] | None) -> int | None:
+    patterns = [None] if layers_pattern is None else (
+        [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern))
+    for pattern in patterns:
+        regex = r".*\.[^.]*\.(\d+)\." if pattern is None else rf".*\.{pattern}\.(\d+)\."
+        found = re.match(regex, module)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """One tensor exactly as stored: safetensors dtype code, shape, little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes = field(repr=False)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, dtype: str | None = None) -> RawTensor:
+        """From a float array; `dtype` ("F32", "F16", "BF16", "F64") converts first (BF16: round to nearest even)."""
+        array = np.asarray(array)
+        code = dtype or _NUMPY_TO_CODE.get(array.dtype.name)
+        if code not in DTYPES:
+            raise AdapterFormatError(f"dtype {array.dtype} is not a float dtype; use float32, float16 or bfloat16")
+        if code == "BF16":
+            bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+            stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        else:
+            stored = np.ascontiguousarray(array, dtype=np.dtype(DTYPES[code][0]).newbyteorder("<"))
+        return cls(code, tuple(int(n) for n in array.shape), stored.tobytes())
+
+    def stored(self) -> np.ndarray:
+        """The stored elements (BF16 as uint16 bits), read-only, shaped."""
+        return np.frombuffer(self.data, dtype=np.dtype(DTYPES[self.dtype][0]).newbyteorder("<")).reshape(self.shape)
+
+    def to_float32(self) -> np.ndarray:
+        if self.dtype == "BF16":
+            return (self.stored().astype(np.uint32) << 16).view(np.float32)
+        return self.stored().astype(np.float32)
+
+
+def read_safetensors(data: bytes, source: str = "safetensors") -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """Parse a safetensors file's bytes into {key: RawTensor} and its metadata, checking every offset."""
+    if len(data) < 8:
+        raise AdapterFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(_MAX_HEADER, len(data) - 8):
+        raise AdapterFormatError(f"{source}: header length {n} exceeds the file ({len(data)} bytes); truncated?")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFormatError(f"{source}: safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{source}: safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for key, entry in header.items():
+        tensors[key] = _raw_tensor(key, entry, body, source)
+    return tensors, dict(metadata)
+
+
+def _raw_tensor(key: str, entry: Any, body: memoryview, source: str) -> RawTensor:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed header entry {entry!r}") from None
+    if dtype not in DTYPES:
+        raise AdapterFormatError(f"{source}: tensor {key!r} has dtype {dtype}; adapter tensors must be one of "
+                                 f"{sorted(DTYPES)} (cast them to float32)")
+    if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed shape {shape!r}")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end <= len(body) and end - begin == expected):
+        raise AdapterFormatError(f"{source}: tensor {key!r} {dtype}{shape} needs {expected} bytes but its "
+                                 f"data_offsets are [{begin}, {end}] in a {len(body)}-byte buffer")
+    return RawTensor(dtype, tuple(shape), bytes(body[begin:end]))
+
+
+def write_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize to safetensors bytes: keys sorted, header padded with spaces to 8 bytes (as safetensors does)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in sorted(tensors):
+        size = len(tensors[key].data)
+        header[key] = {"dtype": tensors[key].dtype, "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([len(text).to_bytes(8, "little"), text, *(tensors[key].data for key in sorted(tensors))])
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted linear: name is the HF module path, e.g. "model.layers.0.self_attn.q_proj"."""
+
+    name: str
+    lora_A: np.ndarray  # (R, Din) float32
+    lora_B: np.ndarray  # (Dout, R) float32
+    magnitude: np.ndarray | None  # (Dout,) float32, DoRA only
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """PEFT key -> (module path, AdapterModule field), or None when it is not a LoRA tensor key."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    for suffix, part in KEY_SUFFIXES.items():
+        if key.endswith(suffix) and len(key) > len(KEY_PREFIX) + len(suffix):
+            return key[len(KEY_PREFIX):-len(suffix)], part
+    return None
+
+
+def peft_key(module: str, part: str) -> str:
+    """(module path, "lora_A" | "lora_B" | "magnitude") -> the PEFT on-disk key (SEMANTICS §6.3)."""
+    suffix = {v: k for k, v in KEY_SUFFIXES.items()}[part]
+    return KEY_PREFIX + module + suffix
+
+
+class Adapter:
+    """A validated PEFT adapter: `config` plus `tensors` keyed by PEFT key, exact dtype and bytes."""
+
+    def __init__(self, config: AdapterConfig | Mapping[str, Any],
+                 tensors: Mapping[str, RawTensor | np.ndarray]):
+        self.config = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
+        self.tensors: dict[str, RawTensor] = {
+            key: t if isinstance(t, RawTensor) else RawTensor.from_array(t) for key, t in sorted(tensors.items())}
+        self._parts = _validate(self.config, self.tensors)
+        self._modules: dict[str, AdapterModule] | None = None
+
+    @classmethod
+    def from_peft_dir(cls, path: str | os.PathLike) -> Adapter:
+        path = Path(path)
+        if not path.is_dir():
+            raise AdapterFormatError(f"{path} is not a directory; expected a PEFT adapter directory with "
+                                     f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+        config = AdapterConfig.from_json_file(path / CONFIG_FILE)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            if (path / PICKLE_FILE).exists():
+                raise AdapterFormatError(
+                    f"{path} holds {PICKLE_FILE} (a pickle, which adapterhub never loads) and no {WEIGHTS_FILE}; "
+                    "convert it: `safetensors.torch.save_file(torch.load(p, weights_only=True), "
+                    f"'{WEIGHTS_FILE}', metadata={{'format': 'pt'}})`, or re-save with peft "
+                    "`model.save_pretrained(dir, safe_serialization=True)`")
+            raise AdapterFormatError(f"{path} has no {WEIGHTS_FILE}; a PEFT adapter directory needs it")
+        tensors, _ = read_safetensors(weights.read_bytes(), str(weights))
+        try:
+            return cls(config, tensors)
+        except AdapterFormatError as error:
+            raise AdapterFormatError(f"{path}: {error}") from None
+
+    def safetensors_bytes(self) -> bytes:
+        return write_safetensors(self.tensors, {"format": "pt"})
+
+    def config_json(self) -> str:
+        """adapter_config.json as PEFT writes it: json indent=2, sort_keys."""
+        return json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+
+    def save_peft_dir(self, path: str | os.PathLike) -> Path:
+        """Write the two PEFT files atomically: a new dir appears whole; an existing one gets each file renamed in."""
+        path = Path(path)
+        files = {CONFIG_FILE: self.config_json().encode(), WEIGHTS_FILE: self.safetensors_bytes()}
+        if path.is_dir():
+            for name, data in files.items():
+                _write_atomic(path / name, data)
+            _fsync_dir(path)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            for name, data in files.items():
+                _write_atomic(tmp / name, data)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(path.parent)
+        return path
+
+    def modules(self) -> dict[str, AdapterModule]:
+        """{HF module path: AdapterModule} with float32 arrays (cached)."""
+        if self._modules is None:
+            self._modules = {
+                module: AdapterModule(
+                    module, parts["lora_A"], parts["lora_B"], parts.get("magnitude"), self.config.scaling(module))
+                for module, parts in self._parts.items()}
+        return self._modules
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """{module: (Dout, Din)} of every adapted linear."""
+        return {m: (p["lora_B"].shape[0], p["lora_A"].shape[1]) for m, p in self._parts.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(t.data) for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        kind = "DoRA" if self.config.use_dora else "LoRA"
+        return f"Adapter({kind}, r={self.config.r}, modules={len(self._parts)}, nbytes={self.nbytes})"
+
+
+def _validate(config: AdapterConfig, tensors: Mapping[str, RawTensor]) -> dict[str, dict[str, np.ndarray]]:
+    """Group tensors per module and check them against the config; returns float32 arrays per part."""
+    if not tensors:
+        raise AdapterFormatError("the adapter has no tensors; expected lora_A / lora_B weights per target module")
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            raise AdapterFormatError(f"unexpected tensor {key!r}: adapter keys look like '{KEY_PREFIX}<module>"
+                                     ".lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector'")
+        module, part = split
+        if not config.matches(module):
+            raise AdapterFormatError(f"tensor {key!r} is for module {module!r}, which the config's target_modules="
+                                     f"{config.target_modules!r} does not select; fix target_modules or drop it")
+        if part == "magnitude" and not config.use_dora:
+            raise AdapterFormatError(f"tensor {key!r} is a DoRA magnitude but the config has use_dora=false")
+        values = tensor.to_float32()
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise AdapterFormatError(f"tensor {key!r} has {bad} NaN/Inf values of {values.size}; "
+                                     "the adapter is corrupt or diverged in training")
+        parts.setdefault(module, {})[part] = values
+    for module, found in parts.items():
+        _check_module(config, module, found)
+    return parts
+
+
+def _check_module(config: AdapterConfig, module: str, found: dict[str, np.ndarray]) -> None:
+    needed = ("lora_A", "lora_B", "magnitude") if config.use_dora else ("lora_A", "lora_B")
+    for part in needed:
+        if part not in found:
+            raise AdapterFormatError(f"module {module!r} has no {peft_key(module, part)!r} tensor"
+                                     + (" (use_dora=true needs a magnitude per module)" if part == "magnitude" else ""))
+    a, b, r = found["lora_A"], found["lora_B"], config.rank(module)
+    if a.ndim != 2 or a.shape[0] != r:
+        raise AdapterFormatError(f"{peft_key(module, 'lora_A')!r} has shape {list(a.shape)}; expected [r, in] "
+                                 f"with r={r} from the config")
+    if b.ndim != 2 or b.shape[1] != r:
+        raise AdapterFormatError(f"{peft_key(module, 'lora_B')!r} has shape {list(b.shape)}; expected [out, r] "
+                                 f"with r={r} from the config")
+    m = found.get("magnitude")
+    if m is not None and m.shape != (b.shape[0],):
+        raise AdapterFormatError(f"{peft_key(module, 'magnitude')!r} has shape {list(m.shape)}; expected "
+                                 f"[out] = [{b.shape[0]}] to match lora_B")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """tmp file in the same dir → fsync → rename: readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- test / demo adapters -----------------------------------------------------------------------
+
+
+def random_adapter(module_shapes: Mapping[str, tuple[int, int]], r: int = 8, lora_alpha: float = 16,
+                   target_modules=DEFAULT_TARGETS, use_dora: bool = False, use_rslora: bool = False,
+                   seed: int = 0, base_weights: Mapping[str, np.ndarray] | None = None,
+                   dtype: str = "float32") -> Adapter:
+    """A realistic PEFT adapter for the targeted modules of `module_shapes` ({module: (Dout, Din)}).
+
+    Initialised like `init_lora_weights=False` (SEMANTICS §4.3): A ~ U(±1/√Din), B ~ U(±1/√R), so the
+    adapter is not a no-op. DoRA magnitude = ‖W + s·B·A‖_row (§5.2) from `base_weights` when given, else
+    a positive random vector. `dtype` is the on-disk dtype: "float32", "float16" or "bfloat16".
+    """
+    if dtype not in _NUMPY_TO_CODE:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+    config = AdapterConfig.from_dict({**PEFT_DEFAULTS, "r": r, "lora_alpha": lora_alpha,
+                                      "target_modules": sorted(target_modules), "use_dora": use_dora,
+                                      "use_rslora": use_rslora, "init_lora_weights": False})
+    rng = np.random.default_rng(seed)
+    code = _NUMPY_TO_CODE[dtype]
+    tensors: dict[str, RawTensor] = {}
+    for module in sorted(module_shapes):
+        if not config.matches(module):
+            continue
+        d_out, d_in = module_shapes[module]
+        a = rng.uniform(-1, 1, (r, d_in)).astype(np.float32) / np.float32(math.sqrt(d_in))  # (R, Din)
+        b = rng.uniform(-1, 1, (d_out, r)).astype(np.float32) / np.float32(math.sqrt(r))  # (Dout, R)
+        tensors[peft_key(module, "lora_A")] = stored_a = RawTensor.from_array(a, code)
+        tensors[peft_key(module, "lora_B")] = stored_b = RawTensor.from_array(b, code)
+        a, b = stored_a.to_float32(), stored_b.to_float32()  # the magnitude sees the values as stored
+        if use_dora:
+            if base_weights is not None:
+                w = np.asarray(base_weights[module], dtype=np.float32)  # (Dout, Din)
+                magnitude = np.linalg.norm(w + np.float32(config.scaling(module)) * (b @ a), axis=1)
+            else:
+                magnitude = rng.uniform(0.5, 1.5, d_out)
+            tensors[peft_key(module, "magnitude")] = RawTensor.from_array(magnitude.astype(np.float32), code)
+    if not tensors:
+        raise ConfigError(f"target_modules={list(target_modules)} selects none of the {len(module_shapes)} modules "
+                          f"given (e.g. {next(iter(module_shapes), None)!r})")
+    return Adapter(config, tensors)
