@@ -121,3 +121,9 @@ class RequestError(AdapterHubError, ValueError):
     """An HTTP / generation request is invalid (bad parameters, prompt too long)."""
 
     http_status = 400
+
+
+class MergeError(AdapterHubError, ValueError):
+    """Merging or combining adapters failed (non-finite merged weights, bad combine method/density)."""
+
+    http_status = 400
