@@ -1,0 +1,102 @@
+"""Model names → adapter digests → `Adapter` objects, read from the registry off the engine thread.
+
+A request's ``model`` is the base name (no adapter) or a registry ref: ``task@v3``, ``task:prod``,
+``task@sha256:…``, or a bare task name meaning ``task:latest``. Every request resolves its ref
+again (a cheap ref read), so a moved tag is seen at once; the pool is keyed by the manifest digest,
+so two versions of one task are two different slots and a request in flight keeps its version.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from adapterhub.adapter import Adapter
+from adapterhub.errors import IncompatibleAdapterError, RefNotFoundError
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a request's ``model`` names: the base alone (digest None) or one adapter version."""
+
+    model: str  # as the client wrote it
+    digest: str | None  # manifest digest "sha256:…", the pool key
+    pinned_ref: str | None  # "task@sha256:…": reads exactly this version
+    label: str  # "task@v3" where the registry says, for listings
+
+
+def task_of(ref: str) -> str:
+    """``task@v3`` / ``task:prod`` / ``task@sha256:…`` / ``task`` → ``task``."""
+    return ref.split("@", 1)[0].split(":", 1)[0]
+
+
+def check_compatible(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], ref: str) -> None:
+    """Every adapted module exists in the base with the same (Dout, Din) (else HTTP 422)."""
+    for name, shape in adapter.module_shapes().items():
+        if name not in module_shapes:
+            raise IncompatibleAdapterError(
+                f"adapter '{ref}' targets '{name}' but the base has no such module; it was trained "
+                f"for another base model (see 'adapterhub show {ref}')"
+            )
+        if tuple(shape) != tuple(module_shapes[name]):
+            raise IncompatibleAdapterError(
+                f"adapter '{ref}' module '{name}' has (out, in)={tuple(shape)} but the base has "
+                f"{tuple(module_shapes[name])}; it was trained for another base model"
+            )
+
+
+class AdapterSource:
+    """Resolves refs and reads adapters from a registry; concurrent reads of one digest share one load."""
+
+    def __init__(self, registry, module_shapes: dict[str, tuple[int, int]], base_name: str):
+        self.registry = registry
+        self.base_name = base_name
+        self._module_shapes = module_shapes
+        self._lock = threading.Lock()
+        self._loading: dict[str, Future] = {}
+
+    def resolve(self, model: str | None) -> ResolvedModel:
+        if model in (None, "", self.base_name):
+            return ResolvedModel(model or self.base_name, None, None, self.base_name)
+        if self.registry is None:
+            raise RefNotFoundError(
+                f"model '{model}' is not the base '{self.base_name}' and this server has no registry; "
+                f"start it with --registry or use model='{self.base_name}'"
+            )
+        ref = model if ("@" in model or ":" in model) else f"{model}:latest"
+        resolved = self.registry.resolve(ref)
+        digest = str(getattr(resolved, "digest", resolved))  # a ResolvedRef, or a bare digest
+        label = str(resolved) if hasattr(resolved, "version") else model
+        return ResolvedModel(model, digest, f"{task_of(ref)}@{digest}", label)
+
+    def load(self, resolved: ResolvedModel) -> Adapter:
+        """Reads and validates one adapter version; callers asking for the same digest wait on one read."""
+        with self._lock:
+            future = self._loading.get(resolved.digest)
+            is_owner = future is None
+            if is_owner:
+                future = self._loading[resolved.digest] = Future()
+        if not is_owner:
+            return future.result()
+        try:
+            adapter = self._read(resolved)
+            future.set_result(adapter)
+            return adapter
+        except BaseException as error:
+            future.set_exception(error)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[resolved.digest]
+
+    def _read(self, resolved: ResolvedModel) -> Adapter:
+        with tempfile.TemporaryDirectory(prefix="adapterhub-serve-") as tmp:
+            dest = os.path.join(tmp, "adapter")
+            self.registry.pull(resolved.pinned_ref, dest)
+            adapter = Adapter.from_peft_dir(dest)
+        check_compatible(adapter, self._module_shapes, resolved.model)
+        return adapter
+
