@@ -1,0 +1,201 @@
+"""`Registry`: the public facade over a local store or an OCI remote (DESIGN.md "Registry")."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from adapterhub.adapter import Adapter, RawTensor
+from adapterhub.errors import IntegrityError, RefNotFoundError, RegistryError
+from adapterhub.registry import gc as _gc
+from adapterhub.registry.digest import Digest
+from adapterhub.registry.local import LocalStore
+from adapterhub.registry.manifest import (
+    Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
+)
+from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
+from adapterhub.registry.transfer import copy_version, manifest_blobs, send_blobs
+
+DEFAULT_HOME = "~/.cache/adapterhub"
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    ref: ResolvedRef
+    created: str
+    tags: tuple[str, ...]
+    annotations: Mapping[str, str]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class AdapterDiff:
+    config: Mapping[str, tuple[Any, Any]]  # field → (a value, b value), only fields that differ
+    added: tuple[str, ...]  # tensor keys only in b
+    removed: tuple[str, ...]  # tensor keys only in a
+    changed: tuple[tuple[str, Digest, Digest], ...]  # (key, digest in a, digest in b)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.config or self.added or self.removed or self.changed)
+
+
+def open_backend(location: str | os.PathLike | None):
+    location = os.fspath(location) if location is not None else os.environ.get("ADAPTERHUB_HOME") or DEFAULT_HOME
+    if location.startswith("oci://"):
+        from adapterhub.registry.oci import OciStore  # httpx only when a remote is used
+        return OciStore(location)
+    return LocalStore(location)
+
+
+class Registry:
+    """Content-addressed adapter store: `Registry()` ($ADAPTERHUB_HOME), a path, or "oci://host:port/ns"."""
+
+    def __init__(self, location: str | os.PathLike | None = None):
+        self.backend = open_backend(location)
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    def __repr__(self) -> str:
+        return f"Registry({self.location!r})"
+
+    # --- write ---
+
+    def push(self, source: str | os.PathLike | Adapter, task: str, tags=(), annotations=None,
+             progress: bool = False) -> ResolvedRef:
+        """Store an adapter (a PEFT dir or an `Adapter`) as the next version of `task`; returns "task@vN"."""
+        check_task(task)
+        tags = tuple(check_tag(t) for t in tags)
+        notes = annotation_strings(annotations)
+        adapter = source if isinstance(source, Adapter) else Adapter.from_peft_dir(source)
+        config = config_blob(adapter)
+        tensors = tuple(TensorDescriptor(key, t.dtype, t.shape, Digest.of(t.data), len(t.data))
+                        for key, t in adapter.tensors.items())
+        manifest = Manifest(task, 0, "", Digest.of(config), len(config), tensors, notes)
+        raw = {Digest.of(config): config, **{d.digest: adapter.tensors[d.name].data for d in tensors}}
+        with self.backend.session():
+            send_blobs(self.backend, task, manifest_blobs(manifest), raw.__getitem__, progress, f"push {task}")
+            ref, _ = self.backend.publish(task, manifest, tags)
+        return ref
+
+    def tag(self, ref: str, tag: str) -> ResolvedRef:
+        resolved = self.resolve(ref)
+        self.backend.set_tag(resolved.task, check_tag(tag), resolved.digest)
+        return resolved
+
+    def remove(self, ref: str) -> None:
+        """`task:tag` removes the tag; `task@vN` / `task@sha256:…` remove that version and its tags."""
+        spec = parse_ref(ref)
+        if spec.kind == "tag" and spec.value != LATEST:
+            self.backend.delete_tag(spec.task, spec.value)
+            return
+        self.backend.delete_version(spec.task, self.resolve(ref).version)
+
+    def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False) -> ResolvedRef:
+        """Copy one version to another registry (only missing blobs move); same version number there."""
+        dst = to if isinstance(to, Registry) else Registry(to)
+        copied, _ = copy_version(self.backend, dst.backend, self.resolve(ref), progress)
+        return copied
+
+    # --- read ---
+
+    def resolve(self, ref: str) -> ResolvedRef:
+        spec = parse_ref(ref)
+        versions = self.backend.versions(spec.task)
+        if not versions:
+            raise RefNotFoundError(f"task {spec.task!r} has no versions in {self.location}; "
+                                   f"push one with 'adapterhub push DIR {spec.task}'")
+        if spec.kind == "version":
+            digest = versions.get(int(spec.value))
+            if digest is None:
+                raise RefNotFoundError(f"{spec} does not exist in {self.location}; versions of {spec.task}: "
+                                       f"{_ranges(sorted(versions))}")
+            return ResolvedRef(spec.task, int(spec.value), digest)
+        if spec.kind == "tag" and spec.value == LATEST:
+            latest = max(versions)
+            return ResolvedRef(spec.task, latest, versions[latest])
+        digest = self.backend.tags(spec.task).get(spec.value) if spec.kind == "tag" else Digest(spec.value)
+        matches = sorted(v for v, d in versions.items() if d == digest)
+        if not matches:
+            raise RefNotFoundError(f"{spec} does not exist in {self.location}; tags of {spec.task}: "
+                                   f"{sorted(self.backend.tags(spec.task)) or 'none'}")
+        return ResolvedRef(spec.task, matches[-1], digest)
+
+    def manifest(self, ref: str) -> Manifest:
+        resolved = self.resolve(ref)
+        return Manifest.from_json(self.backend.get_blob(resolved.task, resolved.digest), f"{resolved} manifest")
+
+    def load(self, ref: str) -> Adapter:
+        """The adapter at `ref`, every blob re-hashed; the runtime and the server use this."""
+        resolved = self.resolve(ref)
+        manifest = self.manifest(str(resolved))
+        config = parse_config_blob(self.backend.get_blob(resolved.task, manifest.config_digest), f"{resolved} config")
+        tensors = {}
+        for t in manifest.tensors:
+            data = self.backend.get_blob(resolved.task, t.digest)
+            if len(data) != t.size:
+                raise IntegrityError(f"{resolved}: tensor {t.name} blob {t.digest} has {len(data)} bytes, "
+                                     f"its descriptor says {t.size}")
+            tensors[t.name] = RawTensor(t.dtype, t.shape, data)
+        return Adapter(config["peft_config"], tensors)
+
+    def pull(self, ref: str, dest: str | os.PathLike) -> Path:
+        """Write `ref` as a PEFT dir; every blob is verified before anything is written to `dest`."""
+        return self.load(ref).save_peft_dir(dest)
+
+    def tasks(self) -> list[str]:
+        return self.backend.tasks()
+
+    def versions(self, task: str) -> list[int]:
+        return sorted(self.backend.versions(check_task(task)))
+
+    def tags(self, task: str) -> dict[str, ResolvedRef]:
+        return {tag: self.resolve(f"{task}@{digest}") for tag, digest in self.backend.tags(check_task(task)).items()}
+
+    def log(self, task: str) -> list[LogEntry]:
+        """Every version of `task`, newest first, with its tags and annotations."""
+        tags = self.backend.tags(check_task(task))
+        entries = []
+        for version, digest in sorted(self.backend.versions(task).items(), reverse=True):
+            m = self.manifest(f"{task}@v{version}")
+            entries.append(LogEntry(ResolvedRef(task, version, digest), m.created,
+                                    tuple(sorted(t for t, d in tags.items() if d == digest)),
+                                    dict(m.annotations), sum(t.size for t in m.tensors)))
+        return entries
+
+    def diff(self, a: str, b: str) -> AdapterDiff:
+        ma, mb = self.manifest(a), self.manifest(b)
+        ca, cb = (parse_config_blob(self.backend.get_blob(m.task, m.config_digest), "config")["peft_config"]
+                  for m in (ma, mb))
+        config = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+        ta, tb = ({t.name: t.digest for t in m.tensors} for m in (ma, mb))
+        return AdapterDiff(config, tuple(sorted(set(tb) - set(ta))), tuple(sorted(set(ta) - set(tb))),
+                           tuple((k, ta[k], tb[k]) for k in sorted(set(ta) & set(tb)) if ta[k] != tb[k]))
+
+    # --- maintenance (local stores) ---
+
+    def verify(self) -> _gc.VerifyReport:
+        return _gc.verify_store(self._local("verify"))
+
+    def gc(self, dry_run: bool = True) -> _gc.GcPlan:
+        """The plan; executed unless `dry_run`."""
+        store = self._local("gc")
+        plan = _gc.plan_gc(store)
+        if not dry_run:
+            _gc.execute_gc(store, plan)
+        return plan
+
+    def _local(self, what: str) -> LocalStore:
+        if not isinstance(self.backend, LocalStore):
+            raise RegistryError(f"'{what}' works on local stores; {self.location} is a remote registry, whose "
+                                "server does its own integrity checks and garbage collection")
+        return self.backend
+
+
+def _ranges(numbers: list[int]) -> str:
+    return json.dumps(numbers) if len(numbers) <= 10 else f"v1..v{numbers[-1]} ({len(numbers)} versions)"
