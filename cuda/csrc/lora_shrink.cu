@@ -1,0 +1,75 @@
+// lora_shrink: the first half of batched LoRA, each row through its own adapter's A (Punica BGMV).
+//
+// CPU code reference (torch twin: adapterhub/runtime/kernels.py::lora_shrink):
+//   A = A_stack[ids]                                    # (M, R, K): row m gathers slot ids[m]
+//   h = torch.einsum("mk,mrk->mr", x.float(), A.float())  # (M, R) fp32
+//
+// One block per (row m, tile of 8 ranks). Threads stride over K with 128-bit loads: x[m] is read from
+// global memory once per block and each loaded vector is reused for the 8 ranks of the tile, whose A
+// rows are read coalesced along K. Per-thread partial sums are reduced per warp with shuffles, then
+// across the block's warps through shared memory. Slot 0 (no adapter) is all zeros and takes the same
+// path: no per-row branch.
+#include "common.cuh"
+
+namespace adapterhub {
+
+constexpr int kShrinkThreads = 256;
+constexpr int kShrinkWarps = kShrinkThreads / 32;
+constexpr int kRankTile = 8;
+
+template <typename T>
+__global__ void lora_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a_stack,
+                                   const int64_t* __restrict__ ids, int64_t K, int64_t R, float* __restrict__ h) {
+  __shared__ float warp_partial[kShrinkWarps][kRankTile];
+  const int64_t m = blockIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRankTile;
+  const int64_t slot = ids[m];
+  const T* xm = x + m * K;                       // (K,)
+  const T* a_tile = a_stack + (slot * R + r0) * K;  // (R - r0, K) rows of this slot
+
+  float acc[kRankTile];
+#pragma unroll
+  for (int r = 0; r < kRankTile; ++r) acc[r] = 0.0f;
+
+  for (int64_t k = 8 * static_cast<int64_t>(threadIdx.x); k < K; k += 8 * kShrinkThreads) {
+    const Vec8<T> xv = load_vec8(xm + k);
+    float xf[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xf[e] = to_float(xv.v[e]);
+#pragma unroll
+    for (int r = 0; r < kRankTile; ++r) {
+      if (r0 + r < R) {
+        const Vec8<T> av = load_vec8(a_tile + r * K + k);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r] = fmaf(xf[e], to_float(av.v[e]), acc[r]);
+      }
+    }
+  }
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < kRankTile; ++r) {
+    const float s = warp_sum(acc[r]);
+    if (lane == 0) warp_partial[warp][r] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kRankTile && r0 + threadIdx.x < R) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kShrinkWarps; ++w) total += warp_partial[w][threadIdx.x];
+    h[m * R + r0 + threadIdx.x] = total;
+  }
+}
+
+}  // namespace adapterhub
+
+extern "C" void launch_lora_shrink(const void* x, const void* a_stack, const int64_t* ids, int64_t M, int64_t K,
+                                   int64_t R, float* h, AdapterhubDType dtype, cudaStream_t stream) {
+  using namespace adapterhub;
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>((R + kRankTile - 1) / kRankTile));
+  ADAPTERHUB_DISPATCH_DTYPE(dtype, {
+    auto* kernel = lora_shrink_kernel<T>;
+    ADAPTERHUB_LAUNCH(kernel, grid, kShrinkThreads, stream)(static_cast<const T*>(x), static_cast<const T*>(a_stack), ids,
+                                                            K, R, h);
+  });
+}

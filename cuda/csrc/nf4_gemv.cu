@@ -1,0 +1,103 @@
+// nf4_gemv: y = x @ dequant(W)^T for a few rows of x, reading W in NF4 (decode-time linear).
+//
+// CPU code reference (torch twin: adapterhub/runtime/kernels.py::nf4_linear):
+//   W = nf4_dequantize(packed, absmax, G).view(N, K)          # (N, K)
+//   y = (x.float() @ W.float().T).to(x.dtype)                  # (M, K) @ (K, N) -> (M, N)
+// Deviation, by design: W is never rounded to bf16/fp16 here. Each 32-element chunk lies in one quant
+// block (K % 32 == 0, G % 32 == 0), so the kernel sums x * code in fp32 and multiplies by the block's
+// absmax once: y differs from the twin by fp32 reassociation plus the twin's rounding of W
+// (<= 2^-9 relative per weight), which tests/gpu's tolerance table covers.
+//
+// Memory bound at decode (M = 1..8): one warp per output feature n walks its packed row with one
+// 128-bit load (32 codes) per lane per step, so a warp reads 512 contiguous bytes per step. Codes are
+// decoded through a 256-entry table of (high, low) nibble pairs in shared memory: one lookup per
+// packed byte. x (a few KB) stays in L1 / L2; rows of x are processed MT at a time so W is read once
+// per MT rows.
+#include "common.cuh"
+
+namespace adapterhub {
+
+constexpr int kGemvWarps = 4;   // output features per block
+constexpr int kChunk = 32;      // elements per lane per step (16 packed bytes)
+constexpr int kMaxRowsPerLaunch = 8;
+
+template <typename T, int MT>
+__global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+                                const float* __restrict__ absmax, int64_t M, int64_t N, int64_t K,
+                                int64_t blocksize, T* __restrict__ y) {
+  __shared__ float2 pair_code[256];  // pair_code[byte] = (code[high nibble], code[low nibble])
+  for (int b = threadIdx.x; b < 256; b += blockDim.x) pair_code[b] = make_float2(kNF4Code[b >> 4], kNF4Code[b & 15]);
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;  // first row of x handled by this block
+  if (n >= N) return;  // warp-uniform; no barrier follows
+
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
+
+  const int64_t chunks = K / kChunk;
+  const uint4* w_row = reinterpret_cast<const uint4*>(packed + n * (K / 2));
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const uint4 bytes = __ldg(w_row + c);
+    const float a = __ldg(absmax + (n * K + c * kChunk) / blocksize);
+    float w[kChunk];  // codes in fp32, element order
+    const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+#pragma unroll
+    for (int i = 0; i < kChunk / 2; ++i) {
+      const float2 p = pair_code[(words[i / 4] >> (8 * (i % 4))) & 0xFFu];
+      w[2 * i] = p.x;
+      w[2 * i + 1] = p.y;
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m0 + m < M) {
+        const T* xc = x + (m0 + m) * K + c * kChunk;
+        float partial = 0.0f;
+#pragma unroll
+        for (int v = 0; v < kChunk / 8; ++v) {
+          const Vec8<T> xv = load_vec8(xc + 8 * v);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) partial = fmaf(to_float(xv.v[e]), w[8 * v + e], partial);
+        }
+        acc[m] = fmaf(partial, a, acc[m]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float total = warp_sum(acc[m]);
+    if (lane == 0 && m0 + m < M) y[(m0 + m) * N + n] = from_float<T>(total);
+  }
+}
+
+template <typename T, int MT>
+void launch_rows(const T* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N, int64_t K,
+                 int64_t blocksize, T* y, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>((M + MT - 1) / MT));
+  auto* kernel = nf4_gemv_kernel<T, MT>;
+  ADAPTERHUB_LAUNCH(kernel, grid, kGemvWarps * 32, stream)(x, packed, absmax, M, N, K, blocksize, y);
+}
+
+}  // namespace adapterhub
+
+extern "C" void launch_nf4_gemv(const void* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N,
+                                int64_t K, int64_t blocksize, void* y, AdapterhubDType dtype, cudaStream_t stream) {
+  using namespace adapterhub;
+  // The row tile is a template parameter so the accumulators stay in registers; M = 1 (decode of
+  // one sequence) gets its own instantiation, larger M reads W once per 8 rows.
+  ADAPTERHUB_DISPATCH_DTYPE(dtype, {
+    const T* xt = static_cast<const T*>(x);
+    T* yt = static_cast<T*>(y);
+    if (M == 1) {
+      launch_rows<T, 1>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+    } else if (M <= 4) {
+      launch_rows<T, 4>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+    } else {
+      launch_rows<T, kMaxRowsPerLaunch>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+    }
+  });
+}
