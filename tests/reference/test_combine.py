@@ -102,14 +102,14 @@ def _peft_model():
     model = peft.get_peft_model(
         build_hf_model("llama"),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        adapter_name="a",
+        adapter_name="u",
     )
-    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False))
+    model.add_adapter("v", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False))
     return model
 
 
 def _layers(model):
-    return [(n, m) for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
+    return [(n, m) for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and "u" in m.lora_A]
 
 
 @pytest.mark.compat
@@ -120,15 +120,15 @@ def test_matches_peft_add_weighted_adapter(method, monkeypatch):
     # record the generator state at its first draw and replay the same stream from a private generator.
     states, bernoulli = [], torch.bernoulli
     monkeypatch.setattr(torch, "bernoulli", lambda *a, **k: states.append(torch.get_rng_state()) or bernoulli(*a, **k))
-    model.add_weighted_adapter(["a", "b"], WEIGHTS, "m", combination_type=method, density=DENSITY, svd_rank=4)
+    model.add_weighted_adapter(["u", "v"], WEIGHTS, "m", combination_type=method, density=DENSITY, svd_rank=4)
     monkeypatch.undo()
     g = torch.Generator()
     if states:
         g.set_state(states[0])
     for _, layer in _layers(model):
-        As = [layer.lora_A[n].weight.detach() for n in "ab"]
-        Bs = [layer.lora_B[n].weight.detach() for n in "ab"]
-        scalings = [layer.scaling[n] for n in "ab"]
+        As = [layer.lora_A[n].weight.detach() for n in "uv"]
+        Bs = [layer.lora_B[n].weight.detach() for n in "uv"]
+        scalings = [layer.scaling[n] for n in "uv"]
         assert scalings[1] == pytest.approx(2 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
         peft_A, peft_B = layer.lora_A["m"].weight.detach(), layer.lora_B["m"].weight.detach()
         assert layer.scaling["m"] == 1.0
