@@ -1,0 +1,233 @@
+"""Compiled CPU kernels for NF4: a fused NF4 linear for decode-sized inputs and a fast dequantize.
+
+The C source (``csrc/nf4_cpu.c``) is compiled on first use with the system C compiler
+(``cc -O3 -march=native -fopenmp -shared -fPIC``, about half a second), cached under
+``$ADAPTERHUB_HOME/kernels/`` (else ``~/.cache/adapterhub/kernels/``) by a hash of the source, the
+flags, the compiler and the CPU's feature flags, and loaded with ctypes (which releases the GIL during
+the call). There is no torch C++ extension, so nothing needs ninja or the torch headers at run time.
+The library links ``libgomp.so.1``; torch's wheel ships a library of that soname, already loaded by
+``import torch``, so the kernels share torch's OpenMP thread pool and thread count.
+
+If there is no compiler, the build fails or the machine is not Linux/x86-64 with AVX-512,
+:func:`available` returns False after one warning and callers keep their torch path. Set
+``ADAPTERHUB_DISABLE_CPU_KERNELS=1`` to force the torch path.
+
+Tolerance against the torch path (``dequantize`` then ``F.linear``), :data:`TOLERANCE`:
+- fp32: the exact fp32 codebook; only the summation order differs (absmax applied once per block).
+- bf16: the kernel multiplies x by the codebook rounded to bf16 and applies absmax per block in fp32,
+  where torch multiplies by ``bf16(code * absmax)``: each weight may differ by 2^-8 relative, and both
+  round the fp32 sum to bf16 (2^-9 each), so ``|y - y_torch| <= 2^-7 * (|x| @ |W|^T)``. Measured, the
+  two paths are equally far from the exact product (about 1 bf16 ulp of the output).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from adapterhub.errors import QuantizationError
+
+G = 64  # NF4 quant block size the kernels support (SEMANTICS §1.3)
+# Largest row count (M = B*T) for which the fused linear beats dequantize-into-bf16 + F.linear on the
+# bf16 path (measured by bench/nf4_linear.py on a 2-core AVX512-BF16 machine); callers dispatch on it.
+FUSED_MAX_ROWS = 16
+# Per compute dtype: |nf4_linear(x) - F.linear(x, W)| <= TOLERANCE[dtype] * (|x| @ |W|^T) elementwise.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+
+_SOURCE = Path(__file__).parent / "csrc" / "nf4_cpu.c"
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_DISABLE_ENV = "ADAPTERHUB_DISABLE_CPU_KERNELS"
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "nf4_linear_bf16": (_P, _I, _I, _I, _P, _P, _P),  # x, M, N, K, packed, absmax, y
+    "nf4_linear_f32": (_P, _I, _I, _I, _P, _P, _P),
+    "nf4_dequantize_bf16": (_P, _P, _I, _P),  # packed, absmax, n, out
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the CDLL, or None after a failure
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded (building them on the first call)."""
+    return _library() is not None
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax_f32: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused NF4 linear without bias, for few rows (decode); see :data:`FUSED_MAX_ROWS`.
+
+    Semantics: ``y = x @ dequantize(packed, absmax_f32).reshape(N, K).T`` in fp32 accumulation,
+    rounded to x's dtype; fp32 / bf16 tolerance as in the module docstring.
+
+    x (..., K) bf16 or fp32, contiguous; packed uint8 with N*K/2 bytes (any shape, e.g. bnb's
+    (N*K/2, 1)): the row-major (N, K) weight, element 2k in the high nibble (SEMANTICS §1.4);
+    absmax_f32 (N*K/G,) float32 per block of G = 64, double quant already decoded; K % 64 == 0.
+    Returns y (..., N) in x's dtype (written into ``out`` when given).
+    """
+    lib = _require()
+    N, K = out_features, in_features
+    _check_weight(packed, absmax_f32, N, K)
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" or x.shape[-1] != K:
+        raise QuantizationError(
+            f"nf4_linear needs a CPU bf16 or float32 x with last dim in_features={K}, got "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}; convert x or use the torch path"
+        )
+    x = x.contiguous()
+    M = x.numel() // K
+    y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
+    fn = lib.nf4_linear_bf16 if x.dtype == torch.bfloat16 else lib.nf4_linear_f32
+    fn(x.data_ptr(), M, N, K, packed.data_ptr(), absmax_f32.data_ptr(), y.data_ptr())
+    return y
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax_f32: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize an NF4 weight into bf16, bit-identical to the torch path (SEMANTICS §1.5).
+
+    Semantics: ``W[i] = bf16(code[q_i] * absmax_f32[i // 64])`` with the product in fp32.
+    packed, absmax_f32 as in :func:`nf4_linear`. Returns W (N, K) bf16 (into ``out`` when given).
+    """
+    lib = _require()
+    N, K = out_features, in_features
+    _check_weight(packed, absmax_f32, N, K)
+    w = _output(out, (N, K), torch.bfloat16, "W")
+    lib.nf4_dequantize_bf16(packed.data_ptr(), absmax_f32.data_ptr(), N * K, w.data_ptr())
+    return w
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _check_weight(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> None:
+    if K <= 0 or N <= 0 or K % G:
+        raise QuantizationError(
+            f"the CPU NF4 kernels need in_features a positive multiple of {G}, got (out_features, "
+            f"in_features)=({N}, {K}); use the torch dequantize path for this layer"
+        )
+    if packed.dtype != torch.uint8 or packed.numel() != N * K // 2 or not packed.is_contiguous():
+        raise QuantizationError(
+            f"packed NF4 weight must be a contiguous uint8 tensor of N*K/2={N * K // 2} bytes for "
+            f"(N, K)=({N}, {K}), got {tuple(packed.shape)} {packed.dtype} (contiguous={packed.is_contiguous()})"
+        )
+    if absmax.dtype != torch.float32 or absmax.numel() != N * K // G or not absmax.is_contiguous():
+        raise QuantizationError(
+            f"absmax must be a contiguous float32 tensor of N*K/{G}={N * K // G} values (double quant "
+            f"decoded), got {tuple(absmax.shape)} {absmax.dtype}; decode it with runtime.nf4 first"
+        )
+    if packed.device.type != "cpu" or absmax.device.type != "cpu":
+        raise QuantizationError(f"the CPU NF4 kernels need CPU tensors, got {packed.device} / {absmax.device}")
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise QuantizationError(
+            f"out for {name} must be a contiguous CPU {dtype} tensor of shape {shape}, "
+            f"got {tuple(out.shape)} {out.dtype} (contiguous={out.is_contiguous()}) on {out.device}"
+        )
+    return out
+
+
+# --- build, cache, load -------------------------------------------------------------------------
+
+
+def _require():
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(
+            "the compiled CPU NF4 kernels are not available (see the earlier warning); check "
+            "cpu_kernels.available() and use the torch path"
+        )
+    return lib
+
+
+def _library():
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]
+
+
+def _load():
+    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"adapterhub: CPU NF4 kernels unavailable, using the torch path ({exc})", stacklevel=3)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _build() -> Path:
+    """Compile the source once per (source, flags, compiler, CPU) into the cache; returns the .so path."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"no CPU kernels for {platform.system()}/{platform.machine()}")
+    if "avx512f" not in _cpu_flags():
+        raise RuntimeError("the CPU has no AVX-512")
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version, _cpu_flags().encode()]))
+    cache = _cache_dir()
+    target = cache / f"nf4_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compile to a unique temporary name, then rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".nf4_cpu-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("ADAPTERHUB_HOME")
+    return Path(home) / "kernels" if home else Path.home() / ".cache" / "adapterhub" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

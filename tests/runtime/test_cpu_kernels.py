@@ -1,0 +1,186 @@
+"""The compiled CPU NF4 kernels against an independent torch computation of the same semantics.
+
+Reference: W[i] = CODE[q_i] * absmax[i // 64] in fp32 (SEMANTICS §1.5), rounded to the compute dtype,
+then F.linear. The test packs its own codes (SEMANTICS §1.4, checked against the golden bytes) so it
+does not depend on the quantizer.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapterhub.errors import QuantizationError
+from adapterhub.runtime import cpu_kernels
+
+# SEMANTICS §1.1, as float32.
+CODE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0],
+    dtype=torch.float32,
+)
+
+
+def _expected_available() -> bool:
+    return (
+        platform.system() == "Linux"
+        and platform.machine() == "x86_64"
+        and "avx512f" in cpu_kernels._cpu_flags()
+        and shutil.which(os.environ.get("CC", "cc")) is not None
+        and os.environ.get("ADAPTERHUB_DISABLE_CPU_KERNELS", "") in ("", "0")
+    )
+
+
+def test_builds_where_it_should():
+    # CI on x86-64 Linux with a compiler must not silently fall back to the torch path.
+    if not _expected_available():
+        pytest.skip("no x86-64 Linux / AVX-512 / C compiler here: the torch path is expected")
+    assert cpu_kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU NF4 kernels unavailable")
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes (n,) uint8 in [0, 16) -> (n/2, 1) bytes, element 2k in the high nibble (SEMANTICS §1.4)."""
+    return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+
+
+def weight(codes: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    return (CODE[codes.long()] * absmax.repeat_interleave(64)).reshape(N, K)  # (N, K) fp32
+
+
+def random_nf4(N: int, K: int, seed: int, tiny_block: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N * K,), generator=g, dtype=torch.uint8)
+    absmax = torch.rand(N * K // 64, generator=g) * 0.2 + 0.01
+    absmax[1] = 0.0  # an all-zero block stores absmax 0 (SEMANTICS §1.3)
+    if tiny_block:
+        absmax[2] = 1e-38  # products below the bf16 normal range
+    return pack(codes), absmax, weight(codes, absmax, N, K)
+
+
+def test_pack_matches_semantics_golden_bytes():
+    assert pack(torch.arange(16, dtype=torch.uint8)).flatten().tolist() == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_computed_linear(dtype):
+    # Row 0: all codes 15 (1.0) with absmax 0.5; row 1: codes 0..15 repeated, absmax 2 then 4.
+    codes = torch.cat([torch.full((64,), 15), torch.arange(16).repeat(4), torch.arange(16).repeat(4)]).to(torch.uint8)
+    N, K = 1, 64
+    absmax = torch.tensor([0.5, 2.0, 4.0])
+    x = torch.ones(1, 64, dtype=dtype)
+    y0 = cpu_kernels.nf4_linear(x, pack(codes[:64]), absmax[:1], N, K)
+    assert y0.item() == 32.0  # 64 * 1.0 * 0.5
+    x2 = torch.ones(1, 128, dtype=dtype)
+    y1 = cpu_kernels.nf4_linear(x2, pack(codes[64:]), absmax[1:], 1, 128)
+    expected = 4 * CODE.sum().item() * (2.0 + 4.0)  # each code 4 times per block
+    assert abs(y1.item() - expected) <= cpu_kernels.TOLERANCE[dtype] * 4 * CODE.abs().sum().item() * 6.0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 9, 32])
+@pytest.mark.parametrize("N, K", [(40, 4096), (4096, 128), (37, 192), (5, 4160)])
+def test_linear_matches_torch_path(N, K, M, dtype):
+    packed, absmax, W = random_nf4(N, K, seed=N + K + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+    ref = F.linear(x, W.to(dtype))  # the torch path: weight rounded to the compute dtype, fp32 sums
+    assert ref.abs().max() > 0
+    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+    assert y.shape == (M, N) and y.dtype == dtype
+    bound = cpu_kernels.TOLERANCE[dtype] * (x.float().abs() @ W.abs().T)  # (M, N)
+    err = (y.float() - ref.float()).abs()
+    assert (err <= bound).all(), f"max err {err.max().item():.3g}, where bound {bound[err > bound][0].item():.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_do_not_depend_on_batch(dtype):
+    # Row m of a batched call is bit-identical to row m alone: batch composition never changes a result.
+    N, K, M = 24, 320, 13
+    packed, absmax, _ = random_nf4(N, K, seed=1)
+    x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+    assert y.shape == (2, M, N)
+    alone = torch.stack([cpu_kernels.nf4_linear(x[b, m], packed, absmax, N, K) for b in range(2) for m in range(M)])
+    assert torch.equal(y.reshape(-1, N), alone)
+
+
+@needs_kernels
+def test_linear_writes_into_out():
+    N, K = 16, 256
+    packed, absmax, W = random_nf4(N, K, seed=3)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    out = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
+    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K, out=out)
+    assert y.data_ptr() == out.data_ptr() and not out.isnan().any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, K", [(64, 4096), (3, 192)])
+def test_dequantize_is_bit_identical(N, K):
+    packed, absmax, W = random_nf4(N, K, seed=4, tiny_block=True)
+    out = cpu_kernels.nf4_dequantize(packed, absmax, N, K)
+    expected = W.to(torch.bfloat16)
+    assert expected.view(-1)[128:192].abs().max() > 0  # the subnormal block is not flushed to zero
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(K=96), "multiple of 64"),
+        (dict(x_dtype=torch.float16), "bf16 or float32"),
+        (dict(absmax_dtype=torch.bfloat16), "float32"),
+        (dict(packed_bytes=-1), "uint8"),
+    ],
+)
+def test_bad_arguments_raise(change, match):
+    N, K = 4, change.get("K", 128)
+    packed = torch.zeros(N * K // 2 + change.get("packed_bytes", 0), dtype=torch.uint8)
+    absmax = torch.ones(max(1, N * K // 64), dtype=change.get("absmax_dtype", torch.float32))
+    x = torch.ones(1, K, dtype=change.get("x_dtype", torch.bfloat16))
+    with pytest.raises(QuantizationError, match=match):
+        cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+
+
+def test_disable_env_forces_torch_path(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("ADAPTERHUB_DISABLE_CPU_KERNELS", "1")
+    assert not cpu_kernels.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.nf4_linear(torch.ones(1, 64), torch.zeros(32, dtype=torch.uint8), torch.ones(1), 1, 64)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    if not _expected_available():
+        pytest.skip("no build to break here")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="torch path"):
+        assert not cpu_kernels.available()
+    assert not cpu_kernels.available()  # decided once: no second build, no second warning
+    assert not any(Path(tmp_path, "kernels").glob("*.so"))  # no partial library left behind
+
+
+def test_build_is_cached_by_content(monkeypatch, tmp_path):
+    if not _expected_available():
+        pytest.skip("no compiler here")
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
+    first = cpu_kernels._build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
