@@ -1,0 +1,189 @@
+"""The runtime's hot-path ops as torch functions: the CPU path, and the reference the CUDA kernels match.
+
+Each op states what it computes in a ``Semantics:`` block (torch notation, per row) with the shape and
+dtype of every argument. On CUDA tensors an op dispatches to ``cuda_ops.<op>`` (same name, same
+arguments in the same order) when ``cuda_ops.available()``; ``tests/gpu`` compares the two with
+:data:`TOLERANCE`. On CPU the ops pick between equivalent torch formulations by shape only (never by
+the values in ``ids``, so there is no host sync and no per-row branch).
+
+Vocabulary: B rows, T tokens per row, Din / Dout features, N adapter slots, R rank (the pool pads every
+slot to its largest rank with zeros, which changes no result), G quant block size.
+Adapter stacks (runtime/linear.py): ``A_stack (N, R, Din)`` is lora_A per slot, ``B_stack (N, R, Dout)``
+is lora_B **transposed** per slot (``B_stack[n] = lora_B[n].T``: each slot's rank rows are contiguous,
+so all slots together form one ``(N*R, Dout)`` matrix). Slot 0 is "no adapter": zero A and B,
+``dora_scale`` 1.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+# |y_cuda - y_cpu| <= atol + rtol * |y_cpu| per dtype, for tests comparing implementations of one op.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+# The CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
+# while rows x slots stays below this; above it they gather each row's A / B and use bmm. Measured
+# with bench/mixed_batch.py (D 1024-2816, R 16): the dense form wins at decode (T = 1, B = 32, N = 33),
+# the gathered form at prefill (T = 64).
+DENSE_MAX_ROWS_X_SLOTS = 8192
+
+_cuda_state: dict[str, object] = {}
+_scratch = threading.local()
+
+
+def _cuda_ops(t: torch.Tensor):
+    """The cuda_ops module when t is a CUDA tensor and the extension loaded, else None."""
+    if t.device.type != "cuda":
+        return None
+    if "ops" not in _cuda_state:
+        try:
+            from adapterhub.runtime import cuda_ops
+        except ImportError:
+            cuda_ops = None
+        _cuda_state["ops"] = cuda_ops if cuda_ops is not None and cuda_ops.available() else None
+    return _cuda_state["ops"]
+
+
+def _dense_over_slots(rows: int, slots: int) -> bool:
+    return rows * slots <= DENSE_MAX_ROWS_X_SLOTS
+
+
+# --- batched LoRA ---------------------------------------------------------------------------------
+
+
+def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The down-projection of every row through its own adapter (Punica's "shrink").
+
+    Semantics (for every b, t; n = ids[b]):
+        h[b, t] = (x[b, t].float() @ A_stack[n].float().T).to(x.dtype)
+
+    x (B, T, Din) bf16 | fp16 | fp32, contiguous; A_stack (N, R, Din) same dtype, contiguous;
+    ids (B,) int64 in [0, N) (one slot per row; all T tokens of a row use it).
+    Returns h (B, T, R) in x.dtype: fp32 accumulation, rounded once.
+    """
+    ops = _cuda_ops(x)
+    if ops is not None:
+        return ops.lora_shrink(x, A_stack, ids)
+    Bsz, T, Din = x.shape
+    N, R, _ = A_stack.shape
+    if _dense_over_slots(Bsz * T, N):
+        h_all = F.linear(x, A_stack.view(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N, R)
+        return h_all.gather(2, ids.view(Bsz, 1, 1, 1).expand(Bsz, T, 1, R)).view(Bsz, T, R)
+    A_rows = A_stack.index_select(0, ids)  # (B, R, Din); index_select is ~5x faster than A_stack[ids] here
+    return torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, Din) @ (B, Din, R) -> (B, T, R)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    B_stack: torch.Tensor,
+    ids: torch.Tensor,
+    scaling: torch.Tensor,
+    dora_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add every row's scaled up-projection to the base output, then apply the row's DoRA scale; in place.
+
+    Semantics (for every b, t; n = ids[b]):
+        hs = (h[b, t].float() * scaling[n]).to(y.dtype)                      # (R,)
+        v = (y[b, t].float() + hs.float() @ B_stack[n].float()).to(y.dtype)  # fp32 accumulation, one rounding
+        y[b, t] = (v.float() * dora_scale[n]).to(y.dtype)                    # only when dora_scale is given
+    The sum is rounded once, as PEFT on a plain nn.Linear base (SEMANTICS §4.1); PEFT's bitsandbytes
+    path rounds the LoRA term before the add, which costs one more pass over y for at most one ulp.
+    DoRA (SEMANTICS §5.3): y = g * (x W^T + s B A x) + b with g = dora_scale[n]; the caller computes
+    the base output without bias and adds the bias after this op.
+
+    y (B, T, Dout) bf16 | fp16 | fp32, contiguous, updated in place and returned; h (B, T, R) y.dtype;
+    B_stack (N, R, Dout) y.dtype, contiguous (lora_B transposed); ids (B,) int64 in [0, N);
+    scaling (N,) fp32; dora_scale (N, Dout) fp32 or None (None == all ones: no DoRA adapter loaded).
+    """
+    ops = _cuda_ops(y)
+    if ops is not None:
+        return ops.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
+    Bsz, T, R = h.shape
+    N, _, Dout = B_stack.shape
+    hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny
+    if _dense_over_slots(Bsz * T, N):
+        # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over all slots.
+        onehot = (torch.arange(N, device=ids.device) == ids[:, None]).to(y.dtype)  # (B, N)
+        h_all = (hs[:, :, None, :] * onehot[:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N*R)
+        y.view(Bsz * T, Dout).addmm_(h_all, B_stack.view(N * R, Dout))
+    else:
+        y.baddbmm_(hs, B_stack.index_select(0, ids))  # (B, T, R) @ (B, R, Dout)
+    if dora_scale is not None:
+        y.mul_(dora_scale.index_select(0, ids).view(Bsz, 1, Dout))
+    return y
+
+
+# --- NF4 -------------------------------------------------------------------------------------------
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize an NF4 weight into a preallocated buffer (SEMANTICS §1.4-1.5), bit-exact.
+
+    Semantics (i over the flattened, row-major weight; q_i = the high nibble of packed[i // 2] for even
+    i, the low nibble for odd i; CODE = the 16 NF4 values, SEMANTICS §1.1):
+        out.view(-1)[i] = (CODE[q_i] * absmax[i // blocksize]).to(out.dtype)   # product in fp32, then RNE
+
+    packed uint8 with out.numel() / 2 bytes (any shape, e.g. bitsandbytes' (n/2, 1)), contiguous;
+    absmax (n / blocksize,) fp32 (double quant already decoded: NF4Weight.absmax_float32());
+    out (Dout, Din) bf16 | fp16 | fp32, contiguous, written and returned. Needs out.numel() even and a
+    multiple of blocksize (every real weight; other shapes use runtime.nf4.dequantize).
+    """
+    ops = _cuda_ops(out)
+    if ops is not None:
+        return ops.nf4_dequantize(packed, absmax, blocksize, out)
+    from adapterhub.runtime import cpu_kernels
+
+    if blocksize == cpu_kernels.G and out.dtype == torch.bfloat16 and cpu_kernels.available():
+        return cpu_kernels.nf4_dequantize(packed, absmax, out.shape[0], out.shape[1], out=out)
+    from adapterhub.runtime import nf4
+
+    codes = packed.view(-1, 1).expand(-1, 2).contiguous()  # (n/2, 2): [high, low] nibble of each byte
+    codes[:, 0] >>= 4
+    codes[:, 1] &= 0x0F
+    values = nf4.NF4_CODE.to(out.device)[codes.view(-1, blocksize).long()]  # (n/G, G) fp32
+    torch.mul(values, absmax.view(-1, 1), out=values)
+    out.view(-1, blocksize).copy_(values)
+    return out
+
+
+def nf4_linear(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, out_features: int, in_features: int
+) -> torch.Tensor:
+    """A linear layer over an NF4 weight, without bias.
+
+    Semantics:
+        W = nf4_dequantize(packed, absmax, blocksize, empty(out_features, in_features, dtype=x.dtype))
+        y = (x.float() @ W.float().T).to(x.dtype)
+
+    x (..., Din) bf16 | fp16 | fp32, contiguous; packed, absmax as in :func:`nf4_dequantize`.
+    Returns y (..., Dout) in x.dtype. Fused kernels (the CPU kernel for few rows, the CUDA GEMV) may use
+    bf16(CODE) * absmax instead of bf16(CODE * absmax) and another summation order: within TOLERANCE.
+    Larger inputs dequantize into a per-thread scratch buffer reused across layers, then one GEMM.
+    """
+    ops = _cuda_ops(x)
+    if ops is not None:
+        return ops.nf4_linear(x, packed, absmax, blocksize, out_features, in_features)
+    from adapterhub.runtime import cpu_kernels
+
+    rows = x.numel() // in_features
+    fusable = blocksize == cpu_kernels.G and in_features % cpu_kernels.G == 0 and x.dtype in (torch.bfloat16, torch.float32)
+    if fusable and rows <= cpu_kernels.FUSED_MAX_ROWS and cpu_kernels.available():
+        return cpu_kernels.nf4_linear(x, packed, absmax, out_features, in_features)
+    W = nf4_dequantize(packed, absmax, blocksize, _scratch_weight(out_features, in_features, x.dtype, x.device))
+    return F.linear(x, W)
+
+
+def _scratch_weight(Dout: int, Din: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (Dout, Din) buffer per thread, shape, dtype and device, reused by every NF4 layer of that shape:
+    dequantizing into it keeps one dense copy per shape instead of one per layer."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (Dout, Din, dtype, device)
+    if key not in buffers:
+        buffers[key] = torch.empty(Dout, Din, dtype=dtype, device=device)
+    return buffers[key]
