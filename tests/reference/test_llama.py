@@ -32,15 +32,6 @@ def test_forward_matches_transformers_with_padding(family):
     np.testing.assert_allclose(ref[real], hf[real], atol=1e-5, rtol=0)
 
 
-def test_padding_does_not_change_a_row():
-    model = build_hf_model("llama")
-    ids, mask = padded_batch(128, lengths=[6, 3], T=6)
-    config, w = config_dict(model), numpy_weights(model)
-    batched = llama.forward(config, w, ids, mask)
-    alone = llama.forward(config, w, ids[1:, 3:])
-    np.testing.assert_allclose(batched[1, 3:], alone[0], atol=1e-10)
-
-
 def test_llama3_rope_scaling_changes_frequencies():
     """The test model's llama3 settings rescale low frequencies and interpolate the middle band."""
     config = config_dict(build_hf_model("llama"))

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -115,3 +117,20 @@ def test_safe_merge_refuses_non_finite_results():
         lora_math.merge_lora(W, A, B, S, safe=True)
     with pytest.raises(MergeError, match="DoRA"):
         lora_math.merge_dora(W, A, B, S, m, safe=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dout=st.integers(1, 33), din=st.integers(1, 33), r=st.integers(1, 8),
+    s=st.floats(0.01, 8.0), seed=st.integers(0, 2**16),
+)
+def test_property_torch_matches_reference_on_random_shapes(dout, din, r, s, seed):
+    W, A, B, m = tensors(dout, din, r, seed)
+    Wn, An, Bn, mn = W.numpy(), A.numpy(), B.numpy(), m.numpy()
+    np.testing.assert_allclose(lora_math.delta_weight(A, B, s).numpy(), ref.delta_weight(An, Bn, s), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lora_math.dora_weight_norm(W, A, B, s).numpy(), ref.dora_weight_norm(Wn, An, Bn, s), rtol=1e-5)
+    np.testing.assert_allclose(lora_math.merge_lora(W, A, B, s).numpy(), ref.merge_lora(Wn, An, Bn, s), rtol=1e-5, atol=1e-6)
+    merged, norm = lora_math.merge_dora(W, A, B, s, m)
+    want, n = ref.merge_dora(Wn, An, Bn, s, mn)
+    np.testing.assert_allclose(merged.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lora_math.unmerge_dora(merged, A, B, s, m, norm).numpy(), Wn, rtol=1e-4, atol=1e-5)
