@@ -63,7 +63,9 @@ def dare(tensors, weights, density, keep_masks, use_ties=False, majority_sign_me
     return task_arithmetic(dropped, weights)
 
 
-def combine_factors(As, Bs, scalings, weights, method="linear", density=None, majority_sign_method="total", keep_masks=None):
+def combine_factors(
+    As, Bs, scalings, weights, method="linear", density=None, majority_sign_method="total", keep_masks=None
+):
     """linear / ties / dare_linear / dare_ties / magnitude_prune on the factors.  -> (A (R, Din), B (Dout, R))
 
     keep_masks (dare only): (masks for the A_k, masks for the B_k).
@@ -83,7 +85,10 @@ def combine_factors(As, Bs, scalings, weights, method="linear", density=None, ma
 
 
 def combine_cat(As, Bs, scalings, weights):
-    """A = concat(w_k s_k A_k), B = concat(B_k): B A = sum_k w_k s_k B_k A_k.  -> (A (sum R, Din), B (Dout, sum R))"""
+    """A = concat(w_k s_k A_k), B = concat(B_k), so B A = sum_k w_k s_k B_k A_k.
+
+    -> (A (sum R, Din), B (Dout, sum R))
+    """
     A = np.concatenate([np.asarray(a, np.float32) * np.float32(w * s) for a, w, s in zip(As, weights, scalings)])
     return A, np.concatenate([np.asarray(b, np.float32) for b in Bs], axis=1)
 

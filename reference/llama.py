@@ -33,7 +33,7 @@ def _llama3_inv_freq(inv_freq, p):
 
 
 def rope_inv_freq(config):
-    """(Dh/2,) inverse frequencies; reads transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`."""
+    """(Dh/2,) inverse frequencies, from transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`."""
     p = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = p.get("rope_theta", config.get("rope_theta", 10000.0))
     Dh = _config(config)[2]
@@ -63,7 +63,8 @@ def silu(x):
 
 
 def linear(x, weights, name, adapters):
-    """Base linear plus each row's adapter: b + g * (x W^T + s (x A^T) B^T), g = m / ||W + s B A||_row (DoRA) else 1.
+    """Base linear plus each row's adapter: b + g * (x W^T + s (x A^T) B^T), g = m / ||W + s B A||_row
+    for DoRA (SEMANTICS §5.3), else 1.
 
     # (B, T, Din) -> (B, T, Dout); adapters[b] maps module path -> (A (R, Din), B (Dout, R), s, m | None)
     """
@@ -89,7 +90,8 @@ def attention(x, weights, prefix, config, positions, key_mask, adapters):
     q = apply_rope(heads(linear(x, weights, prefix + "q_proj", adapters), H), positions, inv_freq)
     k = apply_rope(heads(linear(x, weights, prefix + "k_proj", adapters), Hkv), positions, inv_freq)
     v = heads(linear(x, weights, prefix + "v_proj", adapters), Hkv)
-    k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)  # (B, H, T, Dh): query head h uses kv head h // (H/Hkv)
+    # GQA: query head h reads kv head h // (H / Hkv), as HF repeat_kv does
+    k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)  # (B, H, T, Dh)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(Dh)  # (B, H, T, T)
     allowed = np.tril(np.ones((T, T), bool))[None, None] & key_mask[:, None, None, :]  # (B, 1, T, T)
     scores = np.where(allowed, scores, np.finfo(np.float64).min)  # finite: fully padded rows stay finite
@@ -124,7 +126,8 @@ def forward(config, weights, input_ids, attention_mask=None, adapters=None):
         p = f"model.layers.{i}."
         h = rms_norm(x, weights[p + "input_layernorm.weight"], eps)
         x = x + attention(h, weights, p + "self_attn.", config, positions, mask.astype(bool), adapters)
-        x = x + mlp(rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps), weights, p + "mlp.", adapters)
+        h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
+        x = x + mlp(h, weights, p + "mlp.", adapters)
     x = rms_norm(x, weights["model.norm.weight"], eps)
     head = {"lm_head.weight": embed} if config.get("tie_word_embeddings") else weights
     return linear(x, head, "lm_head", adapters)  # (B, T, V)

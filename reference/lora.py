@@ -49,12 +49,14 @@ def module_scaling(name, r, lora_alpha, rank_pattern=None, alpha_pattern=None, u
 
 def _layer_index(name, layers_pattern):
     """The first numbered segment after a layers container (`model.layers.3.mlp` -> 3), or None."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
-    return int(match["idx"]) if match else None
+    if not layers_pattern:  # any container: the first "<name>.<digits>." segment (lazy, as PEFT)
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(match[1]) if match else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if match:
+            return int(match[1])
+    return None
 
 
 def _in_list(name, names):
@@ -67,9 +69,10 @@ def matches(name, target_modules, layers_to_transform=None, layers_pattern=None,
     A string is a full-match regex; a list matches equal names or "." + entry suffixes and is then
     restricted by layers_to_transform (+ layers_pattern); exclude_modules wins over everything.
     """
-    if exclude_modules:
-        if re.fullmatch(exclude_modules, name) if isinstance(exclude_modules, str) else _in_list(name, exclude_modules):
-            return False
+    if isinstance(exclude_modules, str) and re.fullmatch(exclude_modules, name):
+        return False
+    if exclude_modules and not isinstance(exclude_modules, str) and _in_list(name, exclude_modules):
+        return False
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     if not _in_list(name, target_modules):

@@ -40,7 +40,7 @@ def row_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
 def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Each row's sampling distribution; parameters are scalars or per-row sequences.  # (B, V) -> (B, V)"""
     logits = np.asarray(logits, np.float64)
-    params = np.broadcast_arrays(
+    t, k, p, _ = np.broadcast_arrays(
         np.asarray(temperature, np.float64), np.asarray(top_k, np.int64), np.asarray(top_p, np.float64), logits[:, 0]
-    )
-    return np.stack([row_probabilities(logits[b], *(q[b] for q in params[:3])) for b in range(logits.shape[0])])
+    )  # (B,) each
+    return np.stack([row_probabilities(logits[b], t[b], k[b], p[b]) for b in range(logits.shape[0])])

@@ -46,7 +46,9 @@ def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
     return torch.linalg.vector_norm(W.float() + delta_weight(A.float(), B, scaling), dim=1)
 
 
-def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
+def dora_scale(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> torch.Tensor:
     """Semantics: magnitude.float() / dora_weight_norm(W, A, B, scaling)  (DoRA paper §4.3; SEMANTICS §5.3).
 
     The per-output factor g of y = b + g * (W x + s B A x); it does not depend on x, so the runtime
@@ -65,7 +67,9 @@ def _checked(W: torch.Tensor, what: str) -> torch.Tensor:
     return W
 
 
-def merge_lora(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, safe: bool = False) -> torch.Tensor:
+def merge_lora(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, safe: bool = False
+) -> torch.Tensor:
     """Semantics: (W.float() + delta_weight(A, B, s)).to(W.dtype); safe: W + delta.to(W.dtype), checked finite.
 
     The two differ for ~30% of bf16 elements (§4.4). W (Dout, Din) -> new (Dout, Din) in W's dtype.
@@ -151,7 +155,9 @@ def magnitude_prune(tensors: Sequence[torch.Tensor], weights: Sequence[float], d
     return task_arithmetic([_magnitude_mask(t, d) for t in tensors], weights)
 
 
-def ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float, majority_sign_method: str = "total") -> torch.Tensor:
+def ties(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float, majority_sign_method: str = "total"
+) -> torch.Tensor:
     """Semantics: trim each tensor to its top-density magnitudes, elect a sign per entry, weighted disjoint mean."""
     d = _check_density(density)
     pruned = torch.stack([_magnitude_mask(t, d) for t in tensors])  # (K, ...)
@@ -182,7 +188,9 @@ def _method(name: str, density, majority_sign_method, generator):
         "linear": lambda ts, ws: task_arithmetic(ts, ws),
         "ties": lambda ts, ws: ties(ts, ws, density, majority_sign_method),
         "dare_linear": lambda ts, ws: dare(ts, ws, density, generator=generator),
-        "dare_ties": lambda ts, ws: dare(ts, ws, density, use_ties=True, majority_sign_method=majority_sign_method, generator=generator),
+        "dare_ties": lambda ts, ws: dare(
+            ts, ws, density, use_ties=True, majority_sign_method=majority_sign_method, generator=generator
+        ),
         "magnitude_prune": lambda ts, ws: magnitude_prune(ts, ws, density),
     }
     if name not in table:
