@@ -113,7 +113,10 @@ def _layers(model):
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("method", ["linear", "ties", "magnitude_prune", "dare_linear", "dare_ties", "cat", "svd"])
+@pytest.mark.parametrize(
+    "method",
+    ["linear", "ties", "magnitude_prune", "dare_linear", "dare_ties", "cat", "svd", "ties_svd", "dare_ties_svd"],
+)
 def test_matches_peft_add_weighted_adapter(method, monkeypatch):
     model = _peft_model()
     # PEFT's dare draws from the global generator after initialising the new adapter (which also draws):
@@ -134,8 +137,9 @@ def test_matches_peft_add_weighted_adapter(method, monkeypatch):
         assert layer.scaling["m"] == 1.0
         if method == "cat":
             A, B = lora_math.combine_cat(As, Bs, scalings, WEIGHTS)
-        elif method == "svd":
-            A, B = lora_math.combine_svd(As, Bs, scalings, WEIGHTS, r=4)
+        elif method.endswith("svd"):
+            delta_method = method[: -len("_svd")] if method != "svd" else "linear"
+            A, B = lora_math.combine_svd(As, Bs, scalings, WEIGHTS, r=4, method=delta_method, density=DENSITY, generator=g)
             torch.testing.assert_close(B @ A, peft_B @ peft_A, rtol=1e-4, atol=1e-5)  # factors: sign-ambiguous
             continue
         else:
