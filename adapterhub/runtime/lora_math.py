@@ -110,7 +110,7 @@ def unmerge_dora(
 
 
 def _stack_weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    w = torch.as_tensor(weights, dtype=tensors[0].dtype)  # (K,)
+    w = torch.as_tensor(weights, dtype=tensors[0].dtype, device=tensors[0].device)  # (K,)
     return torch.stack(tensors) * w.view(-1, *[1] * tensors[0].dim())  # (K, ...)
 
 
@@ -118,7 +118,7 @@ def _magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the int(density * numel) largest |t| (PEFT rounds down); density >= 1 keeps all."""
     if density >= 1:
         return t
-    keep = torch.zeros(t.numel(), dtype=t.dtype)
+    keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
     keep[torch.topk(t.abs().flatten(), k=int(density * t.numel())).indices] = 1
     return t * keep.view(t.shape)
 
