@@ -1,0 +1,168 @@
+"""AdapterPool: names -> slots of the AdapterLinear stacks, with LRU eviction and pinning.
+
+Slot 0 is "no adapter"; adapters get slots 1..capacity (the lowest free one, so the stacks stay as
+short as the number of adapters loaded: the decode path computes every slot). A batch in flight pins
+its slots (`acquire` ... `release`, refcounted); loading into a full pool evicts the least recently used
+*unpinned* adapter, and raises CapacityError when every slot is pinned, so loading and evicting never
+change the adapter of a row in flight. Installing writes only the rows of the new slot; stacks grow
+(slots, rank) only between forwards. Single-threaded like the forward: the serving engine calls the
+pool between steps.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from adapterhub.adapter import Adapter
+from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, IncompatibleAdapterError
+from adapterhub.runtime.linear import AdapterLinear
+
+
+class AdapterPool:
+    def __init__(self, linears: dict[str, AdapterLinear], capacity: int):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"adapter pool capacity must be a positive integer, got {capacity!r}")
+        self.linears, self.capacity = dict(linears), capacity
+        self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._adapters: dict[str, Adapter] = {}
+        self._pins: dict[int, int] = {}  # slot -> number of batches in flight using it
+
+    # --- queries ----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def adapter(self, name: str) -> Adapter:
+        """The Adapter loaded under `name` (merge and combine read its exact tensors)."""
+        self._require(name)
+        return self._adapters[name]
+
+    def slot(self, name: str) -> int:
+        """The slot of `name`; marks it most recently used."""
+        self._require(name)
+        self._slots.move_to_end(name)
+        return self._slots[name]
+
+    def is_pinned(self, name: str) -> bool:
+        return self._pins.get(self._slots.get(name, -1), 0) > 0
+
+    # --- batches in flight ------------------------------------------------------------------------
+
+    def acquire(self, names: Sequence[str | None]) -> torch.Tensor:
+        """Pin the slots of a batch: names[b] (None = base only) -> ids (B,) int64 on the layers' device."""
+        slots = [0 if name is None else self.slot(name) for name in names]  # raises before pinning anything
+        for s in slots:
+            if s:
+                self._pins[s] = self._pins.get(s, 0) + 1
+        return torch.tensor(slots, dtype=torch.int64, device=self._device())
+
+    def release(self, ids: torch.Tensor | Sequence[int]) -> None:
+        """Unpin what `acquire` pinned (the same ids, once)."""
+        for s in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
+            if s:
+                left = self._pins.get(s, 0) - 1
+                if left < 0:
+                    raise ValueError(f"release of slot {s}, which no batch holds (released twice?)")
+                self._pins[s] = left
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def add(self, adapter: Adapter, name: str) -> int:
+        """Validate `adapter` against the layers, then install it under `name`; returns its slot.
+        Re-adding a loaded name replaces it in place (it must not be pinned)."""
+        modules = self._validate(adapter, name)
+        if name in self._slots:
+            self._check_unpinned(name, "replace")
+            slot = self._slots[name]
+            self._slots.move_to_end(name)
+        else:
+            slot = self._free_slot(name)
+            self._slots[name] = slot
+        for linear in self.linears.values():
+            linear.uninstall(slot)
+        for module, m in modules.items():
+            to = dict(dtype=torch.float32)
+            magnitude = None if m.magnitude is None else torch.as_tensor(m.magnitude, **to)
+            self.linears[module].install(slot, torch.as_tensor(m.lora_A, **to), torch.as_tensor(m.lora_B, **to), m.scaling, magnitude)
+        self._adapters[name] = adapter
+        return slot
+
+    def remove(self, name: str) -> None:
+        self._require(name)
+        self._check_unpinned(name, "remove")
+        self._evict(name)
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _validate(self, adapter: Adapter, name: str):
+        """Every target module exists and every shape fits, checked before any stack is touched."""
+        config = adapter.config
+        if config.modules_to_save or config.lora_bias or config.bias != "none":
+            raise IncompatibleAdapterError(
+                f"adapter {name!r} uses modules_to_save={config.modules_to_save!r} / lora_bias={config.lora_bias} / "
+                f"bias={config.bias!r}, which the adapter pool does not support (LoRA tensors only); retrain without them")
+        modules = adapter.modules()
+        for module, m in modules.items():
+            linear = self.linears.get(module)
+            if linear is None:
+                known = sorted(self.linears)
+                raise IncompatibleAdapterError(
+                    f"adapter {name!r} targets module {module!r}, which the base model does not have; the base has "
+                    f"{len(known)} adaptable modules, e.g. {known[:4]}; was the adapter trained on another base?")
+            want_a, want_b = (m.rank, linear.in_features), (linear.out_features, m.rank)
+            if m.lora_A.shape != want_a or m.lora_B.shape != want_b:
+                raise IncompatibleAdapterError(
+                    f"adapter {name!r} module {module!r}: lora_A {tuple(m.lora_A.shape)} and lora_B {tuple(m.lora_B.shape)} "
+                    f"do not fit the base layer (out, in) = ({linear.out_features}, {linear.in_features}), which needs "
+                    f"lora_A {want_a} and lora_B {want_b}; the adapter was trained on a base of another size")
+            if m.magnitude is not None and m.magnitude.shape != (linear.out_features,):
+                raise IncompatibleAdapterError(
+                    f"adapter {name!r} module {module!r}: DoRA magnitude {tuple(m.magnitude.shape)} does not fit "
+                    f"out_features={linear.out_features}")
+        return modules
+
+    def _free_slot(self, name: str) -> int:
+        used = set(self._slots.values())
+        free = [s for s in range(1, self.capacity + 1) if s not in used]
+        if free:
+            return free[0]
+        victim = next((n for n, s in self._slots.items() if not self._pins.get(s, 0)), None)
+        if victim is None:
+            raise CapacityError(
+                f"cannot load adapter {name!r}: all {self.capacity} adapter slots are in use by batches in flight "
+                f"({', '.join(self._slots)}); retry when a request finishes, or load the base with more max_adapters")
+        slot = self._slots[victim]
+        self._evict(victim)
+        return slot
+
+    def _evict(self, name: str) -> None:
+        slot = self._slots.pop(name)
+        self._adapters.pop(name)
+        self._pins.pop(slot, None)
+        for linear in self.linears.values():
+            linear.uninstall(slot)
+
+    def _check_unpinned(self, name: str, action: str) -> None:
+        if self.is_pinned(name):
+            raise CapacityError(
+                f"cannot {action} adapter {name!r}: {self._pins[self._slots[name]]} batch(es) in flight use it; "
+                "retry when they finish")
+
+    def _require(self, name: str) -> None:
+        if name not in self._slots:
+            raise AdapterNotLoadedError(
+                f"adapter {name!r} is not loaded; loaded: {list(self._slots) or 'none'}; add it first "
+                "(base.add_adapter)")
+
+    def _device(self) -> torch.device:
+        first = next(iter(self.linears.values()), None)
+        return first.device if first is not None else torch.device("cpu")
