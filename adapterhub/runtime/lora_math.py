@@ -133,6 +133,8 @@ def _random_drop(t: torch.Tensor, density: float, generator: torch.Generator | N
 def _disjoint_mean(pruned: torch.Tensor, weighted: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
     """TIES elect + disjoint merge: the sign is elected on the *unweighted* pruned tensors, as PEFT does;
     the mean runs over the entries that agree with it (zeros never agree)."""
+    if majority_sign_method not in ("total", "frequency"):
+        raise MergeError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     votes = pruned.sum(0) if majority_sign_method == "total" else pruned.sign().sum(0)
     agree = pruned.sign() == torch.where(votes >= 0, 1.0, -1.0).to(pruned.dtype)  # (K, ...)
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -175,7 +177,8 @@ def dare(
 ) -> torch.Tensor:
     """Semantics: drop each entry with prob 1-density, rescale by 1/density, then a weighted sum
     (dare_linear) or TIES' sign election + disjoint mean (dare_ties). Draws one bernoulli tensor per
-    input, in order, from `generator` (PEFT uses the global generator: same stream for the same seed)."""
+    input, in order, from `generator`: PEFT draws the same way from the global generator, so the same
+    generator state gives PEFT's masks (PEFT initialises the new adapter first, which also draws)."""
     d = _check_density(density)
     dropped = torch.stack([_random_drop(t, d, generator) for t in tensors])  # (K, ...)
     if not use_ties:

@@ -89,6 +89,8 @@ def test_bad_method_and_density_raise():
         lora_math.combine_factors(As, Bs, SCALINGS, WEIGHTS, "average")
     with pytest.raises(MergeError, match="density"):
         lora_math.combine_factors(As, Bs, SCALINGS, WEIGHTS, "ties")
+    with pytest.raises(MergeError, match="majority_sign_method"):
+        lora_math.combine_factors(As, Bs, SCALINGS, WEIGHTS, "ties", density=0.5, majority_sign_method="mode")
 
 
 # --- against PEFT -------------------------------------------------------------------------------
