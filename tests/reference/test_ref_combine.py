@@ -53,6 +53,10 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     np.testing.assert_allclose(got.numpy(), [3.0, -1.5, 1.5, 2.25])
     trimmed = lora_math.ties([t1, t2], [1.0, 1.0], density=0.5)  # keeps 3, 2 of t1 and -2, 4 of t2
     np.testing.assert_allclose(trimmed.numpy(), [3.0, -2.0, 2.0, 4.0])
+    votes = [torch.tensor([3.0]), torch.tensor([-1.0]), torch.tensor([-1.0])]
+    assert lora_math.ties(votes, [1, 1, 1], 1.0, "total").item() == 3.0  # sum 1 >= 0: + wins
+    assert lora_math.ties(votes, [1, 1, 1], 1.0, "frequency").item() == -1.0  # two of three are -
+    assert combine.ties([v.numpy() for v in votes], [1, 1, 1], 1.0, "frequency")[0] == -1.0
 
 
 def test_dare_rescales_kept_entries_and_is_seeded():
