@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from adapterhub.adapter import Adapter
-from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, IncompatibleAdapterError
+from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, IncompatibleAdapterError, MergeError
 from adapterhub.runtime.linear import AdapterLinear
 
 
@@ -29,6 +29,7 @@ class AdapterPool:
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._adapters: dict[str, Adapter] = {}
         self._pins: dict[int, int] = {}  # slot -> number of batches in flight using it
+        self.merged = None  # runtime/merge.py's MergedState while an adapter is merged into the base
 
     # --- queries ----------------------------------------------------------------------------------
 
@@ -59,6 +60,11 @@ class AdapterPool:
 
     def acquire(self, names: Sequence[str | None]) -> torch.Tensor:
         """Pin the slots of a batch: names[b] (None = base only) -> ids (B,) int64 on the layers' device."""
+        if self.merged is not None and any(name is not None for name in names):
+            raise MergeError(
+                f"adapter {self.merged.name!r} is merged into the base, so a batch cannot name adapters "
+                f"(got {sorted({n for n in names if n is not None})}); pass no adapters to use the merged one, "
+                "or unmerge() first")
         slots = [0 if name is None else self.slot(name) for name in names]  # raises before pinning anything
         for s in slots:
             if s:
@@ -79,6 +85,8 @@ class AdapterPool:
     def add(self, adapter: Adapter, name: str) -> int:
         """Validate `adapter` against the layers, then install it under `name`; returns its slot.
         Re-adding a loaded name replaces it in place (it must not be pinned)."""
+        if self.merged is not None:
+            raise MergeError(f"cannot add adapter {name!r} while {self.merged.name!r} is merged; unmerge() first")
         modules = self._validate(adapter, name)
         if name in self._slots:
             self._check_unpinned(name, "replace")
@@ -99,6 +107,8 @@ class AdapterPool:
     def remove(self, name: str) -> None:
         self._require(name)
         self._check_unpinned(name, "remove")
+        if self.merged is not None and self.merged.name == name:
+            raise MergeError(f"adapter {name!r} is merged into the base; unmerge() before removing it")
         self._evict(name)
 
     # --- internals --------------------------------------------------------------------------------
