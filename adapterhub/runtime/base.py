@@ -1,0 +1,146 @@
+"""`Base`: what `load_base` returns; the one object users and the serving engine hold (docs/runtime.md).
+
+It composes the model, its tokenizer and the adapter pool; the work happens in the modules it
+delegates to (runtime/generate.py for the step API and generation, runtime/pool.py for adapters,
+runtime/merge.py for merging, runtime/loader.py for files).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from adapterhub.adapter import Adapter
+from adapterhub.errors import ConfigError, RequestError
+from adapterhub.runtime import generate as gen
+from adapterhub.runtime import loader
+from adapterhub.runtime.config import ModelConfig
+from adapterhub.runtime.kv_cache import KVCache
+from adapterhub.runtime.model import Transformer
+from adapterhub.runtime.pool import AdapterPool
+from adapterhub.runtime.tokenizer import Tokenizer
+
+
+def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4", compute_dtype: torch.dtype = torch.bfloat16,
+              device: str | torch.device = "cpu", max_adapters: int = 16) -> Base:
+    """A base model with an adapter pool: "tiny" (embedded), a Hugging Face checkpoint dir, or a hub id
+    found in the local HF cache. quantize="nf4" stores the decoder linears in NF4 (a bitsandbytes 4-bit
+    checkpoint loads as saved whatever `quantize` says); None keeps them in `compute_dtype`."""
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise ConfigError(f"compute_dtype must be a floating torch dtype such as torch.bfloat16, got {compute_dtype!r}")
+    config, tokenizer, model = loader.load_parts(path_or_id, quantize, compute_dtype, torch.device(device))
+    return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id))
+
+
+class Base:
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, *, max_adapters: int = 16,
+                 name: str = "base"):
+        self.config, self.tokenizer, self.model, self.name = config, tokenizer, model, name
+        self.pool = AdapterPool(model.linears(), capacity=max_adapters)
+        self._merged = None  # the MergeReport / state of runtime/merge.py while an adapter is merged
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(Dout, Din) of every decoder linear, keyed by HF module path."""
+        return {name: (m.out_features, m.in_features) for name, m in self.model.linears().items()}
+
+    def add_adapter(self, source, name: str | None = None, registry=None) -> str:
+        """Loads an `Adapter`, a PEFT dir or a registry ref (resolved in `registry`, default Registry())."""
+        if isinstance(source, Adapter):
+            adapter, default_name = source, "adapter"
+        elif Path(str(source)).is_dir():
+            adapter, default_name = Adapter.from_peft_dir(source), Path(source).name
+        elif isinstance(source, str):
+            from adapterhub.registry import Registry
+
+            registry = registry if isinstance(registry, Registry) else Registry(registry) if registry else Registry()
+            adapter, default_name = registry.load(source), source
+        else:
+            raise ConfigError(f"adapter source must be an Adapter, a PEFT dir or a registry ref; got {source!r}")
+        name = name or default_name
+        self.pool.add(adapter, name)
+        return name
+
+    def remove_adapter(self, name: str) -> None:
+        self.pool.remove(name)
+
+    def merge(self, name: str):
+        """Folds one adapter into the base weights (runtime/merge.py); returns its MergeReport."""
+        from adapterhub.runtime import merge
+
+        return merge.merge(self, name)
+
+    def unmerge(self) -> None:
+        from adapterhub.runtime import merge
+
+        merge.unmerge(self)
+
+    # --- forward and generation -----------------------------------------------------------------------
+
+    def __call__(self, input_ids, adapters: Sequence[str | None] | None = None, attention_mask=None) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T); adapters: one name or None per row."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.device)
+        if input_ids.dim() != 2:
+            raise RequestError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        with torch.inference_mode(), self._pinned(adapters, input_ids.shape[0]) as ids:
+            return self.model(input_ids, ids, attention_mask=attention_mask)
+
+    def generate(self, prompts, adapters: Sequence[str | None] | None = None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str | None = None) -> list[gen.Completion]:
+        """Completes texts or token-id lists, each row with its adapter, in one batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise RequestError("generate needs at least one prompt")
+        token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        B = len(token_prompts)
+        seeds = None if seed is None else [seed] * B
+        sampling = gen.SamplingBatch.from_params([temperature] * B, [top_k] * B, [top_p] * B, seeds,
+                                                 device=self.model.device)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        stop_ids = list(self.config.eos_token_id) or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        with torch.inference_mode(), self._pinned(adapters, B) as ids:
+            return gen.generate(self.model, self.tokenizer, token_prompts, ids, max_new_tokens=max_new_tokens,
+                                sampling=sampling, stop_ids=stop_ids, stop=stop)
+
+    # --- step API (serving engine) --------------------------------------------------------------------
+
+    def new_cache(self, max_batch: int, max_seq: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, max_seq, c.head_dim,
+                       dtype=self.model.dtype, device=self.model.device)
+
+    def prefill(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]], ids) -> torch.Tensor:
+        with torch.inference_mode():
+            return gen.prefill(self.model, cache, rows, prompts, self._ids(ids))
+
+    def decode(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, ids) -> torch.Tensor:
+        with torch.inference_mode():
+            return gen.decode(self.model, cache, rows, tokens, self._ids(ids))
+
+    def save_quantized(self, path: str | Path) -> Path:
+        """Writes the NF4 base as transformers + bitsandbytes save it; load_base(path) then skips quantizing."""
+        if not all(m.is_nf4 for m in self.model.linears().values()):
+            raise ConfigError("save_quantized needs an NF4 base; load it with quantize='nf4' first")
+        return loader.save_quantized(path, self.config, self.model, self.tokenizer)
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _ids(self, ids):
+        return None if ids is None else torch.as_tensor(ids, dtype=torch.long, device=self.model.device)
+
+    @contextmanager
+    def _pinned(self, adapters, B: int):
+        """Pins the adapters of one batch for its duration; yields ids (B,), or None when every row is the base."""
+        if adapters is not None and len(adapters) != B:
+            raise RequestError(f"adapters has {len(adapters)} entries for a batch of {B} rows; give one name or None per row")
+        ids = self.pool.acquire(list(adapters)) if adapters is not None and any(a is not None for a in adapters) else None
+        try:
+            yield ids
+        finally:
+            if ids is not None:
+                self.pool.release(ids)

@@ -1,0 +1,104 @@
+"""The embedded default base: a small Llama built deterministically in code, with a file-free tokenizer.
+
+`load_base("tiny")` needs no download: the weights come from a fixed seed and the tokenizer is
+byte-level (ids 0..255 are the bytes, then <s>, </s>, <pad>). The weights are random, so the text is
+gibberish; what matters is that it is the same everywhere and that adapters visibly change it.
+`random_checkpoint` writes the same kind of model (any small config) as a Hugging Face directory;
+tests everywhere build their base models with it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from adapterhub.runtime.config import ModelConfig
+from adapterhub.runtime.tokenizer import Tokenizer
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+TINY_SEED = 20240601
+
+TINY_CONFIG = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=259, hidden_size=256, intermediate_size=688,
+    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+    bos_token_id=256, eos_token_id=(257,), pad_token_id=258,
+)
+
+# The tiny model's chat format, as a Python function and as the equivalent Jinja for tokenizer_config.json.
+CHAT_JINJA = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def tiny_chat(messages, add_generation_prompt: bool = True) -> str:
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, the alphabet of the ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE with no merges: token id = byte value; <s> is prepended on encode."""
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS, PAD])  # ids 256, 257, 258
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
+    return Tokenizer(tok, bos_token=BOS, eos_token=EOS, chat_template=tiny_chat)
+
+
+def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """fp32 HF-named weights: N(0, std) matrices, norms near 1, small biases; deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    c, D = config, config.hidden_size
+    randn = lambda *shape, s=std: torch.randn(*shape, generator=g) * s  # noqa: E731
+    w = {"model.embed_tokens.weight": randn(c.vocab_size, D, s=1.0), "model.norm.weight": 1 + randn(D, s=0.1)}
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+              "self_attn.o_proj": (D, q), "mlp.gate_proj": (c.intermediate_size, D),
+              "mlp.up_proj": (c.intermediate_size, D), "mlp.down_proj": (D, c.intermediate_size)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name, (out, fan_in) in shapes.items():
+            w[p + name + ".weight"] = randn(out, fan_in, s=max(std, 1 / math.sqrt(fan_in)))
+            has_bias = name.endswith(("q_proj", "k_proj", "v_proj")) and c.attention_bias or (
+                name.endswith("o_proj") and c.has_o_bias) or (name.startswith("mlp") and c.mlp_bias)
+            if has_bias:
+                w[p + name + ".bias"] = randn(out, s=0.02)
+        w[p + "input_layernorm.weight"] = 1 + randn(D, s=0.1)
+        w[p + "post_attention_layernorm.weight"] = 1 + randn(D, s=0.1)
+    if not c.tie_word_embeddings:
+        w["lm_head.weight"] = randn(c.vocab_size, D, s=1 / math.sqrt(D))
+    return w
+
+
+def tiny_weights() -> dict[str, torch.Tensor]:
+    return random_weights(TINY_CONFIG, seed=TINY_SEED)
+
+
+def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed: int = 0,
+                      max_shard_bytes: int | None = None, dtype=torch.float32) -> Path:
+    """Writes a Hugging Face checkpoint dir (config.json, safetensors, tokenizer files) with random weights."""
+    from adapterhub.runtime.loader import write_checkpoint
+
+    weights = tiny_weights() if (config == TINY_CONFIG and seed == TINY_SEED) else random_weights(config, seed)
+    return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),
+                            max_shard_bytes=max_shard_bytes, chat_template=CHAT_JINJA)
