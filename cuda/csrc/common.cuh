@@ -22,26 +22,36 @@ static __constant__ float kNF4Code[16] = {
 };
 
 // Conversions between the element types and fp32; *_rn = round to nearest even, as torch's .to().
+__device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
-// 8 elements of a 16-bit type in one 128-bit load/store (callers guarantee 16-byte alignment).
+// x rounded to T and back: the kernels mirror each intermediate rounding of their torch twins.
 template <typename T>
-union Vec8 {
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// One 128-bit load/store: 8 bf16 / fp16 or 4 fp32 elements (callers guarantee 16-byte alignment).
+template <typename T>
+union Vec {
+  static constexpr int kSize = 16 / sizeof(T);
   uint4 raw;
-  T v[8];
+  T v[kSize];
 };
 
 template <typename T>
-__device__ __forceinline__ Vec8<T> load_vec8(const T* p) {
-  Vec8<T> out;
+__device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  Vec<T> out;
   out.raw = __ldg(reinterpret_cast<const uint4*>(p));
   return out;
 }
@@ -60,14 +70,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 #define ADAPTERHUB_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 #endif
 
-// Instantiates `BODY` with `T` bound to the CUDA element type of an AdapterhubDType (punica-style dispatch).
-#define ADAPTERHUB_DISPATCH_DTYPE(dtype, ...)           \
-  do {                                                  \
-    if ((dtype) == kAdapterhubBFloat16) {               \
-      using T = __nv_bfloat16;                          \
-      __VA_ARGS__;                                      \
-    } else {                                            \
-      using T = __half;                                 \
-      __VA_ARGS__;                                      \
-    }                                                   \
+// Runs the statement(s) with `T` bound to the element type of an AdapterhubDType (punica-style dispatch).
+#define ADAPTERHUB_DISPATCH_DTYPE(dtype, ...) \
+  do {                                        \
+    switch (dtype) {                          \
+      case kAdapterhubBFloat16: {             \
+        using T = __nv_bfloat16;              \
+        __VA_ARGS__;                          \
+      } break;                                \
+      case kAdapterhubFloat16: {              \
+        using T = __half;                     \
+        __VA_ARGS__;                          \
+      } break;                                \
+      case kAdapterhubFloat32: {              \
+        using T = float;                      \
+        __VA_ARGS__;                          \
+      } break;                                \
+    }                                         \
   } while (0)

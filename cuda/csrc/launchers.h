@@ -6,36 +6,39 @@
 // symbol that only shows when the extension is loaded on a GPU machine.
 //
 // Every launcher enqueues on `stream` and returns at once; the caller checks the launch error.
-// Shapes use the project vocabulary: M rows, K = Din, N output features / adapter slots, R rank, G block.
+// Shapes: M or rows = B*T flattened rows, K = Din, N output features (GEMV) or adapter slots (LoRA),
+// R rank, G quant block size.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
 
-// Element type of the activations, weights and outputs (fp32 accumulation always).
-enum AdapterhubDType : int32_t { kAdapterhubBFloat16 = 0, kAdapterhubFloat16 = 1 };
+// Element type of the activations, weights and outputs (accumulation is always fp32).
+enum AdapterhubDType : int32_t { kAdapterhubBFloat16 = 0, kAdapterhubFloat16 = 1, kAdapterhubFloat32 = 2 };
 
 extern "C" {
 
-// out (numel,) = code[q] * absmax[j / G], rounded once to `dtype` (SEMANTICS §1.4-1.5).
-// packed (numel/2,) uint8, high nibble = even element; absmax (ceil(numel/G),) f32; numel even.
+// out (numel,) = code[q] * absmax[j / G], product in fp32, one RNE rounding to `dtype` (SEMANTICS §1.5).
+// packed (numel/2,) uint8, high nibble = even element; absmax (ceil(numel/G),) f32; numel even, G >= 16.
 void launch_nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t numel, int64_t blocksize,
                            void* out, AdapterhubDType dtype, cudaStream_t stream);
 
-// y (M, N) = x (M, K) @ dequant(W)^T with W (N, K) in NF4, fp32 accumulation.
+// y (M, N) = x (M, K) @ dequant(W)^T with W (N, K) in NF4, fp32 accumulation, one rounding.
 // Needs K % 32 == 0 and G % 32 == 0 (every 32-element chunk lies in one quant block).
 void launch_nf4_gemv(const void* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N, int64_t K,
                      int64_t blocksize, void* y, AdapterhubDType dtype, cudaStream_t stream);
 
-// h (M, R) f32 = x (M, K) @ A_stack[ids]^T, with A_stack (Nslots, R, K) and ids (M,) int64.
-void launch_lora_shrink(const void* x, const void* a_stack, const int64_t* ids, int64_t M, int64_t K, int64_t R,
-                        float* h, AdapterhubDType dtype, cudaStream_t stream);
+// h (B*T, R) = x (B*T, K) @ A_stack[ids[m / T]]^T rounded to `dtype`, A_stack (N, R, K), ids (B,) int64.
+// Needs K % 8 == 0.
+void launch_lora_shrink(const void* x, const void* A_stack, const int64_t* ids, int64_t rows, int64_t tokens, int64_t K,
+                        int64_t R, void* h, AdapterhubDType dtype, cudaStream_t stream);
 
-// y (M, Dout) <- dora_scale[ids] * (y + scaling[ids] * h @ B_stack[ids]^T), in place,
-// with h (M, R) f32, B_stack (Nslots, Dout, R), scaling (Nslots,) f32, dora_scale (Nslots, Dout).
-void launch_lora_expand(void* y, const float* h, const void* b_stack, const int64_t* ids, const float* scaling,
-                        const void* dora_scale, int64_t M, int64_t Dout, int64_t R, AdapterhubDType dtype,
-                        cudaStream_t stream);
+// In place, for each row m = b*T + t with slot n = ids[b] (roundings as runtime/kernels.py::lora_expand):
+//   hs = round(h[m] * scaling[n]);  y[m] = round(y[m] + hs @ B_stack[n]);  y[m] = round(y[m] * dora_scale[n])
+// h (B*T, R), B_stack (N, R, Dout) (lora_B transposed), scaling (N,) f32, dora_scale (N, Dout) f32 or null.
+void launch_lora_expand(void* y, const void* h, const void* B_stack, const int64_t* ids, const float* scaling,
+                        const float* dora_scale, int64_t rows, int64_t tokens, int64_t Dout, int64_t R,
+                        AdapterhubDType dtype, cudaStream_t stream);
 
 }  // extern "C"

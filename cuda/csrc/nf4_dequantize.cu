@@ -1,4 +1,4 @@
-// nf4_dequantize: NF4 codes + float32 block absmax -> bf16 / fp16 weight.
+// nf4_dequantize: NF4 codes + float32 block absmax -> bf16 / fp16 / fp32 weight.
 //
 // CPU code reference (SEMANTICS §1.4-1.5; torch twin: adapterhub/runtime/kernels.py::nf4_dequantize):
 //   for j in range(numel):
@@ -6,8 +6,8 @@
 //       q = byte >> 4 if j % 2 == 0 else byte & 0xF      # high nibble first (bitsandbytes order)
 //       out[j] = dtype(float32(code[q] * absmax[j // G]))  # one fp32 product, one RNE rounding
 //
-// Memory bound (0.5 byte in, 2 bytes out per element): each thread turns 8 packed bytes (one 64-bit
-// load) into 16 elements (two 128-bit stores). Blocks are flat over the whole tensor, so a 16-element
+// Memory bound (0.5 byte in, 2 bytes out per bf16 element): each thread turns 8 packed bytes (one
+// 64-bit load) into 16 elements (two 128-bit stores for bf16 / fp16, four for fp32). Blocks are flat over the whole tensor, so a 16-element
 // group crosses at most one block boundary when G >= 16; the binding enforces G >= 16.
 #include "common.cuh"
 
@@ -34,18 +34,23 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
     const int64_t split = (block0 + 1) * blocksize - j0;
     const float a0 = __ldg(absmax + block0);
     const float a1 = split < kGroup ? __ldg(absmax + block0 + 1) : a0;
-    Vec8<T> halves[2];
+    float values[kGroup];
 #pragma unroll
     for (int i = 0; i < kGroup / 2; ++i) {
       const uint32_t word = i < 4 ? bytes.x : bytes.y;
       const uint32_t byte = (word >> (8 * (i % 4))) & 0xFFu;
-      const int e = 2 * i;
-      halves[e / 8].v[e % 8] = from_float<T>(code[byte >> 4] * (e < split ? a0 : a1));
-      halves[(e + 1) / 8].v[(e + 1) % 8] = from_float<T>(code[byte & 0xFu] * (e + 1 < split ? a0 : a1));
+      values[2 * i] = code[byte >> 4] * (2 * i < split ? a0 : a1);
+      values[2 * i + 1] = code[byte & 0xFu] * (2 * i + 1 < split ? a0 : a1);
     }
+    constexpr int kV = Vec<T>::kSize;
     uint4* dst = reinterpret_cast<uint4*>(out + j0);
-    dst[0] = halves[0].raw;
-    dst[1] = halves[1].raw;
+#pragma unroll
+    for (int s = 0; s < kGroup / kV; ++s) {
+      Vec<T> v;
+#pragma unroll
+      for (int e = 0; e < kV; ++e) v.v[e] = from_float<T>(values[s * kV + e]);
+      dst[s] = v.raw;
+    }
   }
 
   // Tail (numel % 16 elements, an even count): one packed byte per thread, plain loads and stores.

@@ -1,9 +1,10 @@
-// nf4_gemv: y = x @ dequant(W)^T for a few rows of x, reading W in NF4 (decode-time linear).
+// nf4_gemv: y = x @ dequant(W)^T for a few rows of x, reading W in NF4 (decode-time linear); the
+// few-row path of the nf4_linear op (cuda/csrc/ops.cpp).
 //
 // CPU code reference (torch twin: adapterhub/runtime/kernels.py::nf4_linear):
-//   W = nf4_dequantize(packed, absmax, G).view(N, K)          # (N, K)
-//   y = (x.float() @ W.float().T).to(x.dtype)                  # (M, K) @ (K, N) -> (M, N)
-// Deviation, by design: W is never rounded to bf16/fp16 here. Each 32-element chunk lies in one quant
+//   W = nf4_dequantize(packed, absmax, G, empty(N, K, dtype=x.dtype))   # (N, K)
+//   y = (x.float() @ W.float().T).to(x.dtype)                            # (M, K) @ (K, N) -> (M, N)
+// Deviation, by design (allowed by the twin's docstring): W is never rounded to bf16/fp16 here. Each 32-element chunk lies in one quant
 // block (K % 32 == 0, G % 32 == 0), so the kernel sums x * code in fp32 and multiplies by the block's
 // absmax once: y differs from the twin by fp32 reassociation plus the twin's rounding of W
 // (<= 2^-9 relative per weight), which tests/gpu's tolerance table covers.
@@ -56,11 +57,12 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
       if (m0 + m < M) {
         const T* xc = x + (m0 + m) * K + c * kChunk;
         float partial = 0.0f;
+        constexpr int kV = Vec<T>::kSize;
 #pragma unroll
-        for (int v = 0; v < kChunk / 8; ++v) {
-          const Vec8<T> xv = load_vec8(xc + 8 * v);
+        for (int v = 0; v < kChunk / kV; ++v) {
+          const Vec<T> xv = load_vec(xc + kV * v);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) partial = fmaf(to_float(xv.v[e]), w[8 * v + e], partial);
+          for (int e = 0; e < kV; ++e) partial = fmaf(to_float(xv.v[e]), w[kV * v + e], partial);
         }
         acc[m] = fmaf(partial, a, acc[m]);
       }

@@ -132,3 +132,7 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+
+// Round-to-nearest fp32 arithmetic, never contracted (g++ contracts nothing on baseline x86-64).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
