@@ -70,7 +70,9 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dic
     g = torch.Generator().manual_seed(seed)
     c, D = config, config.hidden_size
     randn = lambda *shape, s=std: torch.randn(*shape, generator=g) * s  # noqa: E731
-    w = {"model.embed_tokens.weight": randn(c.vocab_size, D, s=1.0), "model.norm.weight": 1 + randn(D, s=0.1)}
+    # Embeddings N(0, 1) feed the residual stream; tied, they are also the output head and get its scale.
+    embed_std = 1 / math.sqrt(D) if c.tie_word_embeddings else 1.0
+    w = {"model.embed_tokens.weight": randn(c.vocab_size, D, s=embed_std), "model.norm.weight": 1 + randn(D, s=0.1)}
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = {"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
               "self_attn.o_proj": (D, q), "mlp.gate_proj": (c.intermediate_size, D),
@@ -94,11 +96,11 @@ def tiny_weights() -> dict[str, torch.Tensor]:
     return random_weights(TINY_CONFIG, seed=TINY_SEED)
 
 
-def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed: int = 0,
-                      max_shard_bytes: int | None = None, dtype=torch.float32) -> Path:
+def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed: int = TINY_SEED,
+                      max_shard_bytes: int | None = None, dtype=torch.float32, std: float = 0.02) -> Path:
     """Writes a Hugging Face checkpoint dir (config.json, safetensors, tokenizer files) with random weights."""
     from adapterhub.runtime.loader import write_checkpoint
 
-    weights = tiny_weights() if (config == TINY_CONFIG and seed == TINY_SEED) else random_weights(config, seed)
+    weights = random_weights(config, seed, std)
     return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),
                             max_shard_bytes=max_shard_bytes, chat_template=CHAT_JINJA)
