@@ -12,12 +12,13 @@ If there is no compiler, the build fails or the machine is not Linux/x86-64 with
 :func:`available` returns False after one warning and callers keep their torch path. Set
 ``ADAPTERHUB_DISABLE_CPU_KERNELS=1`` to force the torch path.
 
-Tolerance against the torch path (``dequantize`` then ``F.linear``), :data:`TOLERANCE`:
-- fp32: the exact fp32 codebook; only the summation order differs (absmax applied once per block).
-- bf16: the kernel multiplies x by the codebook rounded to bf16 and applies absmax per block in fp32,
-  where torch multiplies by ``bf16(code * absmax)``: each weight may differ by 2^-8 relative, and both
-  round the fp32 sum to bf16 (2^-9 each), so ``|y - y_torch| <= 2^-7 * (|x| @ |W|^T)``. Measured, the
-  two paths are equally far from the exact product (about 1 bf16 ulp of the output).
+The weight is exactly the torch path's: ``W = fp32(code * absmax)``, rounded to bf16 when x is bf16
+(SEMANTICS §1.5); only the order of the fp32 sums differs from ``dequantize`` then ``F.linear``. Paths:
+fp32 x, or bf16 x with 1-2 rows: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup);
+bf16 x with 3 or more rows (N % 32 == 0, K % 128 == 0) on CPUs with AMX: the weight decoded to bf16
+tiles and multiplied by AMX, 32 rows of x per pass over W. fp32 results do not depend on the batch; a
+bf16 row may differ by one bf16 rounding between the two paths. Bound checked by the tests,
+:data:`TOLERANCE`: ``|y - y_torch| <= TOLERANCE[dtype] * (|x| @ |W|^T)``.
 """
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ G = 64  # NF4 quant block size the kernels support (SEMANTICS §1.3)
 # Largest row count (M = B*T) for which the fused linear beats dequantize-into-bf16 + F.linear on the
 # bf16 path (measured by bench/nf4_linear.py on a 2-core AVX512-BF16 machine); callers dispatch on it.
 FUSED_MAX_ROWS = 16
-# Per compute dtype: |nf4_linear(x) - F.linear(x, W)| <= TOLERANCE[dtype] * (|x| @ |W|^T) elementwise.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+# Per compute dtype: |nf4_linear(x) - F.linear(x, W)| <= TOLERANCE[dtype] * (|x| @ |W|^T) elementwise:
+# fp32 sums in another order, and for bf16 one output rounding either way (2^-8 relative).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8}
 
 _SOURCE = Path(__file__).parent / "csrc" / "nf4_cpu.c"
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DISABLE_ENV = "ADAPTERHUB_DISABLE_CPU_KERNELS"
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-_SIGNATURES = {
-    "nf4_linear_bf16": (_P, _I, _I, _I, _P, _P, _P),  # x, M, N, K, packed, absmax, y
-    "nf4_linear_f32": (_P, _I, _I, _I, _P, _P, _P),
-    "nf4_dequantize_bf16": (_P, _P, _I, _P),  # packed, absmax, n, out
+_SIGNATURES = {  # name: (argument types, return type)
+    "nf4_linear": ((_P, ctypes.c_int, _I, _I, _I, _P, _P, _P), None),  # x, is_bf16, M, N, K, packed, absmax, y
+    "nf4_dequantize_bf16": ((_P, _P, _I, _P), None),  # packed, absmax, n, out
+    "nf4_amx_enable": ((), ctypes.c_int),
 }
 
 _lock = threading.Lock()
@@ -74,8 +76,8 @@ def nf4_linear(
 ) -> torch.Tensor:
     """Fused NF4 linear without bias, for few rows (decode); see :data:`FUSED_MAX_ROWS`.
 
-    Semantics: ``y = x @ dequantize(packed, absmax_f32).reshape(N, K).T`` in fp32 accumulation,
-    rounded to x's dtype; fp32 / bf16 tolerance as in the module docstring.
+    Semantics: ``y = (x.float() @ dequantize(packed, absmax_f32).reshape(N, K).to(x.dtype).float().T).to(x.dtype)``
+    up to the order of the fp32 sums (:data:`TOLERANCE`).
 
     x (..., K) bf16 or fp32, contiguous; packed uint8 with N*K/2 bytes (any shape, e.g. bnb's
     (N*K/2, 1)): the row-major (N, K) weight, element 2k in the high nibble (SEMANTICS §1.4);
@@ -93,8 +95,8 @@ def nf4_linear(
     x = x.contiguous()
     M = x.numel() // K
     y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
-    fn = lib.nf4_linear_bf16 if x.dtype == torch.bfloat16 else lib.nf4_linear_f32
-    fn(x.data_ptr(), M, N, K, packed.data_ptr(), absmax_f32.data_ptr(), y.data_ptr())
+    is_bf16 = x.dtype == torch.bfloat16
+    lib.nf4_linear(x.data_ptr(), is_bf16, M, N, K, packed.data_ptr(), absmax_f32.data_ptr(), y.data_ptr())
     return y
 
 
@@ -181,9 +183,10 @@ def _load():
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"adapterhub: CPU NF4 kernels unavailable, using the torch path ({exc})", stacklevel=3)
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
+    lib.nf4_amx_enable()  # AMX tiles for bf16 with 3..32 rows where the CPU and the kernel allow them
     return lib
 
 

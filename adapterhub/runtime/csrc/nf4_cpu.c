@@ -6,14 +6,12 @@
  * element 2k in the HIGH nibble, blocks of G = 64 consecutive elements, absmax (N*K/G,) float32 with the
  * double quantization already decoded. K % G == 0, so a block never crosses a row.
  *
- *   nf4_linear_bf16  y (M, N) bf16 = x (M, K) bf16 @ W^T  with W[n,k] = bf16(code[q] ) * absmax, fp32 sums
- *   nf4_linear_f32   y (M, N) f32  = x (M, K) f32  @ W^T  with W[n,k] = code[q] * absmax, fp32 sums
- *   nf4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)   (bit-identical to SEMANTICS §1.5)
+ *   nf4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
+ *                        W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
+ *   nf4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
  *
- * Both linears compute sum_blocks absmax_b * sum_{k in b} code[q_k] * x_k: the per-block scale is
- * applied once per block, not per weight. The bf16 kernel looks codes up in a bf16 copy of the codebook
- * (vpermw) and multiplies pairs with vdpbf16ps; the codebook rounded to bf16 differs from the exact
- * bf16(code * absmax) of the torch path by at most 2^-9 relative per weight (tolerance: cpu_kernels.py).
+ * W is exactly the torch path's weight (SEMANTICS §1.5: product in fp32, then RNE to the compute dtype);
+ * only the order of the fp32 sums differs from dequantize + F.linear.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,8 +20,8 @@
 #include <immintrin.h>
 #endif
 
-#define G 64          /* quant block size */
-#define MT_MAX 8      /* rows of x sharing one decode of a weight row */
+#define G 64     /* quant block size */
+#define MT_MAX 4 /* rows of x sharing one decode of a weight row (FMA path) */
 
 static const float NF4_CODE[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -45,157 +43,239 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-/* bf16 path. 64 packed bytes = 128 elements = 2 blocks, read as 32 little-endian words: word j holds
- * elements 4j..4j+3 with 4j+1 in bits 0-3, 4j in 4-7, 4j+3 in 8-11, 4j+2 in 12-15. vpermw reads 5 index
- * bits, so with the 16 codes repeated twice, w >> {0,4,8,12} index the codes without masking. x is
- * stored once per call in the matching order: chunk c, group g = 0..3 (elements 4j+1, 4j, 4j+3, 4j+2).
- * vdpbf16ps sums word pairs into fp32 lane i = word 2i, 2i+1: lanes 0-7 are block 2c, 8-15 block 2c+1. */
-#define CHUNK 128
-
-static void permute_x_bf16(const uint16_t *x, int64_t K, int64_t C, uint16_t *xp) {
-    static const int SRC[4] = {1, 0, 3, 2};
-    for (int64_t c = 0; c < C; c++)
-        for (int g = 0; g < 4; g++)
-            for (int j = 0; j < 32; j++) {
-                int64_t k = c * CHUNK + 4 * j + SRC[g];
-                xp[(c * 4 + g) * 32 + j] = k < K ? x[k] : 0;
+/* x row (K,) bf16 or fp32 -> fp32 once per call, each 32 elements as the 16 even then the 16 odd ones:
+ * the order in which the high and the low nibbles of 16 packed bytes come out of the decoder. */
+static void load_x(const void *x, int is_bf16, int64_t K, float *xp) {
+    for (int64_t k = 0; k < K; k += 32)
+        for (int j = 0; j < 16; j++)
+            for (int odd = 0; odd < 2; odd++) {
+                int64_t i = k + 2 * j + odd;
+                xp[k + 16 * odd + j] = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
             }
-}
-
-static inline void row_bf16(int MT, const uint8_t *w, const float *a, const uint16_t *xp, int64_t C,
-                            int64_t K, int64_t xstride, int64_t N, uint16_t *y) {
-    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(NF4_CODE), _mm512_loadu_ps(NF4_CODE));
-    __m512 tot[MT_MAX];
-    for (int m = 0; m < MT; m++) tot[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; c++) {
-        int full = (c + 1) * CHUNK <= K; /* else: the last 64 elements of the row, one block */
-        __m512i v = full ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi16(0xffff, w + c * 64);
-        __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(a[2 * c]), 0xff00,
-                                      _mm512_set1_ps(full ? a[2 * c + 1] : 0.0f));
-        __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(v, lut);
-        __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
-        __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
-        __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
-        for (int m = 0; m < MT; m++) {
-            const uint16_t *xc = xp + m * xstride + c * CHUNK;
-            __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xc));
-            p = _mm512_dpbf16_ps(p, q1, (__m512bh)_mm512_loadu_si512(xc + 32));
-            p = _mm512_dpbf16_ps(p, q2, (__m512bh)_mm512_loadu_si512(xc + 64));
-            p = _mm512_dpbf16_ps(p, q3, (__m512bh)_mm512_loadu_si512(xc + 96));
-            tot[m] = _mm512_fmadd_ps(p, s, tot[m]);
-        }
-    }
-    for (int m = 0; m < MT; m++) y[m * N] = f32_to_bf16(_mm512_reduce_add_ps(tot[m]));
-}
-#endif
-
-void nf4_linear_f32(const float *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
-                    const float *absmax, float *y);
-
-void nf4_linear_bf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
-                     const float *absmax, uint16_t *y) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-    int64_t C = (K + CHUNK - 1) / CHUNK, xs = C * CHUNK;
-    uint16_t *xp = aligned_alloc(64, (size_t)(M * xs * 2));
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) permute_x_bf16(x + m * K, K, C, xp + m * xs);
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *wn = w + n * (K / 2);
-            const float *an = absmax + n * (K / G);
-            int64_t m = 0;
-            /* constant tile sizes so the accumulators stay in registers */
-            for (; m + 8 <= M; m += 8) row_bf16(8, wn, an, xp + m * xs, C, K, xs, N, y + m * N + n);
-            if (M - m >= 4) { row_bf16(4, wn, an, xp + m * xs, C, K, xs, N, y + m * N + n); m += 4; }
-            if (M - m >= 2) { row_bf16(2, wn, an, xp + m * xs, C, K, xs, N, y + m * N + n); m += 2; }
-            if (M - m >= 1) row_bf16(1, wn, an, xp + m * xs, C, K, xs, N, y + m * N + n);
-        }
-    }
-    free(xp);
-#else /* portable: x widened to fp32 once, then the fp32 kernel */
-    float *xf = malloc((size_t)(M * K * 4)), *yf = malloc((size_t)(M * N * 4));
-    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
-    nf4_linear_f32(xf, M, N, K, w, absmax, yf);
-    for (int64_t i = 0; i < M * N; i++) y[i] = f32_to_bf16(yf[i]);
-    free(xf);
-    free(yf);
-#endif
 }
 
 #if defined(__AVX512F__)
-/* fp32 path: 16 packed bytes = 32 elements; bytes widened to dwords, the high nibbles (even elements)
- * and the low nibbles (odd ones, vpermps reads only 4 index bits) index the exact fp32 codebook. x is
- * stored once per call as 16 even then 16 odd elements per 32. */
-static void permute_x_f32(const float *x, int64_t K, float *xp) {
-    for (int64_t k = 0; k < K; k += 32)
-        for (int j = 0; j < 16; j++) {
-            xp[k + j] = x[k + 2 * j];
-            xp[k + 16 + j] = x[k + 2 * j + 1];
-        }
+/* The 16 weights one block can hold: fp32(code * absmax), rounded to bf16 precision (RNE) if asked. */
+static inline __m512 block_table(float a, int round_bf16) {
+    __m512 t = _mm512_mul_ps(_mm512_loadu_ps(NF4_CODE), _mm512_set1_ps(a));
+    if (!round_bf16) return t;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    /* vcvtneps2bf16 rounds to nearest even (flushing subnormals: only absmax < ~1e-36 makes them);
+     * vpermw moves bf16 i to the high half of dword i, zeroing the low half. */
+    const __m512i hi = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0,
+                                        4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    __m512i h = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xaaaaaaaau, hi, h));
+#else
+    __m512i u = _mm512_castps_si512(t);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+#endif
 }
 
-static inline void row_f32(int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
-                           int64_t N, float *y) {
-    const __m512 lut = _mm512_loadu_ps(NF4_CODE);
-    __m512 tot[MT_MAX];
-    for (int m = 0; m < MT; m++) tot[m] = _mm512_setzero_ps();
+/* sums[m] = sum_k W[n, k] x[m, k] for one weight row and MT rows of x. 16 packed bytes are widened to
+ * dwords; vpermps reads 4 index bits, so (byte >> 4) and byte itself index the block's table for the
+ * even and the odd elements. Each row of x has 4 accumulators (hiding the FMA latency), summed in a fixed
+ * order, so a row's result does not depend on how many rows share the call. */
+static inline void row_sums(const int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
+                            int64_t xstride, int round_bf16, float *sums) {
+    __m512 acc[MT_MAX][4];
+    for (int m = 0; m < MT; m++)
+        for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / G; b++) {
-        __m512 q[4];
+        __m512 t = block_table(a[b], round_bf16), q[4];
         for (int h = 0; h < 2; h++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + b * 32 + h * 16)));
-            q[2 * h] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-            q[2 * h + 1] = _mm512_permutexvar_ps(v, lut);
+            q[2 * h] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
+            q[2 * h + 1] = _mm512_permutexvar_ps(v, t);
         }
-        __m512 s = _mm512_set1_ps(a[b]);
-        for (int m = 0; m < MT; m++) {
-            const float *xb = xp + m * K + b * G;
-            __m512 p = _mm512_mul_ps(q[0], _mm512_loadu_ps(xb));
-            for (int i = 1; i < 4; i++) p = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(xb + 16 * i), p);
-            tot[m] = _mm512_fmadd_ps(p, s, tot[m]);
-        }
+        for (int m = 0; m < MT; m++)
+            for (int i = 0; i < 4; i++)
+                acc[m][i] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(xp + m * xstride + b * G + 16 * i), acc[m][i]);
     }
-    for (int m = 0; m < MT; m++) y[m * N] = _mm512_reduce_add_ps(tot[m]);
+    for (int m = 0; m < MT; m++) {
+        __m512 t = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+        sums[m] = _mm512_reduce_add_ps(t);
+    }
 }
 #else
-static void permute_x_f32(const float *x, int64_t K, float *xp) { memcpy(xp, x, (size_t)K * 4); }
-
-static inline void row_f32(int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
-                           int64_t N, float *y) {
-    for (int m = 0; m < MT; m++) {
-        const float *xm = xp + m * K;
-        float tot = 0.0f;
-        for (int64_t b = 0; b < K / G; b++) {
-            float p = 0.0f;
-            for (int64_t k = b * G; k < (b + 1) * G; k += 2) {
-                uint8_t byte = w[k / 2];
-                p += NF4_CODE[byte >> 4] * xm[k] + NF4_CODE[byte & 15] * xm[k + 1];
-            }
-            tot += p * a[b];
+static inline void row_sums(const int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
+                            int64_t xstride, int round_bf16, float *sums) {
+    for (int m = 0; m < MT; m++) sums[m] = 0.0f;
+    for (int64_t b = 0; b < K / G; b++) {
+        float t[16];
+        for (int i = 0; i < 16; i++) t[i] = round_bf16 ? bf16_to_f32(f32_to_bf16(NF4_CODE[i] * a[b])) : NF4_CODE[i] * a[b];
+        for (int64_t j = 0; j < G / 2; j++) { /* byte j of the block: elements 2j (high), 2j+1 (low) */
+            uint8_t byte = w[b * 32 + j];
+            int64_t k = b * G + (j / 16) * 32 + j % 16;
+            for (int m = 0; m < MT; m++)
+                sums[m] += t[byte >> 4] * xp[m * xstride + k] + t[byte & 15] * xp[m * xstride + k + 16];
         }
-        y[m * N] = tot;
     }
 }
 #endif
 
-void nf4_linear_f32(const float *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
-                    const float *absmax, float *y) {
-    float *xp = aligned_alloc(64, (size_t)(M * K * 4));
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+/* AMX path (bf16 x, N % 16 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where A holds
+ * 16 weight rows decoded to bf16 and B the matching x values, so decode-sized M costs one pass over W.
+ * A block's 32 packed bytes widen to 32 words; vpermw reads 5 index bits, so with its 16 weights
+ * bf16(code * absmax) repeated twice, word >> 4 and the word itself look up the even and the odd elements
+ * (the high nibble lands in bit 4 of the word: ignored). A chunk of 128 elements thus gives 4 groups of
+ * 32: word j of group g is element 64 (g / 2) + 2 j + g % 2; x is laid out in B in the same order. */
+#define NB 16   /* weight rows per tile */
+#define CH 128  /* elements per chunk */
+static int amx_enabled;
+
+int nf4_amx_enable(void) { /* Linux hands out the AMX tile state per process on request */
+    amx_enabled = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_enabled;
+}
+
+static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) { /* group g at out + g*NB*32 */
+    const __m512 code = _mm512_loadu_ps(NF4_CODE);
+    for (int h = 0; h < 2; h++) {
+        __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[h]));
+        __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t, t);
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 * h)));
+        _mm512_store_si512(out + (2 * h) * NB * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+        _mm512_store_si512(out + (2 * h + 1) * NB * 32, _mm512_permutexvar_epi16(v, table));
+    }
+}
+
+/* 16 weight rows, chunk c -> the 4 A tiles of that chunk */
+static inline void decode_rows(const uint8_t *w, const float *absmax, int64_t n0, int64_t K, int64_t c,
+                               uint16_t *ab) {
+    for (int r = 0; r < NB; r++)
+        decode_chunk(w + (n0 + r) * (K / 2) + c * 64, absmax + (n0 + r) * (K / G) + 2 * c, ab + r * 32);
+}
+
+/* B tiles for the rows [m0, m0 + 16) of x: pair p, column m holds the group's words 2p and 2p + 1;
+ * rows of x past M are zero. */
+static void load_x_tiles(const uint16_t *x, int64_t M, int64_t m0, int64_t K, uint16_t *xb) {
+    int64_t rows = M - m0 < 16 ? M - m0 : 16;
+    memset(xb, 0, (size_t)(K / CH * 4 * 512 * 2));
+    for (int64_t c = 0; c < K / CH; c++)
+        for (int g = 0; g < 4; g++)
+            for (int j = 0; j < 32; j++)
+                for (int64_t m = 0; m < rows; m++)
+                    xb[((c * 4 + g) * 16 + j / 2) * 32 + 2 * m + j % 2] =
+                        x[(m0 + m) * K + c * CH + 64 * (g / 2) + 2 * j + g % 2];
+}
+
+static void store_tile_rows(const float *cbuf, int64_t rows, int64_t N, uint16_t *y) {
+    for (int64_t m = 0; m < rows; m++)
+        for (int r = 0; r < NB; r++) y[m * N + r] = f32_to_bf16(cbuf[r * 16 + m]);
+}
+
+/* M <= 32 rows, 32 weight rows per step: tiles 0-3 accumulate (weight rows 0-15 | 16-31) x (x rows 0-15 |
+ * 16-31), tiles 4, 5 hold the two A tiles and 6, 7 the two B tiles, so each B load serves 32 weight rows. */
+static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
+                       const float *absmax, uint16_t *y) {
+    const int64_t C = K / CH, two = M > 16;
+    uint16_t *xb = aligned_alloc(64, (size_t)(2 * C * 4 * 512 * 2));
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {1};
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) permute_x_f32(x + m * K, K, xp + m * K);
+        for (int64_t h = 0; h < 1 + two; h++) load_x_tiles(x, M, 16 * h, K, xb + h * C * 4 * 512);
+        _tile_loadconfig(&cfg);
+        _Alignas(64) uint16_t abuf[2][2 * 4 * NB * 32]; /* by chunk parity: decode the next while tiles run */
+        _Alignas(64) float cbuf[NB * 16];
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 2 * NB) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            decode_rows(w, absmax, n0, K, 0, abuf[0]);
+            decode_rows(w, absmax, n0 + NB, K, 0, abuf[0] + 4 * NB * 32);
+            for (int64_t c = 0; c < C; c++) {
+                /* decode the next chunk first: its stores commit while the tiles of this one load */
+                if (c + 1 < C) {
+                    decode_rows(w, absmax, n0, K, c + 1, abuf[(c + 1) & 1]);
+                    decode_rows(w, absmax, n0 + NB, K, c + 1, abuf[(c + 1) & 1] + 4 * NB * 32);
+                }
+                uint16_t *ab = abuf[c & 1];
+                for (int g = 0; g < 4; g++) {
+                    _tile_loadd(4, ab + g * NB * 32, 64);
+                    _tile_loadd(5, ab + (4 + g) * NB * 32, 64);
+                    _tile_loadd(6, xb + (c * 4 + g) * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 5, 6);
+                    if (two) {
+                        _tile_loadd(7, xb + ((C + c) * 4 + g) * 512, 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+            }
+            int64_t rows = M < 16 ? M : 16;
+            _tile_stored(0, cbuf, 64);
+            store_tile_rows(cbuf, rows, N, y + n0);
+            _tile_stored(1, cbuf, 64);
+            store_tile_rows(cbuf, rows, N, y + n0 + NB);
+            if (two) {
+                _tile_stored(2, cbuf, 64);
+                store_tile_rows(cbuf, M - 16, N, y + 16 * N + n0);
+                _tile_stored(3, cbuf, 64);
+                store_tile_rows(cbuf, M - 16, N, y + 16 * N + n0 + NB);
+            }
+        }
+        _tile_release();
+    }
+    free(xb);
+}
+#else
+int nf4_amx_enable(void) { return 0; }
+#endif
+
+static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, void *y) {
+    for (int m = 0; m < MT; m++) {
+        if (is_bf16) ((uint16_t *)y)[m * N] = f32_to_bf16(sums[m]);
+        else ((float *)y)[m * N] = sums[m];
+    }
+}
+
+void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, const uint8_t *w,
+                const float *absmax, void *y) {
+#ifdef HAVE_AMX
+    if (amx_enabled && is_bf16 && M >= 3 && N % (2 * NB) == 0 && K % CH == 0) {
+        for (int64_t m = 0; m < M; m += 32)
+            linear_amx((const uint16_t *)x + m * K, M - m < 32 ? M - m : 32, N, K, w, absmax, (uint16_t *)y + m * N);
+        return;
+    }
+#endif
+    float *xp = aligned_alloc(64, (size_t)(M * K * 4));
+    size_t ysize = is_bf16 ? 2 : 4;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) load_x((const char *)x + m * K * ysize, is_bf16, K, xp + m * K);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *wn = w + n * (K / 2);
             const float *an = absmax + n * (K / G);
+            float sums[MT_MAX];
             int64_t m = 0;
-            for (; m + 8 <= M; m += 8) row_f32(8, wn, an, xp + m * K, K, N, y + m * N + n);
-            if (M - m >= 4) { row_f32(4, wn, an, xp + m * K, K, N, y + m * N + n); m += 4; }
-            if (M - m >= 2) { row_f32(2, wn, an, xp + m * K, K, N, y + m * N + n); m += 2; }
-            if (M - m >= 1) row_f32(1, wn, an, xp + m * K, K, N, y + m * N + n);
+            /* constant tile sizes, so that the accumulators stay in registers */
+            for (; m + 4 <= M; m += 4) {
+                row_sums(4, wn, an, xp + m * K, K, K, is_bf16, sums);
+                store_y(sums, 4, is_bf16, N, (char *)y + (m * N + n) * ysize);
+            }
+            if (M - m >= 2) {
+                row_sums(2, wn, an, xp + m * K, K, K, is_bf16, sums);
+                store_y(sums, 2, is_bf16, N, (char *)y + (m * N + n) * ysize);
+                m += 2;
+            }
+            if (M - m >= 1) {
+                row_sums(1, wn, an, xp + m * K, K, K, is_bf16, sums);
+                store_y(sums, 1, is_bf16, N, (char *)y + (m * N + n) * ysize);
+            }
         }
     }
     free(xp);
