@@ -112,6 +112,8 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
             ids: torch.Tensor | None) -> torch.Tensor:
     """Writes each prompt at positions 0..len-1 of its cache row; logits at each last prompt token (B, V)."""
     lengths = [len(p) for p in prompts]
+    if not prompts:
+        raise RequestError("prefill needs at least one prompt")
     if len(rows) != len(prompts) or len(set(rows)) != len(rows):
         raise RequestError(f"prefill needs one distinct cache row per prompt; got rows {list(rows)} for {len(prompts)} prompts")
     if min(lengths) < 1 or max(lengths) > cache.max_seq:
@@ -136,6 +138,8 @@ def decode(model: Transformer, cache: KVCache, rows: torch.Tensor, tokens: torch
     Keep `rows` on the CPU: the cache plans positions and the key span on the host.
     """
     rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+    if rows.numel() == 0:
+        raise RequestError("decode needs at least one row")
     if int(cache.lengths[rows].max()) >= cache.max_seq:
         raise RequestError(f"KV cache row is full (max_seq={cache.max_seq}); free rows or use a longer cache")
     step = cache.step(rows, 1)
