@@ -69,6 +69,9 @@ class LocalStore:
     def get_blob(self, task: str, digest: str) -> bytes:
         return self.blobs.get(digest)
 
+    def get_manifest(self, task: str, digest: str) -> bytes:
+        return self.blobs.get(digest)
+
     # --- refs ---
 
     def tasks(self) -> list[str]:

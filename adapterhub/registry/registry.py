@@ -128,7 +128,7 @@ class Registry:
 
     def manifest(self, ref: str) -> Manifest:
         resolved = self.resolve(ref)
-        return Manifest.from_json(self.backend.get_blob(resolved.task, resolved.digest), f"{resolved} manifest")
+        return Manifest.from_json(self.backend.get_manifest(resolved.task, resolved.digest), f"{resolved} manifest")
 
     def load(self, ref: str) -> Adapter:
         """The adapter at `ref`, every blob re-hashed; the runtime and the server use this."""

@@ -38,7 +38,7 @@ def manifest_blobs(manifest: Manifest) -> list[tuple[Digest, int, int]]:
 
 def copy_version(src, dst, ref: ResolvedRef, progress: bool = False) -> tuple[ResolvedRef, int]:
     """Copy one version (same manifest bytes, same version number); returns (ref at dst, blobs moved)."""
-    data = src.get_blob(ref.task, ref.digest)
+    data = src.get_manifest(ref.task, ref.digest)
     manifest = Manifest.from_json(data, f"{ref} manifest")
     with dst.session():
         moved = send_blobs(dst, ref.task, manifest_blobs(manifest), lambda d: src.get_blob(ref.task, d),

@@ -1,0 +1,162 @@
+"""OCI remote: a round trip through a real docker-registry (distribution) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from adapterhub import Registry
+from adapterhub.adapter import read_safetensors
+from adapterhub.errors import RemoteError
+from adapterhub.registry.oci import EnvAuth, OciStore
+from tests.registry.conftest import make_adapter
+
+BINARY = shutil.which("docker-registry")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def oci_url(tmp_path_factory):
+    """Start docker-registry with filesystem storage in tmp; skip without the binary unless $CI is set."""
+    if BINARY is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-registry is not installed but CI is set; .ci/run installs it")
+        pytest.skip("docker-registry (Debian package) is not installed")
+    root = tmp_path_factory.mktemp("oci")
+    port = _free_port()
+    (root / "config.yml").write_text(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: "
+        f"{root / 'data'}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    process = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{base}/v2/").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("docker-registry did not answer /v2/ within 10 s")
+        yield f"oci://127.0.0.1:{port}/team"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _uploads(store: OciStore) -> int:
+    return sum(n for (method, kind), n in store.client.counts.items() if method in ("POST", "PUT", "PATCH")
+               and kind == "uploads")
+
+
+def test_oci_round_trip_and_second_push_uploads_nothing(oci_url, tmp_path):
+    remote = Registry(oci_url)
+    adapter = make_adapter(use_dora=True)
+    ref = remote.push(adapter, "sql", tags=["prod"])
+    assert str(ref) == "sql@v1" and _uploads(remote.backend) == 2 * 13  # POST+PUT per blob: config + 12 tensors
+    local = Registry(tmp_path / "empty")
+    assert str(remote.copy("sql:prod", local)) == "sql@v1"
+    out = local.pull("sql@v1", tmp_path / "out")
+    pulled, _ = read_safetensors((out / "adapter_model.safetensors").read_bytes())
+    assert pulled == adapter.tensors and local.verify().ok
+    assert local.resolve("sql").digest == ref.digest  # same manifest bytes on both sides
+
+    again = Registry(oci_url)
+    assert str(again.push(adapter, "sql")) == "sql@v1"
+    assert _uploads(again.backend) == 0 and again.backend.client.counts["HEAD", "blobs"] == 13
+    v2 = again.push(make_adapter(seed=5, use_dora=True), "sql")
+    assert str(v2) == "sql@v2" and again.resolve("sql") == v2 and again.resolve("sql:prod") == ref
+    assert "sql" in again.tasks() and again.versions("sql") == [1, 2]
+    assert again.load("sql@v2").tensors == make_adapter(seed=5, use_dora=True).tensors
+
+
+def test_local_to_oci_copy_moves_only_missing_blobs(oci_url, tmp_path):
+    local = Registry(tmp_path / "store")
+    local.push(make_adapter(seed=7), "chat")
+    local.push(make_adapter(seed=8), "chat")
+    remote = Registry(oci_url)
+    local.copy("chat@v1", remote)
+    before = _uploads(remote.backend)
+    local.copy("chat@v2", remote)  # v2 shares only the config blob with v1
+    assert _uploads(remote.backend) - before == 2 * 8
+    assert remote.load("chat@v2").tensors == local.load("chat@v2").tensors
+    remote.remove("chat@v2")
+    assert remote.versions("chat") == [1] and str(remote.resolve("chat")) == "chat@v1"
+
+
+def test_corrupt_remote_blob_is_rejected(tmp_path):
+    """A registry that serves wrong bytes: the pull fails naming the blob, nothing is written."""
+    adapter = make_adapter()
+    local = Registry(tmp_path / "store")
+    ref = local.push(adapter, "sql")
+    manifest_bytes = local.backend.get_manifest("sql", ref.digest)
+    tensor = local.manifest("sql").tensors[0].digest
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/tags/list"):
+            return httpx.Response(200, json={"tags": ["v1"]})
+        if "/manifests/" in path:
+            return httpx.Response(200, content=manifest_bytes, headers={"Docker-Content-Digest": ref.digest})
+        digest = path.rsplit("/", 1)[1]
+        data = local.backend.get_blob("sql", digest)
+        return httpx.Response(200, content=data[:-1] + b"\x00" if digest == tensor else data)
+
+    remote = Registry(tmp_path / "unused")
+    remote.backend = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
+    with pytest.raises(Exception, match=tensor):
+        remote.pull("sql@v1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bearer_token_challenge_uses_env_credentials(monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_OCI_USERNAME", "alice")
+    monkeypatch.setenv("ADAPTERHUB_OCI_PASSWORD", "s3cret")
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.url.path, request.headers.get("Authorization")))
+        if request.url.host == "auth.example":
+            assert request.url.params["scope"] == "repository:ns/sql:pull"
+            return httpx.Response(200, json={"token": "T0K"})
+        if request.headers.get("Authorization") != "Bearer T0K":
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token",'
+                                                'service="reg",scope="repository:ns/sql:pull"'})
+        return httpx.Response(200, json={"tags": []})
+
+    store = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
+    assert store.versions("sql") == {}
+    assert seen[0][0] == "registry.example" and seen[0][2].startswith("Basic ")
+    assert seen[1] == ("auth.example", "/token", httpx.BasicAuth("alice", "s3cret")._auth_header)
+    assert seen[2] == ("registry.example", "/v2/ns/sql/tags/list", "Bearer T0K")
+
+
+def test_https_unless_loopback_and_unreachable_is_a_clear_error():
+    assert OciStore("oci://registry.example:5000/ns").client.base == "https://registry.example:5000"
+    store = OciStore(f"oci://127.0.0.1:{_free_port()}/ns")
+    assert store.client.base.startswith("http://127.0.0.1")
+    with pytest.raises(RemoteError, match="cannot reach"):
+        store.versions("sql")
+    assert isinstance(EnvAuth({}).basic, type(None))
+
+
+def test_chunked_upload_round_trips(oci_url, monkeypatch):
+    from adapterhub.registry import oci
+    monkeypatch.setattr(oci, "CHUNK", 1000)  # force PATCH chunks for the 2-8 KiB tensors
+    remote = Registry(oci_url)
+    adapter = make_adapter(seed=11, r=16)
+    remote.push(adapter, "chunked")
+    assert remote.backend.client.counts["PATCH", "uploads"] > len(adapter.tensors)
+    assert Registry(oci_url).load("chunked").tensors == adapter.tensors
