@@ -8,8 +8,6 @@ so two versions of one task are two different slots and a request in flight keep
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -93,10 +91,7 @@ class AdapterSource:
                 del self._loading[resolved.digest]
 
     def _read(self, resolved: ResolvedModel) -> Adapter:
-        with tempfile.TemporaryDirectory(prefix="adapterhub-serve-") as tmp:
-            dest = os.path.join(tmp, "adapter")
-            self.registry.pull(resolved.pinned_ref, dest)
-            adapter = Adapter.from_peft_dir(dest)
+        adapter = self.registry.load(resolved.pinned_ref)  # every blob re-hashed on the way
         check_compatible(adapter, self._module_shapes, resolved.model)
         return adapter
 

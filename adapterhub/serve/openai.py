@@ -57,7 +57,7 @@ def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
             "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects, "
             f"got {_show(messages)}"
         )
-    ids = tokenizer.apply_chat_template(messages)
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
     return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), _stream(body))
 

@@ -1,0 +1,254 @@
+"""The serving engine: continuous batching over many adapters on one base.
+
+One background thread owns the base, its KV cache and its adapter pool: it is the only thread that
+touches torch. Requests wait in a bounded queue; between decode steps the thread installs adapters
+that were read off-thread (`loader.AdapterSource`), admits waiting requests into free cache rows
+(one batched prefill), then runs ONE `base.decode` for every active row, whatever its adapter, and
+samples all rows at once. The only host sync per step is one `.tolist()` of the sampled tokens,
+needed for stopping and streaming. A finished request frees its cache row and its slot pin.
+
+Each request holds a pin (`pool.acquire`) on the slot of the exact adapter version it resolved at
+submission, so a moved tag never changes a request in flight, and LRU eviction never removes an
+adapter a running row uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from adapterhub.errors import AdapterHubError, CapacityError, QueueFullError, RequestError
+from adapterhub.serve.loader import AdapterSource, ResolvedModel
+from adapterhub.serve.metrics import Metrics
+from adapterhub.serve.requests import Finished, RequestHandle, SamplingParams, validate_request
+from adapterhub.serve.rows import Row, RowBatch
+
+log = logging.getLogger("adapterhub.serve")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16  # cache rows: requests decoded together
+    max_queue: int = 64  # requests waiting for a row before QueueFullError (HTTP 429)
+    max_seq: int | None = None  # KV cache length S; None: the base's context length
+    base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
+
+
+@dataclass
+class _Waiting:
+    handle: RequestHandle
+    resolved: ResolvedModel
+    adapter: object | None  # Adapter read off-thread; dropped once installed
+    prompt: list[int] = field(repr=False)
+    params: SamplingParams = SamplingParams()
+
+
+class Engine:
+    """``Engine(base, registry, config)``; ``submit(...)`` returns a :class:`RequestHandle`."""
+
+    def __init__(self, base, registry=None, config: EngineConfig = EngineConfig()):
+        self.base = base
+        self.config = config
+        self.max_seq = min(config.max_seq or base.config.max_position_embeddings,
+                           base.config.max_position_embeddings)
+        self.vocab_size = base.config.vocab_size
+        self.base_name = config.base_name or base.name
+        self.source = AdapterSource(registry, base.module_shapes(), self.base_name)
+        self.metrics = Metrics()
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Waiting] = deque()
+        self._commands: deque[tuple[Callable, Future]] = deque()
+        self._resident: dict[str, str] = {}  # digest -> label ("task@v3")
+        self._is_stopping = False
+        self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row)
+        self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
+        self._thread.start()
+
+    # --- client side (any thread) ---------------------------------------------------------------
+
+    def submit(self, prompt: list[int], model: str | None = None, params: SamplingParams = SamplingParams(),
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Validates, resolves the adapter and reads it if not resident, then queues the request.
+
+        Blocking (registry I/O): call it from a worker thread in async code. Raises RequestError (400),
+        RefNotFoundError (404), IncompatibleAdapterError (422) or QueueFullError (429) before admission.
+        """
+        validate_request(prompt, params, self.max_seq, self.vocab_size)
+        self._check_queue()
+        resolved = self.source.resolve(model)
+        adapter = None
+        if resolved.digest is not None and resolved.digest not in self._resident_snapshot():
+            adapter = self.source.load(resolved)
+        handle = RequestHandle(f"cmpl-{next(self._ids)}", resolved.model, len(prompt), loop)
+        with self._cv:
+            self._check_queue()
+            self._waiting.append(_Waiting(handle, resolved, adapter, list(prompt), params))
+            self._cv.notify()
+        return handle
+
+    def load_adapter(self, model: str) -> Future:
+        """Reads (this thread) and installs (engine thread) an adapter; the future gives its digest."""
+        resolved = self.source.resolve(model)
+        if resolved.digest is None:
+            raise RequestError(f"'{model}' is the base model, not an adapter; pass an adapter ref")
+        adapter = self.source.load(resolved)
+        return self._call(lambda: self._install(resolved, adapter) or resolved.digest)
+
+    def unload_adapter(self, model: str) -> Future:
+        """Removes an adapter version from the pool (an error while a running request uses it)."""
+        digest = self.source.resolve(model).digest
+        return self._call(lambda: self._remove(digest, model))
+
+    def resident(self) -> dict[str, str]:
+        """digest -> label ("task@v3"), for the adapters now in the pool."""
+        return self._resident_snapshot()
+
+    def close(self) -> None:
+        with self._cv:
+            self._is_stopping = True
+            self._cv.notify()
+        self._thread.join()
+
+    # --- engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._is_stopping or self._commands or self._waiting or len(self._rows)):
+                    self._cv.wait()
+                if self._is_stopping:
+                    break
+                commands, self._commands = list(self._commands), deque()
+            for command, future in commands:
+                _settle(future, command)
+            try:
+                self._admit()
+                if len(self._rows):
+                    self._rows.step()
+            except Exception as error:  # a bug or OOM must not take the server down
+                log.exception("engine step failed; failing the running requests")
+                self._rows.fail_all(error)
+            self.metrics.set_gauges(queue_depth=len(self._waiting), batch_size=len(self._rows))
+        self._shutdown()
+
+    def _admit(self) -> None:
+        """Moves waiting requests into free rows: install adapters, pin their slots, one prefill."""
+        admitted, deferred = [], []
+        while self._rows.free_rows() > len(admitted):
+            with self._cv:
+                if not self._waiting:
+                    break
+                item = self._waiting.popleft()
+            if item.handle.is_cancelled:
+                item.handle.emit(Finished("cancelled", item.handle.prompt_tokens, 0))
+                self.metrics.count_request("cancelled")
+                continue
+            if self._needs_reload(item):
+                continue
+            try:
+                ids = self._pin(item)
+            except CapacityError:  # every slot pinned by running rows: retry after one finishes
+                deferred.append(item)
+                continue
+            except AdapterHubError as error:
+                item.handle.fail(error)
+                self.metrics.count_request(type(error).__name__)
+                continue
+            admitted.append(Row(item.handle, item.prompt, item.params, ids))
+        with self._cv:
+            self._waiting.extendleft(reversed(deferred))
+        if admitted:
+            self._rows.prefill(admitted)
+
+    def _needs_reload(self, item: _Waiting) -> bool:
+        """Evicted between submit and admission: read it again on a worker, requeue it at the front."""
+        digest = item.resolved.digest
+        if digest is None or item.adapter is not None or digest in self.base.pool.names():
+            return False
+        threading.Thread(target=self._reload, args=(item,), daemon=True).start()
+        return True
+
+    def _reload(self, item: _Waiting) -> None:
+        try:
+            item.adapter = self.source.load(item.resolved)
+        except AdapterHubError as error:
+            item.handle.fail(error)
+            return
+        with self._cv:
+            self._waiting.appendleft(item)
+            self._cv.notify()
+
+    def _pin(self, item: _Waiting):
+        digest = item.resolved.digest
+        if digest is not None:
+            self._install(item.resolved, item.adapter)
+        item.adapter = None
+        return self.base.pool.acquire([digest])  # (1,) slot id, pinned until the row finishes
+
+    def _install(self, resolved: ResolvedModel, adapter) -> None:
+        if resolved.digest in self.base.pool.names():
+            return
+        before = set(self.base.pool.names())
+        self.base.pool.add(adapter, resolved.digest)
+        after = set(self.base.pool.names())
+        self.metrics.add_load(evicted=len(before - after))
+        with self._cv:
+            for gone in before - after:
+                self._resident.pop(gone, None)
+            self._resident[resolved.digest] = resolved.label
+
+    def _remove(self, digest: str, model: str) -> str:
+        if digest not in self.base.pool.names():
+            raise RequestError(f"adapter '{model}' ({digest}) is not loaded; GET /v1/models lists them")
+        self.base.pool.remove(digest)
+        with self._cv:
+            self._resident.pop(digest, None)
+        return digest
+
+    def _finish_row(self, row: Row, status: str) -> None:
+        self.base.pool.release(row.slot_ids)
+        self.metrics.count_request(status)
+
+    def _shutdown(self) -> None:
+        self._rows.fail_all(RequestError("the server is shutting down; retry on another replica"))
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+            commands, self._commands = list(self._commands), deque()
+        for item in waiting:
+            item.handle.fail(RequestError("the server is shutting down; retry on another replica"))
+        for _, future in commands:
+            future.cancel()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable) -> Future:
+        future: Future = Future()
+        with self._cv:
+            self._commands.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def _check_queue(self) -> None:
+        if len(self._waiting) >= self.config.max_queue:
+            raise QueueFullError(
+                f"{len(self._waiting)} requests are waiting (max_queue={self.config.max_queue}); "
+                f"retry later or start the server with a larger --max-queue"
+            )
+
+    def _resident_snapshot(self) -> dict[str, str]:
+        with self._cv:
+            return dict(self._resident)
+
+
+def _settle(future: Future, command: Callable) -> None:
+    try:
+        future.set_result(command())
+    except Exception as error:
+        future.set_exception(error)

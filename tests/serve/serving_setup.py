@@ -1,0 +1,52 @@
+"""Shared test setup for tests/serve: the adapters, prompts, and the offline reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from adapterhub.registry import Registry
+from adapterhub.runtime import load_base
+from adapterhub.serve.engine import Engine
+
+# task -> random_adapter options: LoRA, rsLoRA and DoRA, different ranks and targets.
+ADAPTERS = {
+    "summarize": dict(r=8, target_modules=("q_proj", "v_proj")),
+    "sql": dict(r=16, use_rslora=True, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "translate": dict(r=4, use_dora=True, target_modules=("q_proj", "v_proj", "down_proj")),
+}
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "SELECT name FROM",
+           "Translate: good morning", "héllo wörld ☕"]
+
+
+def make_base(max_adapters: int = 8):
+    return load_base("tiny", quantize=None, compute_dtype=torch.float32, max_adapters=max_adapters)
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Engine
+    client: httpx.Client
+
+    def complete(self, **body) -> httpx.Response:
+        return self.client.post("/v1/completions", json=body)
+
+
+class Offline:
+    """Expected completions: `base.generate` on a separate base, one request at a time."""
+
+    def __init__(self, registry: Registry):
+        self.base = make_base()
+        self.registry = registry
+
+    def complete(self, model: str | None, prompt: str, max_tokens: int) -> str:
+        adapters = None
+        if model is not None:
+            ref = self.registry.resolve(model)
+            if ref.digest not in self.base.pool.names():
+                self.base.add_adapter(self.registry.load(f"{ref.task}@{ref.digest}"), name=ref.digest)
+            adapters = [ref.digest]
+        return self.base.generate([prompt], adapters=adapters, max_new_tokens=max_tokens, temperature=0.0)[0].text
