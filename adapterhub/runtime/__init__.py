@@ -4,5 +4,6 @@ Imports torch; never the registry's on-disk layout (it calls the Registry API).
 """
 
 from adapterhub.runtime.base import Base, load_base
+from adapterhub.runtime.merge import combine
 
-__all__ = ["Base", "load_base"]
+__all__ = ["Base", "combine", "load_base"]

@@ -16,7 +16,7 @@ import torch
 from adapterhub.adapter import Adapter
 from adapterhub.errors import ConfigError, RequestError
 from adapterhub.runtime import generate as gen
-from adapterhub.runtime import loader
+from adapterhub.runtime import loader, merge
 from adapterhub.runtime.config import ModelConfig
 from adapterhub.runtime.kv_cache import KVCache
 from adapterhub.runtime.model import Transformer
@@ -40,7 +40,6 @@ class Base:
                  name: str = "base"):
         self.config, self.tokenizer, self.model, self.name = config, tokenizer, model, name
         self.pool = AdapterPool(model.linears(), capacity=max_adapters)
-        self._merged = None  # the MergeReport / state of runtime/merge.py while an adapter is merged
 
     # --- adapters -------------------------------------------------------------------------------------
 
@@ -70,14 +69,11 @@ class Base:
 
     def merge(self, name: str):
         """Folds one adapter into the base weights (runtime/merge.py); returns its MergeReport."""
-        from adapterhub.runtime import merge
+        return merge.merge_adapter(self.model.linears(), self.pool, name)
 
-        return merge.merge(self, name)
-
-    def unmerge(self) -> None:
-        from adapterhub.runtime import merge
-
-        merge.unmerge(self)
+    def unmerge(self) -> str:
+        """Restores the base weights; returns the name of the adapter that was merged."""
+        return merge.unmerge(self.model.linears(), self.pool)
 
     # --- forward and generation -----------------------------------------------------------------------
 

@@ -93,7 +93,15 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dic
 
 
 def tiny_weights() -> dict[str, torch.Tensor]:
-    return random_weights(TINY_CONFIG, seed=TINY_SEED)
+    """random_weights plus one cheap nudge toward printable text: embedding dim 0 is a constant 4, which the
+    residual stream and the final RMSNorm keep positive, and lm_head's dim 0 is +0.5 for printable ASCII
+    (and newline) and -0.5 for every other token, a bias of about 4 logits."""
+    w = random_weights(TINY_CONFIG, seed=TINY_SEED)
+    w["model.embed_tokens.weight"][:, 0] = 4.0
+    is_printable = torch.zeros(TINY_CONFIG.vocab_size, dtype=torch.bool)
+    is_printable[32:127] = is_printable[10] = True
+    w["lm_head.weight"][:, 0] = torch.where(is_printable, 0.5, -0.5)
+    return w
 
 
 def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed: int = TINY_SEED,
@@ -101,6 +109,6 @@ def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed:
     """Writes a Hugging Face checkpoint dir (config.json, safetensors, tokenizer files) with random weights."""
     from adapterhub.runtime.loader import write_checkpoint
 
-    weights = random_weights(config, seed, std)
+    weights = tiny_weights() if (config, seed, std) == (TINY_CONFIG, TINY_SEED, 0.02) else random_weights(config, seed, std)
     return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),
                             max_shard_bytes=max_shard_bytes, chat_template=CHAT_JINJA)
