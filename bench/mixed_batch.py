@@ -1,0 +1,168 @@
+"""Mixed-adapter batches vs one merged adapter (and vs PEFT's mixed batch when peft is installed).
+
+Llama: hidden 1024, intermediate 2816, 8 layers, 16 heads, vocab 32000, bf16 (dense base). 32 rows;
+r = 16 on all 7 linears; N = 1, 4, 16, 32 distinct adapters (row b uses adapter b mod N); LoRA and DoRA.
+Prefill: 64 tokens per row, logits at the last token. Decode: one token per row against a 64-token
+KV cache. Reports tokens/s (medians) and the ratio to one merged adapter measured in the same run
+(merged = merge_adapter, then the plain base forward with ids=None).
+
+    python -m bench.mixed_batch [--quick] [--no-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from adapterhub.adapter import random_adapter
+from adapterhub.runtime.config import ModelConfig
+from adapterhub.runtime.kv_cache import KVCache
+from adapterhub.runtime.loader import build_model
+from adapterhub.runtime.merge import merge_adapter, unmerge
+from adapterhub.runtime.pool import AdapterPool
+from adapterhub.runtime.tiny import random_weights
+
+CONFIG = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
+)
+ROWS, PROMPT, RANK = 32, 64, 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_workloads(model):
+    """(prefill, decode) closures taking ids (B,) or None."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, CONFIG.vocab_size, (ROWS, PROMPT), generator=g)
+    last = torch.full((ROWS,), PROMPT - 1)
+    cache = KVCache(CONFIG.num_hidden_layers, ROWS, CONFIG.num_key_value_heads, PROMPT + 8, CONFIG.head_dim,
+                    dtype=torch.bfloat16)
+    step = cache.step(torch.arange(ROWS), 1, starts=torch.full((ROWS,), PROMPT))  # decode at position 64
+    token = torch.randint(0, CONFIG.vocab_size, (ROWS, 1), generator=g)
+
+    @torch.inference_mode()
+    def prefill(ids):
+        return model(prompt, ids, logits_at=last)
+
+    @torch.inference_mode()
+    def decode(ids):
+        return model(token, ids, cache=cache, step=step)
+
+    return prefill, decode
+
+
+def bench_runtime(model, pool, adapters, kind: str, counts, repeats: int, rows_out: list):
+    start = time.perf_counter()
+    for i, adapter in enumerate(adapters):
+        pool.add(adapter, f"{kind}{i}")
+    install = (time.perf_counter() - start) / len(adapters)
+    prefill, decode = make_workloads(model)
+    merge_adapter(pool.linears, pool, f"{kind}0")
+    merged = {"prefill": median_seconds(lambda: prefill(None), repeats), "decode": median_seconds(lambda: decode(None), repeats),
+              "install": install}
+    unmerge(pool.linears, pool)
+    for n in counts:
+        ids = pool.acquire([f"{kind}{b % n}" for b in range(ROWS)])
+        for phase, fn, tokens in (("prefill", prefill, ROWS * PROMPT), ("decode", decode, ROWS)):
+            t = median_seconds(lambda: fn(ids), repeats)
+            rows_out.append((kind, n, phase, tokens / t, merged[phase] / t))
+        pool.release(ids)
+    for i in range(len(adapters)):
+        pool.remove(f"{kind}{i}")
+    return merged
+
+
+def bench_peft(weights, adapters, counts, repeats: int):
+    """PEFT mixed batch (adapter_names=) on transformers' Llama, same weights and adapters; LoRA only
+    (PEFT refuses DoRA in mixed batches, SEMANTICS §7). Returns {(n, phase): tokens/s}."""
+    import tempfile
+
+    import transformers
+    from peft import PeftModel
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=CONFIG.vocab_size, hidden_size=CONFIG.hidden_size, intermediate_size=CONFIG.intermediate_size,
+        num_hidden_layers=CONFIG.num_hidden_layers, num_attention_heads=CONFIG.num_attention_heads,
+        num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim, rms_norm_eps=CONFIG.rms_norm_eps,
+        rope_theta=CONFIG.rope_theta, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in weights.items()}, strict=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, adapter in enumerate(adapters):
+            adapter.save_peft_dir(f"{tmp}/a{i}")
+        peft_model = PeftModel.from_pretrained(model, f"{tmp}/a0", adapter_name="a0")
+        for i in range(1, len(adapters)):
+            peft_model.load_adapter(f"{tmp}/a{i}", adapter_name=f"a{i}")
+    peft_model = peft_model.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, CONFIG.vocab_size, (ROWS, PROMPT), generator=g)
+    token = torch.randint(0, CONFIG.vocab_size, (ROWS, 1), generator=g)
+    out = {}
+    with torch.inference_mode():
+        cache = peft_model(prompt, adapter_names=["__base__"] * ROWS, use_cache=True).past_key_values
+        for n in counts:
+            names = [f"a{b % n}" for b in range(ROWS)]
+            t = median_seconds(lambda: peft_model(prompt, adapter_names=names, logits_to_keep=1), repeats)
+            out[(n, "prefill")] = ROWS * PROMPT / t
+
+            def decode():
+                peft_model(token, adapter_names=names, past_key_values=cache, use_cache=True)
+                cache.crop(PROMPT)
+
+            out[(n, "decode")] = ROWS / median_seconds(decode, repeats)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 1, 32 only and 3 repeats")
+    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+    args = parser.parse_args()
+    counts, repeats = ((1, 32), 3) if args.quick else ((1, 4, 16, 32), 7)
+    weights = random_weights(CONFIG, seed=0)
+    model = build_model(CONFIG, weights.__getitem__, weights, quantize=None, dtype=torch.bfloat16, device="cpu")
+    pool = AdapterPool(model.linears(), capacity=max(counts))
+    shapes = {m: (layer.out_features, layer.in_features) for m, layer in pool.linears.items()}
+
+    def adapters(dora: bool):
+        return [random_adapter(shapes, r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, use_dora=dora, seed=s)
+                for s in range(max(counts))]
+
+    rows: list = []
+    lora = adapters(False)
+    merged = {"lora": bench_runtime(model, pool, lora, "lora", counts, repeats, rows)}
+    dora = adapters(True)
+    merged["dora"] = bench_runtime(model, pool, dora, "dora", counts, repeats, rows)
+    peft = {}
+    if not args.no_peft:
+        try:
+            peft = bench_peft(weights, lora, counts, repeats)
+        except ImportError:
+            print("(peft / transformers not installed: no PEFT comparison)")
+    print(f"threads={torch.get_num_threads()} rows={ROWS} prompt={PROMPT} r={RANK} all linears, bf16, repeats={repeats}")
+    for kind, phases in merged.items():
+        print(f"merged {kind}: prefill {ROWS * PROMPT / phases['prefill']:.0f} tok/s, decode {ROWS / phases['decode']:.1f} tok/s; "
+              f"pool.add {phases['install'] * 1e3:.0f} ms per adapter")
+    print(f"{'kind':<5} {'N':>3} {'phase':<8} {'tok/s':>9} {'x merged':>9} {'x PEFT':>7}")
+    for kind, n, phase, tps, ratio in rows:
+        vs_peft = f"{tps / peft[(n, phase)]:.2f}" if kind == "lora" and (n, phase) in peft else "-"
+        print(f"{kind:<5} {n:>3} {phase:<8} {tps:>9.1f} {ratio:>9.2f} {vs_peft:>7}")
+    for (n, phase), tps in sorted(peft.items()):
+        print(f"peft  {n:>3} {phase:<8} {tps:>9.1f} {tps / (ROWS * (PROMPT if phase == 'prefill' else 1) / merged['lora'][phase]):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
