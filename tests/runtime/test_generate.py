@@ -156,3 +156,27 @@ def test_step_api_rejects_bad_input(base):
     base.prefill(cache, [0], [list(range(8))], None)
     with pytest.raises(RequestError, match="full"):
         base.decode(cache, torch.tensor([0]), torch.tensor([1]), None)
+
+
+def test_cli_generate_with_and_without_an_adapter(tmp_path):
+    from click.testing import CliRunner
+
+    from adapterhub.adapter import random_adapter
+    from adapterhub.cli import main
+    from adapterhub.runtime import load_base
+
+    base = load_base("tiny", quantize=None)
+    adapter = random_adapter(base.module_shapes(), r=8, lora_alpha=64, target_modules=("q_proj", "v_proj", "down_proj"),
+                             seed=3)
+    adapter.save_peft_dir(tmp_path / "peft")
+    want_base = base.generate(["Hello"], max_new_tokens=12)[0].text
+    base.add_adapter(str(tmp_path / "peft"), name="a")
+    want_adapter = base.generate(["Hello"], adapters=["a"], max_new_tokens=12)[0].text
+    assert want_adapter != want_base
+    runner = CliRunner()
+    plain = runner.invoke(main, ["generate", "--quantize", "none", "-n", "12", "Hello"])
+    adapted = runner.invoke(main, ["generate", "--quantize", "none", "-n", "12", "--adapter", str(tmp_path / "peft"), "Hello"])
+    assert plain.exit_code == 0 and adapted.exit_code == 0, plain.output + adapted.output
+    assert plain.output == want_base + "\n" and adapted.output == want_adapter + "\n"
+    missing = runner.invoke(main, ["generate", "--base", str(tmp_path / "nowhere"), "Hello"])
+    assert missing.exit_code == 1 and "ModelLoadError" in missing.output
