@@ -83,6 +83,10 @@ def _nf4_dequantize_fake(packed, absmax, blocksize, out):
     return None  # writes `out` only
 
 
+def _nf4_gemv_fake(x, packed, absmax, blocksize, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))  # (..., Dout)
+
+
 def _nf4_linear_fake(x, packed, absmax, blocksize, out_features, in_features):
     return x.new_empty((*x.shape[:-1], out_features))  # (..., Dout)
 
@@ -97,6 +101,7 @@ def _lora_expand_fake(y, h, B_stack, ids, scaling, dora_scale):
 
 FAKES = {
     "nf4_dequantize": _nf4_dequantize_fake,
+    "nf4_gemv": _nf4_gemv_fake,
     "nf4_linear": _nf4_linear_fake,
     "lora_shrink": _lora_shrink_fake,
     "lora_expand": _lora_expand_fake,
@@ -135,3 +140,8 @@ def nf4_linear(
 ) -> torch.Tensor:
     """y (..., Dout) = x (..., Din) @ dequantize(W).T: the fused GEMV for up to 8 rows, else dequantize + GEMM."""
     return torch.ops.adapterhub.nf4_linear(x, packed, absmax, blocksize, out_features, in_features)
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, out_features: int):
+    """nf4_linear through the fused GEMV at any row count (benchmarks; needs Din % 32 == 0, blocksize % 32 == 0)."""
+    return torch.ops.adapterhub.nf4_gemv(x, packed, absmax, blocksize, out_features)

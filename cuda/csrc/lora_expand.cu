@@ -18,7 +18,8 @@
 
 namespace adapterhub {
 
-constexpr int kExpandThreads = 256;
+// 128 threads x 8 outputs: at decode (32 rows, Dout = 4096) that is 128 blocks, about one per H100 SM.
+constexpr int kExpandThreads = 128;
 
 template <typename T, bool kHasDora>
 __global__ void lora_expand_kernel(T* __restrict__ y, const T* __restrict__ h, const T* __restrict__ B_stack,
@@ -41,6 +42,7 @@ __global__ void lora_expand_kernel(T* __restrict__ y, const T* __restrict__ h, c
 #pragma unroll
   for (int e = 0; e < kV; ++e) acc[e] = 0.0f;
   const float s = scaling[slot];
+#pragma unroll 4
   for (int64_t r = 0; r < R; ++r) {
     const float hr = round_to<T>(__fmul_rn(to_float(hm[r]), s));
     const T* b_row = b_slot + r * Dout;

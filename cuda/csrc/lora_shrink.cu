@@ -5,8 +5,8 @@
 //              h[b, t] = (x[b, t].float() @ A_stack[n].float().T).to(x.dtype)   # (Din,) @ (Din, R) -> (R,)
 // Flattened here to rows m = b * T + t; a row's slot is ids[m / T].
 //
-// One block per (row m, tile of 8 ranks). Threads stride over K with 128-bit loads: x[m] is read from
-// global memory once per block and each loaded vector is reused for the 8 ranks of the tile, whose A
+// One block per (row m, tile of 4 ranks). Threads stride over K with 128-bit loads: x[m] is read from
+// global memory once per block and each loaded vector is reused for the 4 ranks of the tile, whose A
 // rows are read coalesced along K. Per-thread partial sums are reduced per warp with shuffles, then
 // across the block's warps through shared memory. Slot 0 (no adapter) is all zeros and takes the same
 // path: no per-row branch.
@@ -16,7 +16,8 @@ namespace adapterhub {
 
 constexpr int kShrinkThreads = 256;
 constexpr int kShrinkWarps = kShrinkThreads / 32;
-constexpr int kRankTile = 8;
+// 4 ranks per block: at decode (32 rows, R = 16) that is 128 blocks, about one per H100 SM.
+constexpr int kRankTile = 4;
 
 template <typename T>
 __global__ void lora_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A_stack,
@@ -28,7 +29,7 @@ __global__ void lora_shrink_kernel(const T* __restrict__ x, const T* __restrict_
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRankTile;
   const int64_t slot = ids[m / tokens];
   const T* xm = x + m * K;                          // (K,)
-  const T* a_tile = A_stack + (slot * R + r0) * K;  // (min(8, R - r0), K): this slot's ranks of the tile
+  const T* a_tile = A_stack + (slot * R + r0) * K;  // (min(4, R - r0), K): this slot's ranks of the tile
 
   float acc[kRankTile];
 #pragma unroll

@@ -88,33 +88,46 @@ void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// y (..., Dout) = x (..., Din) @ dequant(W (Dout, Din))^T, no bias.
-at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                      int64_t out_features, int64_t in_features) {
+// y (..., Dout) = x (..., Din) @ dequant(W (Dout, Din))^T through the fused GEMV, at any row count
+// (nf4_linear picks it for few rows; cuda/bench.py sweeps rows to place kGemvMaxRows).
+at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                    int64_t out_features) {
   CHECK_INPUT(x);
   CHECK_SAME_DEVICE(x, packed);
+  TORCH_CHECK(x.dim() >= 1, "x must have shape (..., in_features), got ", x.sizes());
   const AdapterhubDType dtype = element_dtype(x, "x");
-  const int64_t N = out_features, K = in_features;
+  const int64_t N = out_features, K = x.size(-1);
   TORCH_CHECK(N > 0 && K > 0, "out_features and in_features must be positive, got ", N, " and ", K);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must have shape (..., in_features=", K, "), got ", x.sizes());
+  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0, "the NF4 GEMV needs in_features % 32 == 0 and blocksize % 32 == 0, ",
+              "got in_features=", K, ", blocksize=", blocksize, "; use nf4_dequantize and F.linear");
   check_nf4_state(packed, absmax, N * K, blocksize);
-  const int64_t rows = x.numel() / K;
-  const bool is_gemv = rows <= kGemvMaxRows && K % 32 == 0 && blocksize % 32 == 0;
-  if (!is_gemv) {
-    at::Tensor w = at::empty({N, K}, x.options());
-    nf4_dequantize(packed, absmax, blocksize, w);
-    return at::linear(x, w);
-  }
+  CHECK_ALIGNED(x, 16);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
+  const int64_t rows = x.numel() / K;
   if (rows == 0) return y;
-  CHECK_ALIGNED(x, 16);
   const c10::cuda::CUDAGuard guard(x.device());
   launch_nf4_gemv(x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), rows, N, K, blocksize,
                   y.data_ptr(), dtype, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+// y (..., Dout) = x (..., Din) @ dequant(W (Dout, Din))^T, no bias: the GEMV for few rows, else
+// dequantize into a temporary and one GEMM.
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                      int64_t out_features, int64_t in_features) {
+  CHECK_INPUT(x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must have shape (..., in_features=", in_features,
+              "), got ", x.sizes());
+  const int64_t rows = x.numel() / in_features;
+  if (rows <= kGemvMaxRows && in_features % 32 == 0 && blocksize % 32 == 0) {
+    return nf4_gemv(x, packed, absmax, blocksize, out_features);
+  }
+  at::Tensor w = at::empty({out_features, in_features}, x.options());
+  nf4_dequantize(packed, absmax, blocksize, w);
+  return at::linear(x, w);
 }
 
 void check_ids(const at::Tensor& ids, const at::Tensor& x, int64_t B) {
@@ -199,6 +212,7 @@ void lora_expand(at::Tensor& y, const at::Tensor& h, const at::Tensor& B_stack, 
 
 TORCH_LIBRARY(adapterhub, m) {
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, Tensor(a!) out) -> ()");
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features) -> Tensor");
   m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, int in_features) -> Tensor");
   m.def("lora_shrink(Tensor x, Tensor A_stack, Tensor ids) -> Tensor");
   m.def("lora_expand(Tensor(a!) y, Tensor h, Tensor B_stack, Tensor ids, Tensor scaling, Tensor? dora_scale) -> ()");
@@ -206,6 +220,7 @@ TORCH_LIBRARY(adapterhub, m) {
 
 TORCH_LIBRARY_IMPL(adapterhub, CUDA, m) {
   m.impl("nf4_dequantize", &nf4_dequantize);
+  m.impl("nf4_gemv", &nf4_gemv);
   m.impl("nf4_linear", &nf4_linear);
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_expand", &lora_expand);

@@ -83,6 +83,16 @@ def test_nf4_linear_matches_twin(dtype, rows, Dout, Din):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 16, 33])  # several 8-row tiles, and a partial one
+def test_nf4_gemv_at_any_row_count_matches_twin(dtype, rows):
+    packed, absmax = _nf4_weight(F, D, seed=rows)
+    x = torch.randn(rows, D, generator=torch.Generator().manual_seed(rows)).to(dtype).cuda()
+    y = cuda_ops.nf4_gemv(x, packed, absmax, G, F)
+    expected = kernels.nf4_linear(*_cpu(x, packed, absmax), G, F, D)
+    _assert_close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Bsz, T", [(32, 1), (128, 1), (4, 16)])  # decode rows; prefill rows
 @pytest.mark.parametrize("R", [8, 16, 64])
 @pytest.mark.parametrize("Din", [D, F])
