@@ -376,7 +376,6 @@ class Adapter:
         if not path.is_dir():
             raise AdapterFormatError(f"{path} is not a directory; expected a PEFT adapter directory with "
                                      f"{CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = AdapterConfig.from_json_file(path / CONFIG_FILE)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             if (path / PICKLE_FILE).exists():
@@ -386,6 +385,7 @@ class Adapter:
                     f"'{WEIGHTS_FILE}', metadata={{'format': 'pt'}})`, or re-save with peft "
                     "`model.save_pretrained(dir, safe_serialization=True)`")
             raise AdapterFormatError(f"{path} has no {WEIGHTS_FILE}; a PEFT adapter directory needs it")
+        config = AdapterConfig.from_json_file(path / CONFIG_FILE)
         tensors, _ = read_safetensors(weights.read_bytes(), str(weights))
         try:
             return cls(config, tensors)

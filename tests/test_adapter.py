@@ -186,6 +186,7 @@ def test_pickle_is_refused_with_conversion_advice(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [(None, "needs adapter_config.json"), ("{not json", "not valid JSON")])
 def test_missing_or_malformed_config(tmp_path, text, fragment):
+    (tmp_path / "adapter_model.safetensors").write_bytes(random_adapter(SHAPES).safetensors_bytes())
     if text is not None:
         (tmp_path / "adapter_config.json").write_text(text)
     with pytest.raises(AdapterFormatError, match=fragment):
