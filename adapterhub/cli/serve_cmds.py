@@ -1,3 +1,59 @@
-"""CLI commands of this area; they register themselves on `adapterhub.cli.main`."""
+"""`adapterhub serve` (the OpenAI-style server) and `adapterhub demo` (the whole product in one command)."""
 
 from __future__ import annotations
+
+import click
+
+from adapterhub.cli import main
+from adapterhub.cli.options import registry_option
+
+
+@main.command("serve")
+@click.option("--base", "base_name", default="tiny", show_default=True,
+              help="Base model: 'tiny' (embedded), an HF checkpoint dir, or a hub id from the local cache.")
+@registry_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-adapters", default=16, show_default=True, type=click.IntRange(1),
+              help="Adapter slots in the pool (LRU beyond that).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests waiting for a batch row before HTTP 429.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
+              help="Rows decoded together (KV cache rows).")
+def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
+          max_batch: int) -> None:
+    """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
+
+    \b
+    adapterhub serve --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "sql:prod", "prompt": "SELECT", "max_tokens": 16}'
+    """
+    import uvicorn
+
+    from adapterhub.registry import Registry
+    from adapterhub.runtime import load_base
+    from adapterhub.serve.api import create_app
+    from adapterhub.serve.engine import Engine, EngineConfig
+
+    base = load_base(base_name, max_adapters=max_adapters)
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(base, Registry(registry), config)
+    click.echo(f"adapterhub: serving base '{base_name}' on http://{host}:{port} "
+               f"(max_batch={max_batch}, max_adapters={max_adapters}, max_queue={max_queue})")
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+@main.command("demo")
+@click.option("--quick", is_flag=True, help="Fewer rows and tokens (a few seconds).")
+def demo(quick: bool) -> None:
+    """Show the whole product on the embedded tiny model: adapters → registry → one mixed batch.
+
+    \b
+    adapterhub demo
+    """
+    from adapterhub.serve.demo import run_demo
+
+    run_demo(click.echo, is_quick=quick)
