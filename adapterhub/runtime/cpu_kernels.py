@@ -39,9 +39,12 @@ import torch
 from adapterhub.errors import QuantizationError
 
 G = 64  # NF4 quant block size the kernels support (SEMANTICS §1.3)
-# Largest row count (M = B*T) for which the fused linear beats dequantize-into-bf16 + F.linear on the
-# bf16 path (measured by bench/nf4_linear.py on a 2-core AVX512-BF16 machine); callers dispatch on it.
-FUSED_MAX_ROWS = 16
+# Largest row count (M = B*T) for which the fused linear beats dequantize-into-bf16 + F.linear for bf16
+# (bench/nf4_linear.py, 2-core AVX512-BF16 + AMX machine): 32 rows share one AMX pass over the weight;
+# without AMX the FMA path only wins for 1-2 rows. Raised to _AMX_MAX_ROWS when the library loads with
+# AMX; callers read it at each call.
+FUSED_MAX_ROWS = 2
+_AMX_MAX_ROWS = 32
 # Per compute dtype: |nf4_linear(x) - F.linear(x, W)| <= TOLERANCE[dtype] * (|x| @ |W|^T) elementwise:
 # fp32 sums in another order, and for bf16 one output rounding either way (2^-8 relative).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8}
@@ -186,7 +189,9 @@ def _load():
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
-    lib.nf4_amx_enable()  # AMX tiles for bf16 with 3..32 rows where the CPU and the kernel allow them
+    if lib.nf4_amx_enable():  # AMX tiles for bf16 with 3..32 rows where the CPU and the kernel allow them
+        global FUSED_MAX_ROWS
+        FUSED_MAX_ROWS = _AMX_MAX_ROWS
     return lib
 
 
