@@ -180,3 +180,29 @@ def test_cli_generate_with_and_without_an_adapter(tmp_path):
     assert plain.output == want_base + "\n" and adapted.output == want_adapter + "\n"
     missing = runner.invoke(main, ["generate", "--base", str(tmp_path / "nowhere"), "Hello"])
     assert missing.exit_code == 1 and "ModelLoadError" in missing.output
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone_and_registry_refs_load(tmp_path):
+    from adapterhub.adapter import random_adapter
+    from adapterhub.registry import Registry
+
+    model, weights = fp32_model("mistral", seed=6)
+    base = Base(family_config("mistral"), byte_tokenizer(), model, max_adapters=3)
+    shapes = base.module_shapes()
+    lora = random_adapter(shapes, r=4, lora_alpha=32, target_modules=("q_proj", "v_proj", "up_proj"), seed=1)
+    dense = {n: weights[n + ".weight"].numpy() for n in shapes}
+    dora = random_adapter(shapes, r=8, lora_alpha=32, target_modules=("k_proj", "o_proj", "down_proj"), use_dora=True,
+                          seed=2, base_weights=dense)
+    registry = Registry(tmp_path / "registry")
+    ref = str(registry.push(dora, "dora-task", tags=("prod",)))
+    assert base.add_adapter(lora, name="lora") == "lora"
+    assert base.add_adapter("dora-task:prod", registry=tmp_path / "registry") == "dora-task:prod"
+    names = ["lora", None, "dora-task:prod", "lora"]
+    prompts = ["abc", "hello there", "x", "a longer prompt here"]
+    mixed = base.generate(prompts, adapters=names, max_new_tokens=8, temperature=0.9, seed=3)
+    alone = [base.generate([p], adapters=[n], max_new_tokens=8, temperature=0.9, seed=3)[0] for p, n in zip(prompts, names)]
+    plain = base.generate(prompts, max_new_tokens=8, temperature=0.9, seed=3)
+    assert mixed == alone
+    assert mixed[1] == plain[1] and all(mixed[i] != plain[i] for i in (0, 2, 3))  # the adapters change the text
+    assert not any(base.pool.is_pinned(n) for n in ("lora", "dora-task:prod"))  # released after the batch
+    assert ref.startswith("dora-task@v1")
