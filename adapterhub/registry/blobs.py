@@ -87,8 +87,11 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def put(self, raw: bytes, width: int = 1, digest: str | None = None) -> tuple[Digest, bool]:
-        """Store `raw` unless present; returns (digest, whether a new file was written)."""
+    def put(self, raw: bytes, width: int = 1, digest: str | None = None, sync_dir: bool = True) -> tuple[Digest, bool]:
+        """Store `raw` unless present; returns (digest, whether a new file was written).
+
+        With sync_dir=False the caller fsyncs `self.dir` once for a batch, before anything refers to it.
+        """
         if digest is None:
             digest = Digest.of(raw)
         else:
@@ -97,7 +100,7 @@ class BlobStore:
         target = self.path(digest)
         if target.exists():
             return digest, False
-        write_new(target, encode(raw, width), self.tmp)
+        write_new(target, encode(raw, width), self.tmp, sync_dir)
         return digest, True
 
     def get(self, digest: str) -> bytes:
@@ -126,7 +129,7 @@ class BlobStore:
         self.path(digest).unlink(missing_ok=True)
 
 
-def write_new(target: Path, data: bytes, tmp_dir: Path) -> bool:
+def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -> bool:
     """Create `target` with `data` atomically and durably; never overwrites (False if it already existed)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,8 @@ def write_new(target: Path, data: bytes, tmp_dir: Path) -> bool:
             return False
     finally:
         os.unlink(tmp)
-    fsync_dir(target.parent)
+    if sync_dir:
+        fsync_dir(target.parent)
     return True
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from adapterhub.errors import FormatVersionError, RefNotFoundError, RegistryError
-from adapterhub.registry.blobs import BlobStore, write_new
+from adapterhub.registry.blobs import BlobStore, fsync_dir, write_new
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import FORMAT_VERSION, Manifest
 from adapterhub.registry.refs import LocalRefs, ResolvedRef
@@ -64,7 +64,7 @@ class LocalStore:
         return self.blobs.has(digest)
 
     def put_blob(self, task: str, digest: str, raw: bytes, width: int) -> bool:
-        return self.blobs.put(raw, width, digest)[1]
+        return self.blobs.put(raw, width, digest, sync_dir=False)[1]  # publish() syncs the dir once
 
     def get_blob(self, task: str, digest: str) -> bytes:
         return self.blobs.get(digest)
@@ -90,6 +90,8 @@ class LocalStore:
         version is returned: re-pushing adds nothing). Exact `bytes` (a copy) keep their own version number.
         Returns (ref, whether a new version was created).
         """
+        if self.blobs.dir.is_dir():
+            fsync_dir(self.blobs.dir)  # the blobs put with sync_dir=False are durable before any ref names them
         with self.refs.lock(f"task-{task}"):
             versions = self.refs.versions(task)
             if isinstance(manifest, Manifest):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -73,11 +74,13 @@ class OciClient:
         self.base = base_url.rstrip("/")
         self.http = httpx.Client(auth=EnvAuth(), transport=transport, timeout=60.0, follow_redirects=True)
         self.counts: Counter = Counter()
+        self._count_lock = threading.Lock()  # blobs move on several threads (transfer.py)
 
     def request(self, method: str, url: str, ok=(200,), **kwargs) -> httpx.Response:
         url = url if url.startswith("http") else self.base + url
         kind = next((k for k in ("uploads", "blobs", "manifests", "tags", "_catalog") if f"/{k}" in url), "other")
-        self.counts[method, kind] += 1
+        with self._count_lock:
+            self.counts[method, kind] += 1
         try:
             response = self.http.request(method, url, **kwargs)
         except httpx.HTTPError as error:
