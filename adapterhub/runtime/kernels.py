@@ -25,9 +25,10 @@ import torch.nn.functional as F
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 # The CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
-# while rows x slots stays below this; above it they gather each row's A / B and use bmm. Measured
-# with bench/mixed_batch.py (D 1024-2816, R 16): the dense form wins at decode (T = 1, B = 32, N = 33),
-# the gathered form at prefill (T = 64).
+# while rows x slots stays below this and the batch uses at least half of the slots; otherwise they
+# gather each row's A / B and use bmm. Measured with bench/mixed_batch.py (D 1024-2816, R 16): the
+# dense form wins at decode with many distinct adapters (it reads each adapter once, no copies), the
+# gathered form at prefill (T = 64) and when few of the loaded adapters are in the batch.
 DENSE_MAX_ROWS_X_SLOTS = 8192
 
 _cuda_state: dict[str, object] = {}
@@ -47,8 +48,9 @@ def _cuda_ops(t: torch.Tensor):
     return _cuda_state["ops"]
 
 
-def _dense_over_slots(rows: int, slots: int) -> bool:
-    return rows * slots <= DENSE_MAX_ROWS_X_SLOTS
+def _dense_over_slots(rows: int, slots: int, ids: torch.Tensor) -> bool:
+    """Shape first; then the distinct slots of the batch (ids is a small host tensor on this path)."""
+    return rows * slots <= DENSE_MAX_ROWS_X_SLOTS and 2 * len(set(ids.tolist())) + 1 >= slots
 
 
 # --- batched LoRA ---------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> to
         return ops.lora_shrink(x, A_stack, ids)
     Bsz, T, Din = x.shape
     N, R, _ = A_stack.shape
-    if _dense_over_slots(Bsz * T, N):
+    if _dense_over_slots(Bsz * T, N, ids):
         h_all = F.linear(x, A_stack.view(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N, R)
         return h_all.gather(2, ids.view(Bsz, 1, 1, 1).expand(Bsz, T, 1, R)).view(Bsz, T, R)
     A_rows = A_stack.index_select(0, ids)  # (B, R, Din); index_select is ~5x faster than A_stack[ids] here
@@ -107,7 +109,7 @@ def lora_expand(
     Bsz, T, R = h.shape
     N, _, Dout = B_stack.shape
     hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny
-    if _dense_over_slots(Bsz * T, N):
+    if _dense_over_slots(Bsz * T, N, ids):
         # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over all slots.
         onehot = (torch.arange(N, device=ids.device) == ids[:, None]).to(y.dtype)  # (B, N)
         h_all = (hs[:, :, None, :] * onehot[:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N*R)
