@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from adapterhub.runtime import cuda_ops, kernels
+from reference.nf4 import NF4_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "cuda"
@@ -80,22 +80,10 @@ def _assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
 
 
-# SEMANTICS §1.1: the NF4 code values as IEEE float32 hex, and the SHA-256 of their little-endian bytes.
-NF4_CODE_HEX = ("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
-                "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000")
-NF4_CODE_SHA256 = "8501941daa1b8a90ad1bbfeb632e5101b5dddbc4bb52d6e55abcfd777e60c06a"
-
-
-def _nf4_code() -> torch.Tensor:
-    raw = b"".join(bytes.fromhex(h)[::-1] for h in NF4_CODE_HEX.split())  # little-endian float32
-    assert hashlib.sha256(raw).hexdigest() == NF4_CODE_SHA256
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
-
-
 def _dequantize_spec(packed, absmax, blocksize, numel):
-    """SEMANTICS §1.4-1.5 written out: high nibble first, fp32 product (n,); independent of the runtime."""
+    """SEMANTICS §1.4-1.5 written out with reference/nf4.py's table: high nibble first, fp32 product (n,)."""
     codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1).long()  # (n,)
-    return _nf4_code()[codes] * absmax.repeat_interleave(blocksize)[:numel]
+    return torch.from_numpy(NF4_CODE)[codes] * absmax.repeat_interleave(blocksize)[:numel]
 
 
 def _random_nf4(numel, blocksize, seed):
