@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -26,25 +27,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def oci_url(tmp_path_factory):
-    """Start docker-registry with filesystem storage in tmp; skip without the binary unless $CI is set."""
+@contextlib.contextmanager
+def _serve(root, extra: str = ""):
+    """Run docker-registry with filesystem storage under `root`; yields its oci:// URL (namespace "team")."""
     if BINARY is None:
         if os.environ.get("CI"):
             pytest.fail("docker-registry is not installed but CI is set; .ci/run installs it")
         pytest.skip("docker-registry (Debian package) is not installed")
-    root = tmp_path_factory.mktemp("oci")
     port = _free_port()
     (root / "config.yml").write_text(
         "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: "
-        f"{root / 'data'}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+        f"{root / 'data'}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}")
     process = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
             try:
-                if httpx.get(f"{base}/v2/").status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/").status_code in (200, 401):
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -54,6 +53,12 @@ def oci_url(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def oci_url(tmp_path_factory):
+    with _serve(tmp_path_factory.mktemp("oci")) as url:
+        yield url
 
 
 def _uploads(store: OciStore) -> int:
@@ -160,3 +165,21 @@ def test_chunked_upload_round_trips(oci_url, monkeypatch):
     remote.push(adapter, "chunked")
     assert remote.backend.client.counts["PATCH", "uploads"] > len(adapter.tensors)
     assert Registry(oci_url).load("chunked").tensors == adapter.tensors
+
+
+def test_basic_auth_against_a_password_protected_registry(tmp_path, monkeypatch):
+    crypt = pytest.importorskip("crypt")  # bcrypt htpasswd entry via the system crypt(3)
+    entry = crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    if not entry or not entry.startswith("$2"):
+        pytest.skip("the system crypt(3) has no bcrypt")
+    (tmp_path / "htpasswd").write_text(f"alice:{entry}\n")
+    auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp_path / 'htpasswd'}\n"
+    with _serve(tmp_path, auth) as url:
+        for var in ("ADAPTERHUB_OCI_TOKEN", "ADAPTERHUB_OCI_USERNAME", "ADAPTERHUB_OCI_PASSWORD"):
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(RemoteError, match="401.*ADAPTERHUB_OCI_USERNAME"):
+            Registry(url).push(make_adapter(), "sql")
+        monkeypatch.setenv("ADAPTERHUB_OCI_USERNAME", "alice")
+        monkeypatch.setenv("ADAPTERHUB_OCI_PASSWORD", "s3cret")
+        assert str(Registry(url).push(make_adapter(), "sql")) == "sql@v1"
+        assert Registry(url).load("sql@v1").tensors == make_adapter().tensors
