@@ -108,7 +108,7 @@ class ModelConfig:
             quantization=_quantization(d.get("quantization_config")),
         )
 
-    def to_hf_json(self) -> dict:
+    def to_hf_json(self, dtype="float32") -> dict:
         """The config.json transformers reads back (legacy `rope_theta` / `rope_scaling` keys)."""
         d = {
             "architectures": [self.architecture], "model_type": self.model_type, "hidden_act": "silu",
@@ -119,7 +119,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
-            "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
+            "pad_token_id": self.pad_token_id, "dtype": str(dtype).removeprefix("torch."),
         }
         if self.model_type == "llama":
             d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)

@@ -149,11 +149,13 @@ def load_parts(path_or_id, quantize: str | None, dtype: torch.dtype, device):
 
 
 def write_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer,
-                     *, max_shard_bytes: int | None = None, chat_template: str | None = None) -> Path:
+                     *, max_shard_bytes: int | None = None) -> Path:
     """config.json + model.safetensors (or shards + index, past `max_shard_bytes`) + tokenizer files."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config.to_hf_json(), indent=2) + "\n")
+    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32  # the weights' dtype, for transformers
+    (path / "config.json").write_text(json.dumps(config.to_hf_json(dtype), indent=2) + "\n")
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
@@ -166,7 +168,7 @@ def write_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, t
             weight_map.update(dict.fromkeys(names, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tokenizer.save(path, chat_template=chat_template)
+    tokenizer.save(path)
     return path
 
 

@@ -62,7 +62,7 @@ def byte_tokenizer() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BOS, EOS, PAD])  # ids 256, 257, 258
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
-    return Tokenizer(tok, bos_token=BOS, eos_token=EOS, chat_template=tiny_chat)
+    return Tokenizer(tok, bos_token=BOS, eos_token=EOS, chat_template=CHAT_JINJA, render_chat=tiny_chat)
 
 
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
@@ -111,4 +111,4 @@ def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed:
 
     weights = tiny_weights() if (config, seed, std) == (TINY_CONFIG, TINY_SEED, 0.02) else random_weights(config, seed, std)
     return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),
-                            max_shard_bytes=max_shard_bytes, chat_template=CHAT_JINJA)
+                            max_shard_bytes=max_shard_bytes)

@@ -19,12 +19,14 @@ Messages = Sequence[dict]
 
 class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | Callable[[Messages, bool], str] | None = None):
+                 chat_template: str | None = None, render_chat: Callable[[Messages, bool], str] | None = None):
+        """chat_template: the Jinja source (saved with the tokenizer); render_chat: a Python renderer of the
+        same format, used instead of Jinja when given (the tiny model's)."""
         self._tok = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
         self.eos_token_id = None if eos_token is None else tokenizer.token_to_id(eos_token)
-        self._chat_template = chat_template
+        self.chat_template, self._render_chat = chat_template, render_chat
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -60,36 +62,37 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self._chat_template is not None and (callable(self._chat_template) or _jinja() is not None)
+        return self._render_chat is not None or (self.chat_template is not None and _jinja() is not None)
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str | None:
         """The prompt text for a conversation, or None when this tokenizer has no usable template."""
-        if self._chat_template is None:
+        if not self.has_chat_template:
             return None
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
                 raise RequestError(f"chat message {m!r} needs a 'role' and a string 'content'")
-        if callable(self._chat_template):
-            return self._chat_template(messages, add_generation_prompt)
-        jinja2 = _jinja()
-        if jinja2 is None:
-            return None
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self._chat_template).render(
+        if self._render_chat is not None:
+            return self._render_chat(messages, add_generation_prompt)
+        # Templates come with downloaded models: render them sandboxed, as transformers does.
+        env = _jinja().sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        return env.from_string(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
 
-    def save(self, path: str | Path, chat_template: str | None = None) -> None:
+    def save(self, path: str | Path) -> None:
         """Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos and the Jinja chat template)."""
         path = Path(path)
         self._tok.save(str(path / "tokenizer.json"))
-        if chat_template is None and isinstance(self._chat_template, str):
-            chat_template = self._chat_template
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tokenizer_class": "PreTrainedTokenizerFast"}
-        if chat_template is not None:
-            config["chat_template"] = chat_template
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _raise_template_error(message: str):
+    raise RequestError(f"the chat template refused the messages: {message}")
 
 
 def _token_text(token) -> str | None:
@@ -99,6 +102,7 @@ def _token_text(token) -> str | None:
 def _jinja():
     try:
         import jinja2
+        import jinja2.sandbox  # noqa: F401
     except ImportError:
         return None
     return jinja2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapterhub.runtime import load_base
-from adapterhub.runtime.tiny import CHAT_JINJA, TINY_CONFIG, byte_tokenizer, random_checkpoint, tiny_weights
+from adapterhub.runtime.tiny import TINY_CONFIG, byte_tokenizer, random_checkpoint, tiny_weights
 from adapterhub.runtime.tokenizer import Tokenizer
 
 
@@ -56,14 +56,15 @@ def test_chat_template_python_and_jinja_agree(tmp_path):
     want = "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
     assert tiny.apply_chat_template(messages) == want
     pytest.importorskip("jinja2")
-    tiny.save(tmp_path, chat_template=CHAT_JINJA)
+    tiny.save(tmp_path)
     loaded = Tokenizer.from_dir(tmp_path)
     assert loaded.apply_chat_template(messages) == want
     assert loaded.encode("x é") == tiny.encode("x é") and loaded.eos_token_id == 257
 
 
 def test_no_chat_template_gives_none(tmp_path):
-    byte_tokenizer().save(tmp_path)
+    tiny = byte_tokenizer()
+    Tokenizer(tiny.backend, bos_token="<s>", eos_token="</s>").save(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
     assert not tok.has_chat_template and tok.apply_chat_template([{"role": "user", "content": "x"}]) is None
 
