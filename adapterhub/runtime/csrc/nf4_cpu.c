@@ -186,7 +186,7 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
         _tile_loadconfig(&cfg);
         _Alignas(64) uint16_t abuf[2][2 * 4 * NB * 32]; /* by chunk parity: decode the next while tiles run */
         _Alignas(64) float cbuf[NB * 16];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2) /* dynamic: a thread slowed by another process hands work over */
         for (int64_t n0 = 0; n0 < N; n0 += 2 * NB) {
             _tile_zero(0);
             _tile_zero(1);
@@ -256,7 +256,7 @@ void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, con
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) load_x((const char *)x + m * K * ysize, is_bf16, K, xp + m * K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 32) /* dynamic: a thread slowed by another process hands work over */
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *wn = w + n * (K / 2);
             const float *an = absmax + n * (K / G);
@@ -293,7 +293,7 @@ void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint1
     const __m512i idx0 = _mm512_loadu_si512(spread[0]), idx1 = _mm512_loadu_si512(spread[1]);
     const __m512i shift = _mm512_set1_epi32(4); /* words: 4, 0, 4, 0, ... */
 #endif
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t b = 0; b < n / G; b++) {
         float t[16];
         for (int i = 0; i < 16; i++) t[i] = NF4_CODE[i] * absmax[b];
