@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import multiprocessing
 import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 
@@ -46,6 +49,10 @@ async def run_load(url: str, models: list[str], clients: int, requests: int, max
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - started
     return tokens / elapsed, latencies
+
+
+def load_in_process(url: str, models: list[str], requests: int, seed: int, *, clients: int, max_tokens: int):
+    return asyncio.run(run_load(url, models, clients, requests, max_tokens, seed))
 
 
 def main() -> None:
@@ -79,12 +86,15 @@ def main() -> None:
             with serve_in_thread(create_app(engine)) as url:
                 for task in tasks:  # load time is not what this measures
                     httpx.post(f"{url}/v1/adapters", json={"ref": task}, timeout=60).raise_for_status()
-                asyncio.run(run_load(url, tasks, args.clients, args.clients, args.max_tokens, seed=0))  # warm-up
-                results = {"one": [], "mixed": []}
-                for round_ in range(args.rounds):
-                    for name, models in (("one", tasks[:1]), ("mixed", tasks)):
-                        results[name].append(asyncio.run(run_load(
-                            url, models, args.clients, args.requests, args.max_tokens, seed=round_)))
+                # The clients run in another process, as real clients would: they must not compete with
+                # the server for this process's GIL.
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+                    load = functools.partial(load_in_process, url, clients=args.clients, max_tokens=args.max_tokens)
+                    clients.submit(load, tasks, args.clients, 0).result()  # warm-up
+                    results = {"one": [], "mixed": []}
+                    for round_ in range(args.rounds):
+                        for name, models in (("one", tasks[:1]), ("mixed", tasks)):
+                            results[name].append(clients.submit(load, models, args.requests, round_).result())
         finally:
             engine.close()
 

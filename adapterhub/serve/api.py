@@ -64,7 +64,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         else:
             parsed = parse_completion(body, tokenizer)
         loop = asyncio.get_running_loop()
-        handle = await run_in_threadpool(engine.submit, parsed.prompt, parsed.model, parsed.params, loop)
+        handle = await run_in_threadpool(engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
+                                         parsed.is_stream)
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + handle.id.split("-", 1)[1]
         if parsed.is_stream:
             return StreamingResponse(_sse(handle, request_id, is_chat), media_type="text/event-stream",

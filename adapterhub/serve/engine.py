@@ -74,8 +74,11 @@ class Engine:
     # --- client side (any thread) ---------------------------------------------------------------
 
     def submit(self, prompt: list[int], model: str | None = None, params: SamplingParams = SamplingParams(),
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, is_streaming: bool = True) -> RequestHandle:
         """Validates, resolves the adapter and reads it if not resident, then queues the request.
+
+        Events go to `loop` (asyncio) or to a blocking queue; without `is_streaming` the text arrives
+        in one piece when the request finishes (one cross-thread wake-up instead of one per token).
 
         Blocking (registry I/O): call it from a worker thread in async code. Raises RequestError (400),
         RefNotFoundError (404), IncompatibleAdapterError (422) or QueueFullError (429) before admission.
@@ -86,7 +89,7 @@ class Engine:
         adapter = None
         if resolved.digest is not None and resolved.digest not in self._resident_snapshot():
             adapter = self.source.load(resolved)
-        handle = RequestHandle(f"cmpl-{next(self._ids)}", resolved.model, len(prompt), loop)
+        handle = RequestHandle(f"cmpl-{next(self._ids)}", resolved.model, len(prompt), loop, is_streaming)
         with self._cv:
             self._check_queue()
             self._waiting.append(_Waiting(handle, resolved, adapter, list(prompt), params))

@@ -75,16 +75,28 @@ class RequestHandle:
     """One request's event stream: Delta*, then Finished or Failed."""
 
     def __init__(self, request_id: str, model: str, prompt_tokens: int,
-                 loop: asyncio.AbstractEventLoop | None):
+                 loop: asyncio.AbstractEventLoop | None, is_streaming: bool = True):
         self.id = request_id
         self.model = model
         self.prompt_tokens = prompt_tokens
+        self.is_streaming = is_streaming
         self.is_cancelled = False
         self._loop = loop
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._held: list[str] = []  # not streaming: deltas wait here, one wake-up of the client at the end
 
     # engine side
     def emit(self, event) -> None:
+        if not self.is_streaming:
+            if isinstance(event, Delta):
+                self._held.append(event.text)
+                return
+            if self._held:
+                self._deliver(Delta("".join(self._held)))
+                self._held = []
+        self._deliver(event)
+
+    def _deliver(self, event) -> None:
         if self._loop is None:
             self._queue.put(event)
             return
