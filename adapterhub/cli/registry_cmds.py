@@ -43,7 +43,7 @@ def pull(ref, output, registry):
     """Write REF (task@vN, task:tag, task@sha256:…) as a PEFT adapter directory."""
     reg = Registry(registry)
     resolved = reg.resolve(ref)
-    path = reg.pull(str(resolved), output or f"{resolved.task}-v{resolved.version}")
+    path = reg.pull(str(resolved), output or f"{resolved.task}-v{resolved.version}", progress=True)
     click.echo(f"{resolved} → {path}")
 
 

@@ -17,7 +17,7 @@ from adapterhub.registry.manifest import (
     Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
 )
 from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
-from adapterhub.registry.transfer import copy_version, manifest_blobs, send_blobs
+from adapterhub.registry.transfer import copy_version, fetch_blobs, manifest_blobs, send_blobs
 
 DEFAULT_HOME = "~/.cache/adapterhub"
 
@@ -126,27 +126,28 @@ class Registry:
                                    f"{sorted(self.backend.tags(spec.task)) or 'none'}")
         return ResolvedRef(spec.task, matches[-1], digest)
 
-    def manifest(self, ref: str) -> Manifest:
-        resolved = self.resolve(ref)
+    def manifest(self, ref: str | ResolvedRef) -> Manifest:
+        resolved = ref if isinstance(ref, ResolvedRef) else self.resolve(ref)
         return Manifest.from_json(self.backend.get_manifest(resolved.task, resolved.digest), f"{resolved} manifest")
 
-    def load(self, ref: str) -> Adapter:
+    def load(self, ref: str, progress: bool = False) -> Adapter:
         """The adapter at `ref`, every blob re-hashed; the runtime and the server use this."""
         resolved = self.resolve(ref)
-        manifest = self.manifest(str(resolved))
+        manifest = self.manifest(resolved)
         config = parse_config_blob(self.backend.get_blob(resolved.task, manifest.config_digest), f"{resolved} config")
+        data = fetch_blobs(self.backend, resolved.task, [(t.digest, t.size) for t in manifest.tensors],
+                           progress, f"pull {resolved}")
         tensors = {}
         for t in manifest.tensors:
-            data = self.backend.get_blob(resolved.task, t.digest)
-            if len(data) != t.size:
-                raise IntegrityError(f"{resolved}: tensor {t.name} blob {t.digest} has {len(data)} bytes, "
-                                     f"its descriptor says {t.size}")
-            tensors[t.name] = RawTensor(t.dtype, t.shape, data)
+            if len(data[t.digest]) != t.size:
+                raise IntegrityError(f"{resolved}: tensor {t.name} blob {t.digest} has {len(data[t.digest])} "
+                                     f"bytes, its descriptor says {t.size}")
+            tensors[t.name] = RawTensor(t.dtype, t.shape, data[t.digest])
         return Adapter(config["peft_config"], tensors)
 
-    def pull(self, ref: str, dest: str | os.PathLike) -> Path:
+    def pull(self, ref: str, dest: str | os.PathLike, progress: bool = False) -> Path:
         """Write `ref` as a PEFT dir; every blob is verified before anything is written to `dest`."""
-        return self.load(ref).save_peft_dir(dest)
+        return self.load(ref, progress).save_peft_dir(dest)
 
     def tasks(self) -> list[str]:
         return self.backend.tasks()
@@ -162,7 +163,7 @@ class Registry:
         tags = self.backend.tags(check_task(task))
         entries = []
         for version, digest in sorted(self.backend.versions(task).items(), reverse=True):
-            m = self.manifest(f"{task}@v{version}")
+            m = self.manifest(ResolvedRef(task, version, digest))
             entries.append(LogEntry(ResolvedRef(task, version, digest), m.created,
                                     tuple(sorted(t for t, d in tags.items() if d == digest)),
                                     dict(m.annotations), sum(t.size for t in m.tensors)))

@@ -41,6 +41,22 @@ def send_blobs(dst, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: 
             return sum(pool.map(send, blobs))
 
 
+def fetch_blobs(src, task: str, blobs: Iterable[tuple[Digest, int]], progress: bool = False,
+                desc: str = "pull", workers: int = WORKERS) -> dict[Digest, bytes]:
+    """{digest: raw bytes} of each (digest, size), each verified by the source on read."""
+    blobs = list(dict.fromkeys(blobs))
+    with tqdm(total=sum(size for _, size in blobs), unit="B", unit_scale=True, desc=desc,
+              disable=not progress, leave=False) as bar:
+
+        def fetch(blob: tuple[Digest, int]) -> bytes:
+            data = src.get_blob(task, blob[0])
+            bar.update(blob[1])
+            return data
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return {digest: data for (digest, _), data in zip(blobs, pool.map(fetch, blobs))}
+
+
 def manifest_blobs(manifest: Manifest) -> list[tuple[Digest, int, int]]:
     """(digest, size, width) of the config and tensor blobs of a manifest, config first."""
     return [(manifest.config_digest, manifest.config_size, 1)] + [
