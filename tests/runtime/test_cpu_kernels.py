@@ -46,6 +46,13 @@ def test_builds_where_it_should():
     assert cpu_kernels.available()
 
 
+def test_amx_is_used_where_the_cpu_has_it():
+    # bf16 decode batches (3..32 rows) run on AMX tiles; a lost AMX permission would silently cost 5-8x.
+    if not (_expected_available() and "amx_bf16" in cpu_kernels._cpu_flags().split()):
+        pytest.skip("no AMX here")
+    assert cpu_kernels.available() and cpu_kernels.FUSED_MAX_ROWS == 32
+
+
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU NF4 kernels unavailable")
 
 

@@ -120,8 +120,8 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_AMX 1
-/* AMX path (bf16 x, N % 16 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where A holds
- * 16 weight rows decoded to bf16 and B the matching x values, so decode-sized M costs one pass over W.
+/* AMX path (bf16 x, M >= 3, N % 32 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where
+ * A holds 16 weight rows decoded to bf16 and B the matching x values: up to 32 rows of x per pass over W.
  * A block's 32 packed bytes widen to 32 words; vpermw reads 5 index bits, so with its 16 weights
  * bf16(code * absmax) repeated twice, word >> 4 and the word itself look up the even and the odd elements
  * (the high nibble lands in bit 4 of the word: ignored). A chunk of 128 elements thus gives 4 groups of
@@ -135,7 +135,8 @@ int nf4_amx_enable(void) { /* Linux hands out the AMX tile state per process on 
     return amx_enabled;
 }
 
-static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) { /* group g at out + g*NB*32 */
+/* 128 elements of one weight row -> group g at out + g * NB * 32 (a row of the g-th A tile) */
+static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) {
     const __m512 code = _mm512_loadu_ps(NF4_CODE);
     for (int h = 0; h < 2; h++) {
         __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[h]));
