@@ -59,7 +59,10 @@ class AdapterLinear(nn.Module):
         transformers does with bnb_4bit_compute_dtype = dtype), or adopt an NF4Weight, or a bitsandbytes
         state dict keyed relative to this module ("weight", "weight.absmax", ..., optional "bias";
         SEMANTICS §3.1). Drops adapters."""
+        from adapterhub.runtime import nf4  # lazily: nf4 is only needed by NF4 bases
+
         if isinstance(w_or_state, torch.Tensor):
+            self._move_stacks_off_meta(w_or_state.device)
             q = nf4.quantize(w_or_state.to(device=self.device, dtype=self.dtype), blocksize=NF4_BLOCKSIZE, double_quant=True)
         elif isinstance(w_or_state, nf4.NF4Weight):
             q = w_or_state
