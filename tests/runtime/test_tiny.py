@@ -24,6 +24,7 @@ def test_tiny_builds_fast_and_deterministically():
     c = a.config
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
         259, 256, 4, 8, 4)
+    assert c.intermediate_size % 64 == 0  # whole NF4 blocks per row
 
 
 def test_tiny_greedy_text_is_printable_and_not_one_repeated_token():
