@@ -55,17 +55,26 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
                 return _error(error, 500)
         return wrapped
 
+    async def submit(request: Request, is_chat: bool):
+        """Parses and queues a request; rejections (400/404/422/429) are counted by error class."""
+        try:
+            body = parse_json(await request.body())
+            if is_chat:
+                if not _has_chat_template(tokenizer):
+                    raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
+                parsed = parse_chat(body, tokenizer, engine.max_seq)
+            else:
+                parsed = parse_completion(body, tokenizer)
+            loop = asyncio.get_running_loop()
+            handle = await run_in_threadpool(engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
+                                             parsed.is_stream)
+        except AdapterHubError as error:
+            engine.metrics.count_request(type(error).__name__)
+            raise
+        return parsed, handle
+
     async def generate(request: Request, is_chat: bool) -> Response:
-        body = parse_json(await request.body())
-        if is_chat:
-            if not _has_chat_template(tokenizer):
-                raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
-            parsed = parse_chat(body, tokenizer, engine.max_seq)
-        else:
-            parsed = parse_completion(body, tokenizer)
-        loop = asyncio.get_running_loop()
-        handle = await run_in_threadpool(engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
-                                         parsed.is_stream)
+        parsed, handle = await submit(request, is_chat)
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + handle.id.split("-", 1)[1]
         if parsed.is_stream:
             return StreamingResponse(_sse(handle, request_id, is_chat), media_type="text/event-stream",

@@ -160,7 +160,7 @@ class Engine:
             except CapacityError:  # every slot pinned by running rows: retry after one finishes
                 deferred.append(item)
                 continue
-            except AdapterHubError as error:
+            except Exception as error:  # this request only: the batch keeps running
                 item.handle.fail(error)
                 self.metrics.count_request(type(error).__name__)
                 continue

@@ -32,7 +32,14 @@ def task_of(ref: str) -> str:
 
 
 def check_compatible(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], ref: str) -> None:
-    """Every adapted module exists in the base with the same (Dout, Din) (else HTTP 422)."""
+    """Every adapted module exists in the base with the same (Dout, Din), and the adapter holds LoRA
+    tensors only, as the adapter pool requires (else HTTP 422, before the request is queued)."""
+    config = adapter.config
+    if config.modules_to_save or config.lora_bias or config.bias != "none":
+        raise IncompatibleAdapterError(
+            f"adapter '{ref}' uses modules_to_save={config.modules_to_save!r} / lora_bias={config.lora_bias} / "
+            f"bias={config.bias!r}; the server batches LoRA / DoRA tensors only; retrain without them"
+        )
     for name, shape in adapter.module_shapes().items():
         if name not in module_shapes:
             raise IncompatibleAdapterError(

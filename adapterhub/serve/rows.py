@@ -54,11 +54,11 @@ class RowBatch:
             row.index = self._free.pop()
             row.decoder = IncrementalDecoder(self.base.tokenizer.decode)
             row.stops = StopMatcher(row.params.stop)
+        self._active.extend(rows)  # first, so that fail_all frees them if the prefill raises
+        self._is_dirty = True
         ids = torch.cat([r.slot_ids for r in rows])  # (B,)
         logits = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
         tokens = sample(logits, _sampling_batch([r.params for r in rows], [0] * len(rows))).tolist()
-        self._active.extend(rows)
-        self._is_dirty = True
         for row, token in zip(rows, tokens):
             self._advance(row, token)
         self.metrics.add_tokens(len(rows))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import pytest
 from serving_setup import PROMPTS, make_base
 
 from adapterhub.adapter import random_adapter
@@ -85,6 +84,8 @@ def test_metrics_are_prometheus_text(served):
                  "adapterhub_adapter_loads_total", "adapterhub_adapter_evictions_total"):
         assert name in samples
     assert float(samples['adapterhub_requests_total{status="ok"}']) >= 1
+    served.complete(prompt="hi", temperature=-1)
+    assert "adapterhub_requests_total{status=\"RequestError\"}" in served.client.get("/metrics").text
     assert float(samples["adapterhub_generated_tokens_total"]) >= 3
     assert "# TYPE adapterhub_generated_tokens_total counter" in text
 
@@ -120,16 +121,16 @@ def test_queue_bound_gives_429_and_the_server_stays_up():
         engine.close()
 
 
-@pytest.mark.parametrize("header, status", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
-def test_bearer_token(header, status):
+def test_bearer_token_is_required_when_configured():
     engine = Engine(make_base(), None, EngineConfig(max_batch=2))
     try:
         with serve_in_thread(create_app(engine, api_key="s3cret")) as url:
-            headers = {"Authorization": header} if header else {}
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=headers)
-            assert r.status_code == status
-            if status == 401:
-                assert "ADAPTERHUB_API_KEY" in r.json()["error"]["message"]
-            assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
+            for header, status in [(None, 401), ("Bearer wrong", 401), ("s3cret", 401), ("Bearer s3cret", 200)]:
+                headers = {"Authorization": header} if header else {}
+                r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=headers)
+                assert r.status_code == status, header
+                if status == 401:
+                    assert_error(r, 401, "AuthError", "ADAPTERHUB_API_KEY")
+            assert httpx.get(f"{url}/health").json()["status"] == "ok"  # health checks need no key
     finally:
         engine.close()
