@@ -20,12 +20,13 @@ enum AdapterhubDType : int32_t { kAdapterhubBFloat16 = 0, kAdapterhubFloat16 = 1
 extern "C" {
 
 // out (numel,) = code[q] * absmax[j / G], product in fp32, one RNE rounding to `dtype` (SEMANTICS §1.5).
-// packed (numel/2,) uint8, high nibble = even element; absmax (ceil(numel/G),) f32; numel even, G >= 16.
+// packed (numel/2,) uint8, high nibble = even element; absmax (ceil(numel/G),) f32; numel even;
+// G a power of two >= 16 (bitsandbytes' block sizes).
 void launch_nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t numel, int64_t blocksize,
                            void* out, AdapterhubDType dtype, cudaStream_t stream);
 
 // y (M, N) = x (M, K) @ dequant(W)^T with W (N, K) in NF4, fp32 accumulation, one rounding.
-// Needs K % 32 == 0 and G % 32 == 0 (every 32-element chunk lies in one quant block).
+// Needs K % 32 == 0 and G a power of two >= 32 (every 32-element chunk lies in one quant block).
 void launch_nf4_gemv(const void* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N, int64_t K,
                      int64_t blocksize, void* y, AdapterhubDType dtype, cudaStream_t stream);
 

@@ -7,8 +7,9 @@
 //       out[j] = dtype(float32(code[q] * absmax[j // G]))  # one fp32 product, one RNE rounding
 //
 // Memory bound (0.5 byte in, 2 bytes out per bf16 element): each thread turns 8 packed bytes (one
-// 64-bit load) into 16 elements (two 128-bit stores for bf16 / fp16, four for fp32). Blocks are flat over the whole tensor, so a 16-element
-// group crosses at most one block boundary when G >= 16; the binding enforces G >= 16.
+// 64-bit load) into 16 elements (two 128-bit stores for bf16 / fp16, four for fp32). G is a power of
+// two >= 16 (bitsandbytes' block sizes; the binding checks it), so quant blocks are flat over the whole
+// tensor, each 16-element group lies in one block, and the block index is a shift, not a division.
 #include "common.cuh"
 
 namespace adapterhub {
@@ -18,7 +19,7 @@ constexpr int kGroup = 16;  // elements per thread per step (8 packed bytes)
 
 template <typename T>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                      int64_t numel, int64_t blocksize, T* __restrict__ out) {
+                                      int64_t numel, int log2_blocksize, T* __restrict__ out) {
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = kNF4Code[threadIdx.x];
   __syncthreads();
@@ -29,18 +30,14 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
   for (int64_t g = first; g < groups; g += stride) {
     const int64_t j0 = g * kGroup;
     const uint2 bytes = __ldg(reinterpret_cast<const uint2*>(packed) + g);
-    const int64_t block0 = j0 / blocksize;
-    // Elements before `split` use absmax[block0], the rest absmax[block0 + 1].
-    const int64_t split = (block0 + 1) * blocksize - j0;
-    const float a0 = __ldg(absmax + block0);
-    const float a1 = split < kGroup ? __ldg(absmax + block0 + 1) : a0;
+    const float a = __ldg(absmax + (j0 >> log2_blocksize));
     float values[kGroup];
 #pragma unroll
     for (int i = 0; i < kGroup / 2; ++i) {
       const uint32_t word = i < 4 ? bytes.x : bytes.y;
       const uint32_t byte = (word >> (8 * (i % 4))) & 0xFFu;
-      values[2 * i] = code[byte >> 4] * (2 * i < split ? a0 : a1);
-      values[2 * i + 1] = code[byte & 0xFu] * (2 * i + 1 < split ? a0 : a1);
+      values[2 * i] = code[byte >> 4] * a;
+      values[2 * i + 1] = code[byte & 0xFu] * a;
     }
     constexpr int kV = Vec<T>::kSize;
     uint4* dst = reinterpret_cast<uint4*>(out + j0);
@@ -58,8 +55,9 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
   if (first < tail_bytes) {
     const int64_t p = groups * (kGroup / 2) + first;
     const uint32_t byte = packed[p];
-    out[2 * p] = from_float<T>(code[byte >> 4] * absmax[(2 * p) / blocksize]);
-    out[2 * p + 1] = from_float<T>(code[byte & 0xFu] * absmax[(2 * p + 1) / blocksize]);
+    const float a = absmax[(2 * p) >> log2_blocksize];  // both elements of a byte share a block
+    out[2 * p] = from_float<T>(code[byte >> 4] * a);
+    out[2 * p + 1] = from_float<T>(code[byte & 0xFu] * a);
   }
 }
 
@@ -68,12 +66,14 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
 extern "C" void launch_nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t numel,
                                       int64_t blocksize, void* out, AdapterhubDType dtype, cudaStream_t stream) {
   using namespace adapterhub;
+  const int log2_blocksize = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   const int64_t groups = numel / kGroup;
   // Grid-stride loop: enough blocks to fill an H100 several times over, never more than needed.
   const int64_t wanted = (groups + kDequantThreads - 1) / kDequantThreads;
   const int blocks = static_cast<int>(wanted < 1 ? 1 : (wanted > 65536 ? 65536 : wanted));
   ADAPTERHUB_DISPATCH_DTYPE(dtype, {
     auto* kernel = nf4_dequantize_kernel<T>;
-    ADAPTERHUB_LAUNCH(kernel, blocks, kDequantThreads, stream)(packed, absmax, numel, blocksize, static_cast<T*>(out));
+    ADAPTERHUB_LAUNCH(kernel, blocks, kDequantThreads, stream)(packed, absmax, numel, log2_blocksize,
+                                                               static_cast<T*>(out));
   });
 }

@@ -4,10 +4,10 @@
 // CPU code reference (torch twin: adapterhub/runtime/kernels.py::nf4_linear):
 //   W = nf4_dequantize(packed, absmax, G, empty(N, K, dtype=x.dtype))   # (N, K)
 //   y = (x.float() @ W.float().T).to(x.dtype)                            # (M, K) @ (K, N) -> (M, N)
-// Deviation, by design (allowed by the twin's docstring): W is never rounded to bf16/fp16 here. Each 32-element chunk lies in one quant
-// block (K % 32 == 0, G % 32 == 0), so the kernel sums x * code in fp32 and multiplies by the block's
-// absmax once: y differs from the twin by fp32 reassociation plus the twin's rounding of W
-// (<= 2^-9 relative per weight), which tests/gpu's tolerance table covers.
+// Deviation, by design (allowed by the twin's docstring): W is never rounded to bf16/fp16 here. Each
+// 32-element chunk lies in one quant block (K % 32 == 0, G a power of two >= 32), so the kernel sums
+// x * code in fp32 and multiplies by the block's absmax once: y differs from the twin by fp32
+// reassociation plus the twin's rounding of W (<= 2^-9 relative per weight), within kernels.TOLERANCE.
 //
 // Memory bound at decode (M = 1..8): one warp per output feature n walks its packed row with one
 // 128-bit load (32 codes) per lane per step, so a warp reads 512 contiguous bytes per step. Codes are
@@ -25,7 +25,7 @@ constexpr int kMaxRowsPerLaunch = 8;
 template <typename T, int MT>
 __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                                 const float* __restrict__ absmax, int64_t M, int64_t N, int64_t K,
-                                int64_t blocksize, T* __restrict__ y) {
+                                int log2_chunks_per_block, T* __restrict__ y) {
   __shared__ float2 pair_code[256];  // pair_code[byte] = (code[high nibble], code[low nibble])
   for (int b = threadIdx.x; b < 256; b += blockDim.x) pair_code[b] = make_float2(kNF4Code[b >> 4], kNF4Code[b & 15]);
   __syncthreads();
@@ -40,10 +40,11 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
   for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
 
   const int64_t chunks = K / kChunk;
+  const int64_t row_chunk = n * chunks;  // chunk index of W[n, 0] in the flat weight
   const uint4* w_row = reinterpret_cast<const uint4*>(packed + n * (K / 2));
   for (int64_t c = lane; c < chunks; c += 32) {
     const uint4 bytes = __ldg(w_row + c);
-    const float a = __ldg(absmax + (n * K + c * kChunk) / blocksize);
+    const float a = __ldg(absmax + ((row_chunk + c) >> log2_chunks_per_block));
     float w[kChunk];  // codes in fp32, element order
     const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
 #pragma unroll
@@ -78,10 +79,10 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
 
 template <typename T, int MT>
 void launch_rows(const T* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N, int64_t K,
-                 int64_t blocksize, T* y, cudaStream_t stream) {
+                 int log2_chunks_per_block, T* y, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>((M + MT - 1) / MT));
   auto* kernel = nf4_gemv_kernel<T, MT>;
-  ADAPTERHUB_LAUNCH(kernel, grid, kGemvWarps * 32, stream)(x, packed, absmax, M, N, K, blocksize, y);
+  ADAPTERHUB_LAUNCH(kernel, grid, kGemvWarps * 32, stream)(x, packed, absmax, M, N, K, log2_chunks_per_block, y);
 }
 
 }  // namespace adapterhub
@@ -89,17 +90,19 @@ void launch_rows(const T* x, const uint8_t* packed, const float* absmax, int64_t
 extern "C" void launch_nf4_gemv(const void* x, const uint8_t* packed, const float* absmax, int64_t M, int64_t N,
                                 int64_t K, int64_t blocksize, void* y, AdapterhubDType dtype, cudaStream_t stream) {
   using namespace adapterhub;
+  // G is a power of two >= 32 (checked by the binding): a quant block is 2^shift chunks of 32.
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize)) - 5;
   // The row tile is a template parameter so the accumulators stay in registers; M = 1 (decode of
   // one sequence) gets its own instantiation, larger M reads W once per 8 rows.
   ADAPTERHUB_DISPATCH_DTYPE(dtype, {
     const T* xt = static_cast<const T*>(x);
     T* yt = static_cast<T*>(y);
     if (M == 1) {
-      launch_rows<T, 1>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+      launch_rows<T, 1>(xt, packed, absmax, M, N, K, shift, yt, stream);
     } else if (M <= 4) {
-      launch_rows<T, 4>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+      launch_rows<T, 4>(xt, packed, absmax, M, N, K, shift, yt, stream);
     } else {
-      launch_rows<T, kMaxRowsPerLaunch>(xt, packed, absmax, M, N, K, blocksize, yt, stream);
+      launch_rows<T, kMaxRowsPerLaunch>(xt, packed, absmax, M, N, K, shift, yt, stream);
     }
   });
 }

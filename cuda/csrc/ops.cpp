@@ -67,7 +67,8 @@ void check_nf4_state(const at::Tensor& packed, const at::Tensor& absmax, int64_t
   CHECK_SAME_DEVICE(packed, absmax);
   CHECK_DTYPE(packed, at::kByte);
   CHECK_DTYPE(absmax, at::kFloat);
-  TORCH_CHECK(blocksize >= 16, "blocksize must be >= 16, got ", blocksize);
+  TORCH_CHECK(blocksize >= 16 && (blocksize & (blocksize - 1)) == 0,
+              "blocksize must be a power of two >= 16 (bitsandbytes' block sizes), got ", blocksize);
   TORCH_CHECK(numel % 2 == 0, "the NF4 weight must have an even number of elements, got ", numel);
   CHECK_NUMEL(packed, numel / 2);
   CHECK_NUMEL(absmax, (numel + blocksize - 1) / blocksize);
@@ -98,8 +99,8 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const AdapterhubDType dtype = element_dtype(x, "x");
   const int64_t N = out_features, K = x.size(-1);
   TORCH_CHECK(N > 0 && K > 0, "out_features and in_features must be positive, got ", N, " and ", K);
-  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0, "the NF4 GEMV needs in_features % 32 == 0 and blocksize % 32 == 0, ",
-              "got in_features=", K, ", blocksize=", blocksize, "; use nf4_dequantize and F.linear");
+  TORCH_CHECK(K % 32 == 0 && blocksize >= 32, "the NF4 GEMV needs in_features % 32 == 0 and blocksize >= 32, ",
+              "got in_features=", K, ", blocksize=", blocksize, "; use nf4_linear (dequantize + GEMM)");
   check_nf4_state(packed, absmax, N * K, blocksize);
   CHECK_ALIGNED(x, 16);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -122,7 +123,7 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must have shape (..., in_features=", in_features,
               "), got ", x.sizes());
   const int64_t rows = x.numel() / in_features;
-  if (rows <= kGemvMaxRows && in_features % 32 == 0 && blocksize % 32 == 0) {
+  if (rows <= kGemvMaxRows && in_features % 32 == 0 && blocksize >= 32) {
     return nf4_gemv(x, packed, absmax, blocksize, out_features);
   }
   at::Tensor w = at::empty({out_features, in_features}, x.options());
