@@ -99,9 +99,9 @@ def lora_expand(
 
     y (B, T, Dout) bf16 | fp16 | fp32, contiguous, updated in place and returned; h (B, T, R) y.dtype;
     B_stack (N, R, Dout) y.dtype, contiguous (lora_B transposed); ids (B,) int64 in [0, N);
-    scaling (N,) fp32; dora_scale (N, Dout) y.dtype or None (None == all ones: no DoRA adapter loaded).
-    dora_scale is stored in y.dtype (a bf16 x fp32 in-place multiply is ~20x slower on CPU than bf16 x bf16);
-    in bf16 that is one more rounding of the scale, within one ulp of the output.
+    scaling (N,) fp32; dora_scale (N, Dout) fp32 or None (None == all ones: no DoRA adapter loaded).
+    The CPU path rounds the B gathered scale rows to y.dtype before multiplying (an in-place bf16 x fp32
+    multiply is ~20x slower on CPU than bf16 x bf16): one more rounding, within one ulp of the output.
     """
     ops = _cuda_ops(y)
     if ops is not None:
@@ -117,7 +117,7 @@ def lora_expand(
     else:
         y.baddbmm_(hs, B_stack.index_select(0, ids))  # (B, T, R) @ (B, R, Dout)
     if dora_scale is not None:
-        y.mul_(dora_scale.index_select(0, ids).view(Bsz, 1, Dout))
+        y.mul_(dora_scale.index_select(0, ids).to(y.dtype).view(Bsz, 1, Dout))
     return y
 
 

@@ -9,7 +9,7 @@ The ops and their rounding are documented in runtime/kernels.py (the sum base + 
 Adapter stacks (non-persistent buffers, grown by the pool between forwards; every slot is zero-padded
 to the layer's largest rank, which changes no result):
     lora_A_stack (N, R, Din), lora_BT_stack (N, R, Dout) = lora_B transposed, scaling (N,) fp32,
-    dora_scale (N, Dout) (computed in fp32, stored in the compute dtype; see kernels.lora_expand).
+    dora_scale (N, Dout) fp32.
 Stacks live in the compute dtype: adapters run at base precision (PEFT keeps them in fp32; in bf16 that
 costs about one bf16 ulp of the LoRA term, and makes every adapter GEMM a bf16 GEMM).
 """
@@ -129,7 +129,7 @@ class AdapterLinear(nn.Module):
             torch.zeros(N, R, self.in_features, dtype=self.dtype, device=device),  # A (N, R, Din)
             torch.zeros(N, R, self.out_features, dtype=self.dtype, device=device),  # B^T (N, R, Dout)
             torch.zeros(N, dtype=torch.float32, device=device),  # scaling (N,)
-            torch.ones(N, self.out_features, dtype=self.dtype, device=device),  # dora_scale (N, Dout)
+            torch.ones(N, self.out_features, dtype=torch.float32, device=device),  # dora_scale (N, Dout)
         )
 
     def _set_stacks(self, A: torch.Tensor, BT: torch.Tensor, scaling: torch.Tensor, dora: torch.Tensor) -> None:
