@@ -16,7 +16,7 @@ from adapterhub.errors import FormatVersionError, RefNotFoundError, RegistryErro
 from adapterhub.registry.blobs import BlobStore, fsync_dir, write_new
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import FORMAT_VERSION, Manifest
-from adapterhub.registry.refs import LocalRefs, ResolvedRef
+from adapterhub.registry.refs import LATEST, LocalRefs, RefSpec, ResolvedRef
 
 LAYOUT_FILE = "adapterhub-layout"
 
@@ -82,6 +82,17 @@ class LocalStore:
 
     def tags(self, task: str) -> dict[str, Digest]:
         return self.refs.tags(task)
+
+    def lookup(self, spec: RefSpec) -> ResolvedRef | None:
+        versions = self.refs.versions(spec.task)
+        if spec.kind == "version":
+            digest = versions.get(int(spec.value))
+            return None if digest is None else ResolvedRef(spec.task, int(spec.value), digest)
+        if spec.kind == "tag" and spec.value == LATEST:
+            return ResolvedRef(spec.task, max(versions), versions[max(versions)]) if versions else None
+        digest = self.refs.tags(spec.task).get(spec.value) if spec.kind == "tag" else spec.value
+        matches = [v for v, d in versions.items() if d == digest]  # ≤ 1: the version is in the manifest
+        return ResolvedRef(spec.task, max(matches), Digest(digest)) if matches else None
 
     def publish(self, task: str, manifest: Manifest | bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:
         """Manifest blob → version ref → tags, under the task lock.

@@ -26,7 +26,7 @@ import httpx
 from adapterhub.errors import RefNotFoundError, RemoteError
 from adapterhub.registry.digest import Digest, verify
 from adapterhub.registry.manifest import MANIFEST_MEDIA_TYPE, Manifest
-from adapterhub.registry.refs import LATEST, ResolvedRef, check_task
+from adapterhub.registry.refs import LATEST, RefSpec, ResolvedRef, check_task
 
 CHUNK = 8 * 1024 * 1024  # blobs above this go up in PATCH chunks of this size
 _VERSION = re.compile(r"v([1-9][0-9]*)")
@@ -207,6 +207,17 @@ class OciStore:
 
     def tags(self, task: str) -> dict[str, Digest]:
         return {t: d for t, d in self._tags(task).items() if t != LATEST and not _VERSION.fullmatch(t)}
+
+    def lookup(self, spec: RefSpec) -> ResolvedRef | None:
+        """One HEAD for a version; a tag or digest also GETs the manifest to learn its version number."""
+        reference = f"v{spec.value}" if spec.kind == "version" else spec.value
+        digest = self.client.manifest_digest(self.repo(spec.task), reference)
+        if digest is None:
+            return None
+        if spec.kind == "version":
+            return ResolvedRef(spec.task, int(spec.value), digest)
+        manifest = Manifest.from_json(self.get_manifest(spec.task, digest), f"{spec} manifest")
+        return ResolvedRef(spec.task, manifest.version, digest)
 
     def publish(self, task: str, manifest: Manifest | bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:
         """PUT the manifest as tag vN, then `latest` (when N is the newest) and the user tags."""

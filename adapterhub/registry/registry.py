@@ -105,26 +105,20 @@ class Registry:
     # --- read ---
 
     def resolve(self, ref: str) -> ResolvedRef:
+        """"task", "task@vN", "task:tag" or "task@sha256:…" → ResolvedRef(task, version, digest)."""
         spec = parse_ref(ref)
-        versions = self.backend.versions(spec.task)
+        found = self.backend.lookup(spec)
+        if found is not None:
+            return found
+        versions = sorted(self.backend.versions(spec.task))
         if not versions:
             raise RefNotFoundError(f"task {spec.task!r} has no versions in {self.location}; "
                                    f"push one with 'adapterhub push DIR {spec.task}'")
         if spec.kind == "version":
-            digest = versions.get(int(spec.value))
-            if digest is None:
-                raise RefNotFoundError(f"{spec} does not exist in {self.location}; versions of {spec.task}: "
-                                       f"{_ranges(sorted(versions))}")
-            return ResolvedRef(spec.task, int(spec.value), digest)
-        if spec.kind == "tag" and spec.value == LATEST:
-            latest = max(versions)
-            return ResolvedRef(spec.task, latest, versions[latest])
-        digest = self.backend.tags(spec.task).get(spec.value) if spec.kind == "tag" else Digest(spec.value)
-        matches = sorted(v for v, d in versions.items() if d == digest)
-        if not matches:
-            raise RefNotFoundError(f"{spec} does not exist in {self.location}; tags of {spec.task}: "
-                                   f"{sorted(self.backend.tags(spec.task)) or 'none'}")
-        return ResolvedRef(spec.task, matches[-1], digest)
+            raise RefNotFoundError(f"{spec} does not exist in {self.location}; versions of {spec.task}: "
+                                   f"{_ranges(versions)}")
+        raise RefNotFoundError(f"{spec} does not exist in {self.location}; tags of {spec.task}: "
+                               f"{sorted(self.backend.tags(spec.task)) or 'none'}")
 
     def manifest(self, ref: str | ResolvedRef) -> Manifest:
         resolved = ref if isinstance(ref, ResolvedRef) else self.resolve(ref)

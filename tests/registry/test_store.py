@@ -211,3 +211,18 @@ def test_registry_never_imports_torch():
     code = ("import adapterhub, sys; from adapterhub import Registry; import adapterhub.registry.gc, adapterhub.registry.oci; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gc_waits_for_a_push_in_flight(tmp_path):
+    import threading
+    registry = Registry(tmp_path)
+    registry.push(make_adapter(0), "sql")
+    registry.remove("sql@v1")
+    plan = registry.gc(dry_run=True)
+    done = threading.Event()
+    with registry.backend.session():  # what every push holds from its first blob to its last ref
+        worker = threading.Thread(target=lambda: (registry.gc(dry_run=False), done.set()))
+        worker.start()
+        assert not done.wait(0.3) and all(registry.backend.blobs.has(d) for d, _ in plan.blobs)
+    worker.join(timeout=30)
+    assert done.is_set() and not any(registry.backend.blobs.has(d) for d, _ in plan.blobs)
