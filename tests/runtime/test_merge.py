@@ -118,3 +118,29 @@ def test_combine_dare_is_seeded_and_errors_are_clear():
     dora = random_adapter(SHAPES, r=4, target_modules=ALL_LINEAR, use_dora=True, seed=1)
     with pytest.raises(MergeError, match="DoRA"):
         combine([a, dora], [1.0, 1.0])
+
+
+def test_nf4_merge_reports_the_requantization_error_and_unmerge_restores_the_bytes():
+    pytest.importorskip("adapterhub.runtime.nf4")
+    layers = make_layers(base_weights(), nf4=True)
+    pool = make_pool(layers)
+    zoo = adapters_zoo(layers)
+    pool.add(zoo["dora"], "dora")
+    original = {m: layer.nf4_state_dict() for m, layer in layers.items()}
+    exact = {m: layer.dequantized_weight() for m, layer in layers.items()}
+    with_adapter = _outputs(layers, pool, "dora")
+    report = merge_adapter(layers, pool, "dora")
+    assert report.quantized and 0 < report.mean_abs_error <= report.max_abs_error
+    # The error reported is what requantization added on top of the exact merged weight.
+    m = "model.layers.0.mlp.up_proj"
+    a = zoo["dora"].modules()[m]
+    merged_exact, _ = lora_math.merge_dora(exact[m], torch.from_numpy(a.lora_A), torch.from_numpy(a.lora_B),
+                                           a.scaling, torch.from_numpy(a.magnitude))
+    assert float((layers[m].dequantized_weight() - merged_exact).abs().max()) <= report.max_abs_error
+    merged = _outputs(layers, pool, None)
+    for mod in layers:  # within NF4 quantization noise of the unmerged forward
+        assert float((merged[mod] - with_adapter[mod]).abs().max()) < 0.25 * float(with_adapter[mod].abs().max())
+    unmerge(layers, pool)
+    for mod, layer in layers.items():
+        for key, value in layer.nf4_state_dict().items():
+            assert torch.equal(value, original[mod][key]), (mod, key)
