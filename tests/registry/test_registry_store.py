@@ -17,7 +17,7 @@ from adapterhub.errors import (
     AdapterFormatError, ConfigError, FormatVersionError, IntegrityError, InvalidNameError, RefNotFoundError,
 )
 from adapterhub.registry import blobs
-from tests.registry.conftest import blob_files, make_adapter
+from tests.registry.helpers import blob_files, make_adapter
 
 
 @pytest.mark.parametrize("use_dora, dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])

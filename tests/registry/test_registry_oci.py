@@ -16,7 +16,7 @@ from adapterhub import Registry
 from adapterhub.adapter import read_safetensors
 from adapterhub.errors import RemoteError
 from adapterhub.registry.oci import EnvAuth, OciStore
-from tests.registry.conftest import make_adapter
+from tests.registry.helpers import make_adapter
 
 BINARY = shutil.which("docker-registry")
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from adapterhub import Registry
 from adapterhub.adapter import read_safetensors
 from adapterhub.cli import main
-from tests.registry.conftest import make_adapter
+from tests.registry.helpers import make_adapter
 
 
 def run(*args, ok=True):
