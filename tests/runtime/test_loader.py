@@ -135,3 +135,119 @@ def test_hub_id_resolves_from_the_local_cache_only(checkpoint_dir, tmp_path, mon
     assert torch.equal(base.model.model.embed_tokens.weight, family_weights("qwen2", seed=5)["model.embed_tokens.weight"])
     with pytest.raises(ModelLoadError, match="neither a checkpoint dir nor a hub id"):
         load_base(str(tmp_path / "not" / "here"), quantize=None)
+
+
+# --- NF4: quantize on load, save_quantized, bitsandbytes checkpoints ----------------------------------------
+
+# NF4 tests use 64-aligned in_features, as every real Llama-family size is: whole NF4 blocks per row (the CPU
+# kernel's requirement, and bitsandbytes' CPU dequantize is wrong otherwise, SEMANTICS §1.5).
+BNB_CONFIG = {**FAMILIES["llama"], "intermediate_size": 128}
+NF4_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4")
+
+
+def test_quantize_on_load_packs_like_the_reference_and_keeps_the_rest_dense(tmp_path):
+    from adapterhub.runtime.linear import AdapterLinear
+    from reference import nf4 as ref_nf4
+
+    from adapterhub.runtime.tiny import random_checkpoint, random_weights
+
+    config = ModelConfig.from_hf_json(BNB_CONFIG)
+    base = load_base(random_checkpoint(tmp_path, config, seed=4, std=0.15), quantize="nf4", compute_dtype=torch.bfloat16)
+    weights = random_weights(config, seed=4, std=0.15)
+    for name, linear in base.model.linears().items():
+        assert linear.is_nf4, name
+        w = weights[name + ".weight"].to(torch.bfloat16)
+        sd = linear.nf4_state_dict(name + ".")
+        want = ref_nf4.quantize(w.float().numpy(), 64, True, "bfloat16")
+        assert bytes(sd[name + ".weight"].numpy()) == bytes(want["weight"])  # the 4-bit codes, bit for bit
+        alone = AdapterLinear(linear.in_features, linear.out_features, False, dtype=torch.bfloat16)
+        alone.load_nf4(w)
+        assert torch.equal(linear.dequantized_weight(), alone.dequantized_weight())
+        if linear.bias is not None:  # q/k/v/o biases stay dense
+            assert torch.equal(linear.bias, weights[name + ".bias"].to(torch.bfloat16))
+        err = (linear.dequantized_weight().float() - w.float()).abs().max()
+        assert 0 < err < 0.25 * w.abs().max()
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(base.model.get_parameter(name), weights[name].to(torch.bfloat16))
+
+
+def test_save_quantized_round_trip_is_bit_identical_and_skips_quantizing(checkpoint_dir, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from adapterhub.runtime import nf4
+    from adapterhub.runtime.config import QuantConfig
+
+    from adapterhub.runtime.tiny import random_checkpoint
+
+    qwen2 = ModelConfig.from_hf_json({**FAMILIES["qwen2"], "intermediate_size": 128})
+    base = load_base(random_checkpoint(tmp_path / "src", qwen2, seed=3, std=0.15), quantize="nf4")
+    path = base.save_quantized(tmp_path / "q")
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"] == QuantConfig().to_hf_json()  # SEMANTICS §3.2
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert metadata == {"format": "pt"}
+    q = "model.layers.1.self_attn.q_proj."
+    assert {k for k in keys if k.startswith(q)} == {q + s for s in (*NF4_KEYS, "bias")}
+    assert "lm_head.weight" not in keys  # tied (Qwen2 config here)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a saved NF4 base must load without quantizing")
+
+    monkeypatch.setattr(nf4, "quantize", refuse)
+    loaded = load_base(path, quantize="nf4")
+    for name, linear in base.model.linears().items():
+        a, b = linear.nf4_state_dict(name + "."), loaded.model.get_submodule(name).nf4_state_dict(name + ".")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name, p in base.model.named_parameters():
+        assert torch.equal(p, loaded.model.get_parameter(name)), name
+    ids = torch.tensor([base.tokenizer.encode("round trip")])
+    assert torch.equal(base(ids), loaded(ids))
+
+
+def test_save_quantized_needs_an_nf4_base(checkpoint_dir, tmp_path):
+    from adapterhub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize='nf4'"):
+        load_base(checkpoint_dir("llama"), quantize=None).save_quantized(tmp_path / "q")
+
+
+def _bnb_model(path, transformers):
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.bfloat16)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                             device_map="cpu")
+
+
+@pytest.mark.compat
+def test_transformers_bnb_checkpoint_loads_as_saved(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    from adapterhub.runtime.tiny import random_checkpoint
+
+    src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=1, std=0.15)
+    hf = _bnb_model(src, transformers)
+    hf.save_pretrained(tmp_path / "bnb")  # before any eval forward (SEMANTICS §3.4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / "bnb" / name)
+    base = load_base(tmp_path / "bnb", quantize=None)  # as saved: NF4 whatever `quantize` says
+    for name, linear in base.model.linears().items():
+        param = hf.get_submodule(name).weight
+        want = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+        assert linear.is_nf4 and torch.equal(linear.dequantized_weight(), want), name
+
+
+@pytest.mark.compat
+def test_save_quantized_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    from adapterhub.runtime.tiny import random_checkpoint
+
+    src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=2, std=0.15)
+    base = load_base(src, quantize="nf4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base.save_quantized(tmp_path / "q"), device_map="cpu")
+    for name, linear in base.model.linears().items():
+        param = hf.get_submodule(name).weight
+        assert isinstance(param, bnb.nn.Params4bit), name
+        assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state), linear.dequantized_weight())
