@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,31 @@ def test_mixed_batch_logits_match_transformers_and_peft(tmp_path, config):
             model.set_adapter(name)
             expected = model(input_ids[b : b + 1]).logits[0]
             torch.testing.assert_close(ours[b], expected, atol=1e-4, rtol=1e-4, msg=f"row {b} ({name})")
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "ties"])
+def test_combine_matches_peft_add_weighted_adapter(tmp_path, method):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from adapterhub.runtime.merge import combine
+
+    path = random_checkpoint(tmp_path / "base", LLAMA, seed=5)
+    base = load_base(path, quantize=None, compute_dtype=torch.float32)
+    shapes = base.module_shapes()
+    a = random_adapter(shapes, r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), seed=1)
+    b = random_adapter(shapes, r=4, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=2)
+    a.save_peft_dir(tmp_path / "a")
+    b.save_peft_dir(tmp_path / "b")
+    ours = combine([a, b], [0.6, 0.3], method=method, density=0.5 if method == "ties" else None)
+    assert ours.modules()["model.layers.0.self_attn.q_proj"].scaling == 1.0
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf, tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    kwargs = {"density": 0.5} if method == "ties" else {}
+    model.add_weighted_adapter(["a", "b"], [0.6, 0.3], "mix", combination_type=method, **kwargs)
+    for module, m in ours.modules().items():
+        layer = model.base_model.model.get_submodule(module)
+        assert layer.scaling["mix"] == m.scaling
+        np.testing.assert_allclose(layer.lora_A["mix"].weight.detach().numpy(), m.lora_A, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(layer.lora_B["mix"].weight.detach().numpy(), m.lora_B, atol=1e-6, rtol=1e-5)
