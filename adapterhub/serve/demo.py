@@ -20,6 +20,8 @@ PROMPTS = ["The capital of Chile", "def fibonacci(nums):", "Once upon a time the
 
 
 def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
+    import torch
+
     from adapterhub.adapter import random_adapter
     from adapterhub.registry import Registry
     from adapterhub.runtime import load_base
@@ -27,11 +29,13 @@ def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
     started = time.perf_counter()
     new_tokens, repeats = (8, 1) if is_quick else (24, 3)
     echo("== 1. Base model ==")
-    base = load_base("tiny")
+    # fp32 compute: every row can then be compared bit for bit with its solo run. (The bf16 kernels pick
+    # their blocking by batch size, so bf16 rows agree with solo runs only to rounding.)
+    base = load_base("tiny", compute_dtype=torch.float32)
     c = base.config
     storage = "NF4" if all(m.is_nf4 for m in base.model.linears().values()) else str(base.model.dtype)
     echo(f"embedded tiny Llama: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-         f"decoder linears in {storage}, compute in {base.model.dtype}.")
+         f"decoder linears in {storage}, compute in {base.model.dtype} (so rows compare bit for bit).")
     echo("Its weights are random, so the text below is gibberish: what matters is that each row follows "
          "its own adapter.")
 
@@ -97,6 +101,8 @@ def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
     echo(f"{'mode':<44} {'tokens/s':>9}  ratio")
     echo(f"{'mixed batch (3 adapters, one forward/step)':<44} {mixed_tps:>9.0f}  {mixed_tps / merged_tps:.2f}x")
     echo(f"{'one adapter merged into the base (baseline)':<44} {merged_tps:>9.0f}  1.00x")
+    echo("(at this toy size, hidden 256, the adapter math is a large share of every step; "
+         "bench/mixed_batch.py measures a 1024-hidden model)")
     echo("")
     echo(f"done in {time.perf_counter() - started:.1f} s. Next: 'adapterhub serve' and "
          "POST /v1/completions with \"model\": \"<task>:prod\".")

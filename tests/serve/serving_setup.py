@@ -22,7 +22,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 
 
 def make_base(max_adapters: int = 8):
-    return load_base("tiny", quantize=None, compute_dtype=torch.float32, max_adapters=max_adapters)
+    return load_base("tiny", compute_dtype=torch.float32, max_adapters=max_adapters)
 
 
 @dataclass
