@@ -60,6 +60,9 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Next token per row.  # (B, V) -> (B,) int64, on the logits' device, no host sync"""
+    if params.seed.device != logits.device:
+        raise ValueError(f"SamplingBatch is on {params.seed.device} but the logits are on {logits.device}; "
+                         "build it with SamplingBatch.from_params(..., device=base.model.device)")
     logits = logits.float()
     greedy = logits.argmax(-1)  # ties: the lowest id, as the reference
     if params.is_greedy:
