@@ -45,7 +45,8 @@ def test_scaling_and_patterns_match_semantics_example():
 
 def test_target_module_resolution():
     listed = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                      "target_modules": ["q_proj", "mlp.down_proj"], "exclude_modules": ["layers.1.self_attn.q_proj"]})
+                                      "target_modules": ["q_proj", "mlp.down_proj"],
+                                      "exclude_modules": ["layers.1.self_attn.q_proj"]})
     assert listed.matches(Q0) and listed.matches("model.layers.1.mlp.down_proj")
     assert not listed.matches("model.layers.1.self_attn.q_proj")  # excluded wins
     assert not listed.matches("model.layers.0.self_attn.xq_proj")  # suffix must follow a dot

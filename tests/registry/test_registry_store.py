@@ -208,8 +208,8 @@ def test_copy_between_local_registries_moves_only_missing_blobs(tmp_path):
 
 
 def test_registry_never_imports_torch():
-    code = ("import adapterhub, sys; from adapterhub import Registry; import adapterhub.registry.gc, adapterhub.registry.oci; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import adapterhub, sys; from adapterhub import Registry; import adapterhub.registry.gc; "
+            "import adapterhub.registry.oci; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
