@@ -14,7 +14,7 @@ import pytest
 
 from adapterhub import Registry
 from adapterhub.adapter import read_safetensors
-from adapterhub.errors import RemoteError
+from adapterhub.errors import IntegrityError, RemoteError
 from adapterhub.registry.oci import EnvAuth, OciStore
 from tests.registry.helpers import make_adapter
 
@@ -121,7 +121,7 @@ def test_corrupt_remote_blob_is_rejected(tmp_path):
 
     remote = Registry(tmp_path / "unused")
     remote.backend = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
-    with pytest.raises(Exception, match=tensor):
+    with pytest.raises(IntegrityError, match=tensor):
         remote.pull("sql@v1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -154,7 +154,19 @@ def test_https_unless_loopback_and_unreachable_is_a_clear_error():
     assert store.client.base.startswith("http://127.0.0.1")
     with pytest.raises(RemoteError, match="cannot reach"):
         store.versions("sql")
-    assert isinstance(EnvAuth({}).basic, type(None))
+
+
+def test_token_from_env_is_sent_as_bearer(monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_OCI_TOKEN", "abc")
+    headers = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers.append(request.headers.get("Authorization"))
+        return httpx.Response(404)
+
+    store = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
+    assert store.versions("sql") == {} and headers == ["Bearer abc"]
+    assert EnvAuth({}).token is None and EnvAuth({}).basic is None
 
 
 def test_chunked_upload_round_trips(oci_url, monkeypatch):
