@@ -191,15 +191,19 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, Din) [or (B, Din)], ids (B,) int64 slot per row or None (all rows slot 0) -> (B, T, Dout)."""
+        use_adapters = ids is not None and bool(self._installed)
+        dora = self.dora_scale if use_adapters and self._dora_slots else None
+        # DoRA scales the output before the bias is added (SEMANTICS §5.3); otherwise the GEMM adds it.
+        late_bias = self.bias is not None and (dora is not None or self.nf4 is not None)
         if self.nf4 is None:
-            y = torch.nn.functional.linear(x, self.weight)  # (B, T, Dout), no bias: DoRA scales before it
+            y = torch.nn.functional.linear(x, self.weight, None if late_bias else self.bias)  # (B, T, Dout)
         else:
             y = kernels.nf4_linear(x, self.nf4_packed, self.nf4_absmax, self.nf4.blocksize, self.out_features, self.in_features)
-        if ids is not None and self._installed:
-            x3, y3 = x.view(x.shape[0], -1, self.in_features), y.view(y.shape[0], -1, self.out_features)  # (B, T, D)
+        if use_adapters:
+            x3 = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, Din)
             h = kernels.lora_shrink(x3, self.lora_A_stack, ids)  # (B, T, R)
-            kernels.lora_expand(y3, h, self.lora_BT_stack, ids, self.scaling, self.dora_scale if self._dora_slots else None)
-        if self.bias is not None:
+            kernels.lora_expand(y.view(y.shape[0], -1, self.out_features), h, self.lora_BT_stack, ids, self.scaling, dora)
+        if late_bias:
             y.add_(self.bias)
         return y
 
