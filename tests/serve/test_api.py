@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 from serving_setup import PROMPTS, make_base
@@ -95,7 +96,12 @@ def test_chat_completions_follow_the_tokenizer_template(served):
     response = served.client.post("/v1/chat/completions", json=body)
     if served.engine.base.tokenizer.has_chat_template:
         assert response.status_code == 200
-        assert response.json()["choices"][0]["message"]["role"] == "assistant"
+        message = response.json()["choices"][0]["message"]
+        assert message["role"] == "assistant" and response.json()["object"] == "chat.completion"
+        with served.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x and x != "data: [DONE]"]
+        assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == message["content"]
     else:
         assert_error(response, 400, "RequestError", "chat template")
 

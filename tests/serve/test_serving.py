@@ -39,6 +39,7 @@ def test_32_concurrent_mixed_requests_equal_offline_generate(served, offline):
         assert body["usage"]["completion_tokens"] <= n
     stats = served.engine.metrics.snapshot()
     assert stats["requests"]["ok"] >= 32 and stats["adapter_loads"] >= 3
+    assert stats["tokens_total"] >= 3 * stats["steps_total"]  # rows were decoded together, not one by one
 
 
 def sse_chunks(client: httpx.Client, body: dict) -> list[dict]:
