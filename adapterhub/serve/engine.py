@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from adapterhub.errors import AdapterHubError, CapacityError, QueueFullError, RequestError
+from adapterhub.errors import CapacityError, QueueFullError, RequestError
 from adapterhub.serve.loader import AdapterSource, ResolvedModel
 from adapterhub.serve.metrics import Metrics
 from adapterhub.serve.requests import Finished, RequestHandle, SamplingParams, validate_request
@@ -181,8 +181,9 @@ class Engine:
     def _reload(self, item: _Waiting) -> None:
         try:
             item.adapter = self.source.load(item.resolved)
-        except AdapterHubError as error:
+        except Exception as error:  # e.g. the version was deleted from the registry meanwhile
             item.handle.fail(error)
+            self.metrics.count_request(type(error).__name__)
             return
         with self._cv:
             self._waiting.appendleft(item)
