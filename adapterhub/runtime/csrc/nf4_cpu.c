@@ -138,12 +138,14 @@ int nf4_amx_enable(void) { /* Linux hands out the AMX tile state per process on 
 /* 128 elements of one weight row -> group g at out + g * NB * 32 (a row of the g-th A tile) */
 static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) {
     const __m512 code = _mm512_loadu_ps(NF4_CODE);
+    /* words 0-15: the first block's 16 weights, 16-31: the second's; then each repeated twice */
+    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(a[1])),
+                                                _mm512_mul_ps(code, _mm512_set1_ps(a[0])));
+    __m512i table[2] = {_mm512_shuffle_i64x2(both, both, 0x44), _mm512_shuffle_i64x2(both, both, 0xee)};
     for (int h = 0; h < 2; h++) {
-        __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[h]));
-        __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t, t);
         __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 * h)));
-        _mm512_store_si512(out + (2 * h) * NB * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-        _mm512_store_si512(out + (2 * h + 1) * NB * 32, _mm512_permutexvar_epi16(v, table));
+        _mm512_store_si512(out + (2 * h) * NB * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table[h]));
+        _mm512_store_si512(out + (2 * h + 1) * NB * 32, _mm512_permutexvar_epi16(v, table[h]));
     }
 }
 
