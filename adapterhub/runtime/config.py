@@ -3,7 +3,8 @@
 Llama, Mistral and Qwen2 share one architecture (RMSNorm, RoPE, GQA, SwiGLU MLP); they differ in
 defaults: Qwen2 always has a q/k/v bias, Llama has one when `attention_bias` is set. RoPE scaling:
 the default rotation and Llama 3.1's frequency-dependent "llama3" scaling. Sliding-window attention
-(Mistral, Qwen2 with `use_sliding_window`) is not modelled: sequences must stay below the window.
+(Mistral; Qwen2 with `use_sliding_window`, on its upper layers) limits each query to the last
+`sliding_window` keys on the layers listed in `sliding_layers`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()  # layers whose attention is windowed
     quantization: QuantConfig | None = field(default=None, compare=False)
 
     @property
@@ -93,6 +96,7 @@ class ModelConfig:
         if H % Hkv:
             raise ModelLoadError(f"num_attention_heads={H} is not a multiple of num_key_value_heads={Hkv}")
         theta, scaling = _rope(d)
+        window, sliding_layers = _sliding(d, ARCHITECTURES[arch], layers)
         eos = d.get("eos_token_id")
         return cls(
             architecture=arch, vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=layers,
@@ -104,7 +108,7 @@ class ModelConfig:
             mlp_bias=bool(d.get("mlp_bias", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
-            pad_token_id=d.get("pad_token_id"),
+            pad_token_id=d.get("pad_token_id"), sliding_window=window, sliding_layers=sliding_layers,
             quantization=_quantization(d.get("quantization_config")),
         )
 
@@ -123,6 +127,12 @@ class ModelConfig:
         }
         if self.model_type == "llama":
             d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                d["use_sliding_window"] = True
+                d["layer_types"] = ["sliding_attention" if i in self.sliding_layers else "full_attention"
+                                    for i in range(self.num_hidden_layers)]
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **vars(self.rope_scaling)}
         if self.quantization is not None:
@@ -161,6 +171,23 @@ def _rope(d: dict) -> tuple[float, RopeScaling | None]:
     if not math.isfinite(scaling.factor) or scaling.high_freq_factor == scaling.low_freq_factor:
         raise ModelLoadError(f"invalid llama3 rope scaling {scaling}")
     return theta, scaling
+
+
+def _sliding(d: dict, model_type: str, layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """Mistral windows every layer; Qwen2 (only with use_sliding_window) the layers from max_window_layers
+    on, or those `layer_types` names "sliding_attention" (transformers 5 writes the list out)."""
+    if model_type == "llama" or (model_type == "qwen2" and not d.get("use_sliding_window")):
+        return None, ()
+    window = d.get("sliding_window")
+    if window is None:
+        return None, ()
+    if "layer_types" in d and d["layer_types"]:
+        sliding = tuple(i for i, kind in enumerate(d["layer_types"]) if kind == "sliding_attention")
+    elif model_type == "qwen2":
+        sliding = tuple(range(int(d.get("max_window_layers", 28)), layers))
+    else:
+        sliding = tuple(range(layers))
+    return (int(window), sliding) if sliding else (None, ())
 
 
 def _quantization(q: dict | None) -> QuantConfig | None:

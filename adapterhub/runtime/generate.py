@@ -127,6 +127,9 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
     tokens = torch.zeros(B, T, dtype=torch.long)  # right-padded; padding is never attended by a real token
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    V = model.config.vocab_size
+    if int(tokens.min()) < 0 or int(tokens.max()) >= V:
+        raise RequestError(f"prompt token ids must be in [0, {V}) for this base; got {int(tokens.min())}..{int(tokens.max())}")
     step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
     last = torch.tensor(lengths, dtype=torch.long) - 1
     logits = model(tokens.to(model.device), ids, cache, step, logits_at=last.to(model.device))  # (B, V)

@@ -6,7 +6,8 @@ as `proj(x, ids)`: one batched forward for all rows, each row with its own adapt
 
 Positions are per row. Without a cache they follow the attention mask (cumsum - 1, as HF generate
 builds them for a padded batch); with a cache, row b's new tokens sit at `starts[b] + 0..T-1`.
-Masks are additive and finite (dtype min), so a query with no visible key stays finite.
+Masks are additive and finite (dtype min), so a query with no visible key stays finite. Sliding-window
+layers also hide keys `sliding_window` or more indices back (transformers' `sliding_window_overlay`).
 """
 
 from __future__ import annotations
@@ -154,16 +155,19 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         if cache is None:
-            positions, mask = _positions_and_mask(attention_mask, B, T, self.device, self.dtype)
+            positions, visible, distance = _positions_and_visible(attention_mask, B, T, self.device)
         else:
             positions = step.positions  # (B, T)
             keys = torch.arange(step.span, device=self.device)
-            visible = keys[None, None, :] <= positions[:, :, None]  # (B, T, span): causal, per-row length
-            mask = _additive(visible, self.dtype)
+            distance = positions[:, :, None] - keys[None, None, :]  # (B, T, span): query index - key index
+            visible = distance >= 0  # causal; keys past a row's length are ahead of all its queries
+        mask = _additive(visible, self.dtype)
+        window = self.config.sliding_window
+        windowed = None if window is None else _additive(visible & (distance < window), self.dtype)
         rope = self._rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, ids, rope, mask, cache, step, i)
+            x = layer(x, ids, rope, windowed if i in self.config.sliding_layers else mask, cache, step, i)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
@@ -182,10 +186,13 @@ def _additive(visible: torch.Tensor, dtype) -> torch.Tensor:
     return torch.where(visible, zero, torch.finfo(dtype).min)[:, None]
 
 
-def _positions_and_mask(attention_mask, B: int, T: int, device, dtype):
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+def _positions_and_visible(attention_mask, B: int, T: int, device):
+    """Positions (B, T), visible keys (B, T, T) and query - key index distances (1 or B, T, T)."""
+    index = torch.arange(T, device=device)
+    distance = (index[:, None] - index[None, :])[None]  # (1, T, T)
+    causal = distance >= 0
     if attention_mask is None:
-        return torch.arange(T, device=device).expand(B, T), _additive(causal.expand(B, T, T), dtype)
+        return index.expand(B, T), causal.expand(B, T, T), distance
     real = attention_mask.to(device=device, dtype=torch.bool)  # (B, T)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return positions, _additive(causal[None] & real[:, None, :], dtype)
+    return positions, causal & real[:, None, :], distance

@@ -153,6 +153,8 @@ def test_step_api_rejects_bad_input(base):
         base.prefill(cache, [0], [list(range(9))], None)
     with pytest.raises(RequestError, match="rows"):
         base.prefill(cache, [2], [[1, 2]], None)
+    with pytest.raises(RequestError, match=r"\[0, 259\).*1\.\.259"):
+        base.prefill(cache, [0], [[1, 259]], None)
     base.prefill(cache, [0], [list(range(8))], None)
     with pytest.raises(RequestError, match="full"):
         base.decode(cache, torch.tensor([0]), torch.tensor([1]), None)

@@ -158,3 +158,50 @@ def test_logits_match_transformers(family, checkpoint_dir):
     real = mask.bool()
     assert want.abs().max() > 1.0
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=ATOL_HF)
+
+
+SLIDING = {
+    "mistral": {**FAMILIES["mistral"], "sliding_window": 4},
+    "qwen2": {**FAMILIES["qwen2"], "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+}
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_attention_with_cache(family):
+    from adapterhub.runtime.config import ModelConfig
+    from adapterhub.runtime.loader import build_model
+    from adapterhub.runtime.tiny import random_weights
+
+    config = ModelConfig.from_hf_json(SLIDING[family])
+    assert config.sliding_window == 4 and config.sliding_layers == {"mistral": (0, 1), "qwen2": (1,)}[family]
+    assert ModelConfig.from_hf_json(config.to_hf_json()) == config
+    weights = random_weights(config, seed=0, std=0.15)
+    model = build_model(config, weights.__getitem__, weights, quantize=None, dtype=torch.float32, device="cpu")
+    seq = _ids(259, 1, 14, seed=4)[0].tolist()
+    with torch.no_grad():
+        windowed = model(torch.tensor([seq]))
+    unwindowed = ref.forward(FAMILIES[family], _numpy(weights), np.array([seq]))
+    assert np.abs(windowed.numpy() - unwindowed)[:, 4:].max() > 1e-3  # the window changes later positions
+    np.testing.assert_allclose(windowed.numpy()[:, :4], unwindowed[:, :4], rtol=0, atol=ATOL_REF)  # not earlier
+    cache = _cache(model, max_batch=2, max_seq=16)
+    with torch.no_grad():
+        logits = gen.prefill(model, cache, [1], [seq[:5]], None)
+        for n in range(5, len(seq)):
+            torch.testing.assert_close(logits[0], windowed[0, n - 1], rtol=0, atol=ATOL_REF)
+            logits = gen.decode(model, cache, torch.tensor([1]), torch.tensor([seq[n]]), None)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_matches_transformers(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from adapterhub.runtime.config import ModelConfig
+    from adapterhub.runtime.loader import load_parts
+    from adapterhub.runtime.tiny import random_checkpoint
+
+    path = random_checkpoint(tmp_path, ModelConfig.from_hf_json(SLIDING[family]), seed=1, std=0.15)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    _, _, model = load_parts(path, None, torch.float32, torch.device("cpu"))
+    ids = _ids(259, 2, 14, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=ATOL_HF)
