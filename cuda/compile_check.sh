@@ -31,9 +31,13 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 echo "compile_check: $("$nvcc" --version | tail -n 2 | head -n 1)"
+# The defines torch.utils.cpp_extension adds to every nvcc call (no implicit half / bf16 conversions),
+# so code that only builds without them fails here rather than on the first GPU machine.
+torch_nvcc_flags=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+                  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
 for source in "$csrc"/*.cu; do
     start=$SECONDS
-    "$nvcc" -std=c++17 -arch="$arch" -O3 -c "$source" -o "$out/$(basename "$source" .cu).o"
+    "$nvcc" -std=c++17 -arch="$arch" -O3 "${torch_nvcc_flags[@]}" -c "$source" -o "$out/$(basename "$source" .cu).o"
     echo "compile_check: ok  nvcc -arch=$arch $(basename "$source") ($((SECONDS - start)) s)"
 done
 

@@ -103,7 +103,7 @@ def test_emulated_nf4_dequantize_is_bit_exact(emulated, dtype, numel, blocksize)
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 def test_emulated_nf4_gemv_matches_linear_semantics(emulated, dtype, rows):
     # Semantics of kernels.nf4_linear: y = (x.float() @ W.float().T).to(x.dtype), W dequantized to x.dtype.
-    N, K, blocksize = 12, 192, 128  # quant blocks span rows: 192 % 128 != 0
+    N, K, blocksize = 12, 1088, 128  # 34 chunks: lanes 0, 1 take two steps; blocks span rows (1088 % 128 != 0)
     packed, absmax = _random_nf4(N * K, blocksize, seed=rows)
     absmax /= 8
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)

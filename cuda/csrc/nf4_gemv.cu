@@ -42,9 +42,21 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
   const int64_t chunks = K / kChunk;
   const int64_t row_chunk = n * chunks;  // chunk index of W[n, 0] in the flat weight
   const uint4* w_row = reinterpret_cast<const uint4*>(packed + n * (K / 2));
+  // Software pipelining: the next step's weight chunk and absmax are loaded before this step's math,
+  // so each lane keeps two HBM loads in flight instead of waiting out one latency per step.
+  uint4 next_bytes = make_uint4(0, 0, 0, 0);
+  float next_a = 0.0f;
+  if (lane < chunks) {
+    next_bytes = __ldg(w_row + lane);
+    next_a = __ldg(absmax + ((row_chunk + lane) >> log2_chunks_per_block));
+  }
   for (int64_t c = lane; c < chunks; c += 32) {
-    const uint4 bytes = __ldg(w_row + c);
-    const float a = __ldg(absmax + ((row_chunk + c) >> log2_chunks_per_block));
+    const uint4 bytes = next_bytes;
+    const float a = next_a;
+    if (c + 32 < chunks) {
+      next_bytes = __ldg(w_row + c + 32);
+      next_a = __ldg(absmax + ((row_chunk + c + 32) >> log2_chunks_per_block));
+    }
     float w[kChunk];  // codes in fp32, element order
     const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
 #pragma unroll
