@@ -98,10 +98,15 @@ class Base:
         sampling = gen.SamplingBatch.from_params([temperature] * B, [top_k] * B, [top_p] * B, seeds,
                                                  device=self.model.device)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        stop_ids = list(self.config.eos_token_id) or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        stop_ids = self.stop_token_ids()
         with torch.inference_mode(), self._pinned(adapters, B) as ids:
             return gen.generate(self.model, self.tokenizer, token_prompts, ids, max_new_tokens=max_new_tokens,
                                 sampling=sampling, stop_ids=stop_ids, stop=stop)
+
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a completion: config.json / generation_config.json eos ids and the tokenizer's eos."""
+        ids = [*self.config.eos_token_id, self.tokenizer.eos_token_id]
+        return [t for t in dict.fromkeys(ids) if t is not None]
 
     # --- step API (serving engine) --------------------------------------------------------------------
 

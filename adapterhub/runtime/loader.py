@@ -10,6 +10,7 @@ loads as saved; `save_quantized` writes that same format, so the next load skips
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +93,12 @@ def resolve_dir(path_or_id: str | Path) -> Path:
 def read_config(path: Path) -> ModelConfig:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face checkpoint dir")
-    return ModelConfig.from_hf_json(json.loads((path / "config.json").read_text()))
+    config = ModelConfig.from_hf_json(json.loads((path / "config.json").read_text()))
+    # Chat models list their end-of-turn ids in generation_config.json (Llama 3: <|eot_id|> next to eos).
+    generation = path / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    extra = [eos] if isinstance(eos, int) else list(eos or [])
+    return replace(config, eos_token_id=tuple(dict.fromkeys([*config.eos_token_id, *extra])))
 
 
 def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, *, quantize: str | None,

@@ -251,3 +251,16 @@ def test_save_quantized_loads_in_transformers(tmp_path):
         param = hf.get_submodule(name).weight
         assert isinstance(param, bnb.nn.Params4bit), name
         assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state), linear.dequantized_weight())
+
+
+def test_generation_config_eos_ids_stop_generation(checkpoint_dir):
+    path = checkpoint_dir("llama")
+    plain = load_base(path, quantize=None, compute_dtype=torch.float32)
+    out = plain.generate(["hi"], max_new_tokens=6)[0]
+    assert plain.stop_token_ids() == [257] and out.finish_reason == "length"
+    end_of_turn = out.token_ids[3]  # make a token the greedy text reaches an end-of-turn id
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, end_of_turn]}))
+    chat = load_base(path, quantize=None, compute_dtype=torch.float32)
+    assert chat.config.eos_token_id == (257, end_of_turn)
+    stopped = chat.generate(["hi"], max_new_tokens=6)[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(end_of_turn)]
