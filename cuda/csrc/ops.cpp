@@ -18,8 +18,6 @@
 
 #include "launchers.h"
 
-namespace {
-
 #define CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got device ", (t).device())
 #define CHECK_CONTIGUOUS(t) \
   TORCH_CHECK((t).is_contiguous(), #t " must be contiguous, got strides ", (t).strides(), "; call .contiguous()")
@@ -42,6 +40,8 @@ namespace {
     CHECK_CUDA(t);     \
     CHECK_CONTIGUOUS(t); \
   } while (0)
+
+namespace {
 
 AdapterhubDType element_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -164,6 +164,15 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& A_stack, const at:
   return h;
 }
 
+void check_dora_scale(const at::Tensor& dora_scale, const at::Tensor& y, int64_t N, int64_t Dout) {
+  CHECK_INPUT(dora_scale);
+  CHECK_SAME_DEVICE(y, dora_scale);
+  CHECK_DTYPE(dora_scale, at::kFloat);
+  CHECK_DIM(dora_scale, 2);
+  CHECK_SIZE(dora_scale, 0, N);
+  CHECK_SIZE(dora_scale, 1, Dout);
+}
+
 // y (B, T, Dout) <- dora_scale[ids] * (y + scaling[ids] * h @ B_stack[ids]), in place; B_stack (N, R, Dout).
 void lora_expand(at::Tensor& y, const at::Tensor& h, const at::Tensor& B_stack, const at::Tensor& ids,
                  const at::Tensor& scaling, const std::optional<at::Tensor>& dora_scale) {
@@ -190,14 +199,8 @@ void lora_expand(at::Tensor& y, const at::Tensor& h, const at::Tensor& B_stack, 
   CHECK_SIZE(scaling, 0, N);
   const float* dora = nullptr;
   if (dora_scale.has_value()) {
-    const at::Tensor& g = *dora_scale;
-    CHECK_INPUT(g);
-    CHECK_SAME_DEVICE(y, g);
-    CHECK_DTYPE(g, at::kFloat);
-    CHECK_DIM(g, 2);
-    CHECK_SIZE(g, 0, N);
-    CHECK_SIZE(g, 1, Dout);
-    dora = g.data_ptr<float>();
+    check_dora_scale(*dora_scale, y, N, Dout);
+    dora = dora_scale->data_ptr<float>();
   }
   check_ids(ids, y, B);
   CHECK_ALIGNED(y, 16);
