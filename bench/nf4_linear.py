@@ -7,8 +7,7 @@ decode batch, 2048 = prefill) it times, interleaved so that they share the machi
   dense      F.linear(x, W) with a dense bf16 W: the baseline
   runtime    the runtime's NF4 linear: AdapterLinear (NF4 weight, ids=None) -> kernels.nf4_linear, which
              takes the fused CPU kernel for M <= cpu_kernels.FUSED_MAX_ROWS, else dequantize into a
-             scratch buffer + F.linear (the same dispatch, spelled out here, while AdapterLinear cannot
-             hold an NF4 weight)
+             scratch buffer + F.linear (if the layer cannot be built, the same dispatch spelled out)
   fused      cpu_kernels.nf4_linear (compiled kernel) for M <= 32, to show the crossover
   bnb        bitsandbytes Linear4bit (nf4, double quant, bf16 compute, eval, no grad), repacked for its
              CPU kernel by a warm-up forward
@@ -40,7 +39,7 @@ def runtime_linear(w: torch.Tensor):
         layer = AdapterLinear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
         layer.load_nf4(w)
     except Exception as exc:  # the runtime's NF4 layer is optional here: report, then bench the kernel alone
-        print(f"# AdapterLinear cannot hold an NF4 weight ({type(exc).__name__}: {exc}); 'runtime' = its dispatch")
+        print(f"# AdapterLinear.load_nf4 failed ({type(exc).__name__}: {exc}); 'runtime' = its dispatch, spelled out")
         return None, None
     return (lambda x: layer(x, None)), (layer.nf4_packed, layer.nf4_absmax)
 
