@@ -14,8 +14,8 @@ If there is no compiler, the build fails or the machine is not Linux/x86-64 with
 
 The weight is exactly the torch path's: ``W = fp32(code * absmax)``, rounded to bf16 when x is bf16
 (SEMANTICS §1.5); only the order of the fp32 sums differs from ``dequantize`` then ``F.linear``. Paths:
-fp32 x, or bf16 x with 1-2 rows: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup);
-bf16 x with 3 or more rows (N % 32 == 0, K % 128 == 0) on CPUs with AMX: the weight decoded to bf16
+fp32 x, or bf16 x with 1 row: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup);
+bf16 x with 2 or more rows (N % 32 == 0, K % 128 == 0) on CPUs with AMX: the weight decoded to bf16
 tiles and multiplied by AMX, 32 rows of x per pass over W. fp32 results do not depend on the batch; a
 bf16 row may differ by one bf16 rounding between the two paths. Bound checked by the tests,
 :data:`TOLERANCE`: ``|y - y_torch| <= TOLERANCE[dtype] * (|x| @ |W|^T)``.
@@ -189,7 +189,7 @@ def _load():
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
-    if lib.nf4_amx_enable():  # AMX tiles for bf16 with 3..32 rows where the CPU and the kernel allow them
+    if lib.nf4_amx_enable():  # AMX tiles for bf16 with 2..32 rows where the CPU and the kernel allow them
         global FUSED_MAX_ROWS
         FUSED_MAX_ROWS = _AMX_MAX_ROWS
     return lib

@@ -47,7 +47,7 @@ def test_builds_where_it_should():
 
 
 def test_amx_is_used_where_the_cpu_has_it():
-    # bf16 decode batches (3..32 rows) run on AMX tiles; a lost AMX permission would silently cost 5-8x.
+    # bf16 decode batches (2..32 rows) run on AMX tiles; a lost AMX permission would silently cost 5-8x.
     if not (_expected_available() and "amx_bf16" in cpu_kernels._cpu_flags().split()):
         pytest.skip("no AMX here")
     assert cpu_kernels.available() and cpu_kernels.FUSED_MAX_ROWS == 32
@@ -98,7 +98,7 @@ def test_hand_computed_linear(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 2, 3, 9, 32, 41])
-# (4096, 128) and (64, 4096) take the AMX path for bf16 with M >= 3 where the CPU has AMX; the others,
+# (4096, 128) and (64, 4096) take the AMX path for bf16 with M >= 2 where the CPU has AMX; the others,
 # and every fp32 case, take the FMA path (K % 128 == 64 exercises its last half chunk).
 @pytest.mark.parametrize("N, K", [(64, 4096), (4096, 128), (40, 4096), (37, 192), (5, 4160)])
 def test_linear_matches_torch_path(N, K, M, dtype):

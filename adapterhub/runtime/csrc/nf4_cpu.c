@@ -120,7 +120,7 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_AMX 1
-/* AMX path (bf16 x, M >= 3, N % 32 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where
+/* AMX path (bf16 x, M >= 2, N % 32 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where
  * A holds 16 weight rows decoded to bf16 and B the matching x values: up to 32 rows of x per pass over W.
  * A block's 32 packed bytes widen to 32 words; vpermw reads 5 index bits, so with its 16 weights
  * bf16(code * absmax) repeated twice, word >> 4 and the word itself look up the even and the odd elements
@@ -247,7 +247,7 @@ static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, vo
 void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, const uint8_t *w,
                 const float *absmax, void *y) {
 #ifdef HAVE_AMX
-    if (amx_enabled && is_bf16 && M >= 3 && N % (2 * NB) == 0 && K % CH == 0) {
+    if (amx_enabled && is_bf16 && M >= 2 && N % (2 * NB) == 0 && K % CH == 0) {
         for (int64_t m = 0; m < M; m += 32)
             linear_amx((const uint16_t *)x + m * K, M - m < 32 ? M - m : 32, N, K, w, absmax, (uint16_t *)y + m * N);
         return;
