@@ -111,7 +111,9 @@ def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, 
     for name, meta in model.linears().items():
         linear = AdapterLinear(meta.in_features, meta.out_features, meta.bias is not None, dtype=dtype, device=device)
         if name + "." + _NF4_BLOB in names:  # bnb 4-bit checkpoint: adopt the stored NF4 state
-            linear.load_nf4({s: get(f"{name}.{s}") for s in (*_NF4_SUFFIXES, _NF4_BLOB) if f"{name}.{s}" in names})
+            _load_prequantized(linear, name, get, names)
+        elif name + ".weight.quant_state.bitsandbytes__fp4" in names:
+            raise ModelLoadError(f"{name} is stored as bitsandbytes FP4; only NF4 4-bit checkpoints load as saved")
         else:
             w = _checked(get, names, name + ".weight", (meta.out_features, meta.in_features))
             linear.load_nf4(w.to(dtype)) if quantize == "nf4" else linear.load_dense(w)
@@ -126,6 +128,13 @@ def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, 
                 continue
             param.copy_(_checked(get, names, name, tuple(param.shape)))
     return model.eval()
+
+
+def _load_prequantized(linear: AdapterLinear, name: str, get, names: set) -> None:
+    try:
+        linear.load_nf4({s: get(f"{name}.{s}") for s in (*_NF4_SUFFIXES, _NF4_BLOB) if f"{name}.{s}" in names})
+    except (ValueError, KeyError) as error:  # QuantizationError is a ValueError
+        raise ModelLoadError(f"the bitsandbytes 4-bit weight of {name} does not load: {error}") from error
 
 
 def _checked(get, names: set, name: str, shape: tuple) -> torch.Tensor:

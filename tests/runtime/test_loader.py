@@ -264,3 +264,23 @@ def test_generation_config_eos_ids_stop_generation(checkpoint_dir):
     assert chat.config.eos_token_id == (257, end_of_turn)
     stopped = chat.generate(["hi"], max_new_tokens=6)[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(end_of_turn)]
+
+
+def test_malformed_nf4_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub.runtime.tiny import random_checkpoint
+
+    base = load_base(random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), std=0.15), quantize="nf4")
+    path = base.save_quantized(tmp_path / "q")
+    tensors = load_file(path / "model.safetensors")
+    k = "model.layers.0.self_attn.k_proj.weight"
+    q_blob = tensors["model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"].clone()
+    wrong = tensors | {k + ".quant_state.bitsandbytes__nf4": q_blob}  # k_proj claims q_proj's shape
+    save_file(wrong, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="model.layers.0.self_attn.k_proj does not load"):
+        load_base(path)
+    fp4 = {(n.replace("bitsandbytes__nf4", "bitsandbytes__fp4") if n.startswith(k) else n): t for n, t in tensors.items()}
+    save_file(fp4, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="k_proj is stored as bitsandbytes FP4"):
+        load_base(path)
