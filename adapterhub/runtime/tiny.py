@@ -95,13 +95,13 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dic
 
 def tiny_weights() -> dict[str, torch.Tensor]:
     """random_weights plus one cheap nudge toward printable text: embedding dim 0 is a constant 4, which the
-    residual stream and the final RMSNorm keep positive, and lm_head's dim 0 is +0.5 for printable ASCII
-    (and newline) and -0.5 for every other token, a bias of about 4 logits."""
+    residual stream and the final RMSNorm keep positive, and lm_head's dim 0 is +1 for printable ASCII
+    (and newline) and -1 for every other token: printable tokens gain about 8 logits."""
     w = random_weights(TINY_CONFIG, seed=TINY_SEED)
     w["model.embed_tokens.weight"][:, 0] = 4.0
     is_printable = torch.zeros(TINY_CONFIG.vocab_size, dtype=torch.bool)
     is_printable[32:127] = is_printable[10] = True
-    w["lm_head.weight"][:, 0] = torch.where(is_printable, 0.5, -0.5)
+    w["lm_head.weight"][:, 0] = torch.where(is_printable, 1.0, -1.0)
     return w
 
 
