@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -173,6 +174,23 @@ def test_cuda_ops_unavailable_quietly_without_cuda():
         warnings.simplefilter("error")
         assert cuda_ops.available() is False
     assert [p.name for p in cuda_ops.sources()][0] == "ops.cpp"
+
+
+def test_cpu_forward_never_imports_cuda_ops():
+    """On CPU tensors the runtime's ops never touch runtime/cuda_ops (checked in a fresh interpreter)."""
+    code = (
+        "import sys, torch\n"
+        "from adapterhub.runtime import kernels\n"
+        "x, A, B = torch.randn(2, 1, 64), torch.randn(3, 8, 64), torch.randn(3, 8, 32)\n"
+        "B[0] = 0  # slot 0: no adapter\n"
+        "ids = torch.tensor([2, 0])\n"
+        "y = kernels.lora_expand(torch.zeros(2, 1, 32), kernels.lora_shrink(x, A, ids), B, ids, torch.ones(3))\n"
+        "assert y[0].abs().max() > 0 and y[1].abs().max() == 0\n"
+        "print('cuda_ops imported' if 'adapterhub.runtime.cuda_ops' in sys.modules else 'clean')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "clean"
 
 
 @pytest.fixture(scope="module")
