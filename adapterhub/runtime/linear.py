@@ -6,16 +6,21 @@ DoRA's scale m / ||W + s B A||_row does not depend on x, so it is computed once 
 pool installs the adapter (SEMANTICS §5.3); the forward multiplies by it, before adding the bias.
 The ops and their rounding are documented in runtime/kernels.py (the sum base + LoRA is rounded once).
 
-Adapter stacks (non-persistent buffers, grown by the pool between forwards; every slot is zero-padded
-to the layer's largest rank, which changes no result):
-    lora_A_stack (N, R, Din), lora_BT_stack (N, R, Dout) = lora_B transposed, scaling (N,) fp32,
-    dora_scale (N, Dout) fp32.
+Adapter stacks are grouped by rank (padding every slot to the largest rank made the r=16 rows of a
+batch 2.2-2.5x slower once one r=64 adapter was loaded; bench/mixed_batch.py's layer sizes). Per rank R
+a RankGroup holds, with local slot 0 = "no adapter":
+    A (Ng, R, Din), BT (Ng, R, Dout) = lora_B transposed, scaling (Ng,) fp32, dora (Ng, Dout) fp32,
+    slot_map (N,) int64: pool slot -> local slot (0 when the slot's adapter is in another group).
+The forward runs the kernels' ops once per rank group (not per adapter); a row adds zero in the groups
+its adapter is not in, and gets its DoRA scale in its own group, after its own LoRA term.
 Stacks live in the compute dtype: adapters run at base precision (PEFT keeps them in fp32; in bf16 that
-costs about one bf16 ulp of the LoRA term, and makes every adapter GEMM a bf16 GEMM).
+costs about one bf16 ulp of the LoRA term, and makes every adapter GEMM a bf16 GEMM). They are grown
+by the pool between forwards, on the device of the base weight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 import torch
@@ -27,6 +32,23 @@ if TYPE_CHECKING:
     from adapterhub.runtime.nf4 import NF4Weight
 
 NF4_BLOCKSIZE = 64  # what transformers + bitsandbytes use for QLoRA (SEMANTICS §1.3, §3.2)
+
+
+@dataclass
+class RankGroup:
+    """The adapters of one rank in one layer (see the module docstring)."""
+
+    A: torch.Tensor  # (Ng, R, Din)
+    BT: torch.Tensor  # (Ng, R, Dout)
+    scaling: torch.Tensor  # (Ng,) fp32
+    dora: torch.Tensor  # (Ng, Dout) fp32
+    slot_map: torch.Tensor  # (N,) int64
+    locals: dict[int, int] = field(default_factory=dict)  # pool slot -> local slot
+    dora_locals: set[int] = field(default_factory=set)
+
+    def free_local(self) -> int:
+        used = set(self.locals.values())
+        return next(i for i in range(1, self.A.shape[0] + 1) if i not in used)
 
 
 class AdapterLinear(nn.Module):
@@ -46,11 +68,10 @@ class AdapterLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lora_A_stack.device
+        return self.weight.device if self.weight is not None else self.nf4_packed.device
 
     def load_dense(self, w: torch.Tensor) -> None:
         """Adopt a dense (Dout, Din) weight (any float dtype, stored in the compute dtype); drops adapters."""
-        self._move_stacks_off_meta(w.device)
         self.set_dense_weight(w)
         self.clear_adapters()
 
@@ -62,12 +83,10 @@ class AdapterLinear(nn.Module):
         from adapterhub.runtime import nf4  # lazily: nf4 is only needed by NF4 bases
 
         if isinstance(w_or_state, torch.Tensor):
-            self._move_stacks_off_meta(w_or_state.device)
             q = nf4.quantize(w_or_state.to(device=self.device, dtype=self.dtype), blocksize=NF4_BLOCKSIZE, double_quant=True)
         elif isinstance(w_or_state, nf4.NF4Weight):
             q = w_or_state
         else:
-            self._move_stacks_off_meta(w_or_state["weight"].device)
             q = nf4.NF4Weight.from_state_dict(w_or_state, prefix="weight")
             if "bias" in w_or_state and self.bias is not None:
                 self.bias.data = w_or_state["bias"].to(device=self.device, dtype=self.dtype).contiguous()
@@ -78,20 +97,22 @@ class AdapterLinear(nn.Module):
         """Replace the base weight, keeping the adapter stacks (merge / unmerge)."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != (out, in) = ({self.out_features}, {self.in_features})")
+        device = self.device
         self.nf4 = None
         for name in ("nf4_packed", "nf4_absmax"):
             self._buffers.pop(name, None)
-        self.weight = nn.Parameter(w.to(device=self.device, dtype=self.dtype).contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(w.to(device=device, dtype=self.dtype).contiguous(), requires_grad=False)
 
     def set_nf4_weight(self, q: NF4Weight) -> None:
         """Replace the base weight by an NF4 one, keeping the adapter stacks (merge / unmerge)."""
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"NF4 weight shape {tuple(q.shape)} != (out, in) = ({self.out_features}, {self.in_features})")
+        device = self.device
         self.nf4, self.weight = q, None
         # The forward reads only these two: packed nibbles and the float32 absmax decoded once here,
         # never per forward (SEMANTICS §2.1 step 5).
-        self.register_buffer("nf4_packed", q.packed.reshape(-1).to(self.device).contiguous(), persistent=False)
-        self.register_buffer("nf4_absmax", q.absmax_float32().to(self.device, torch.float32).contiguous(), persistent=False)
+        self.register_buffer("nf4_packed", q.packed.reshape(-1).to(device).contiguous(), persistent=False)
+        self.register_buffer("nf4_absmax", q.absmax_float32().to(device, torch.float32).contiguous(), persistent=False)
 
     def nf4_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The bitsandbytes-format keys of this layer (SEMANTICS §3.1), e.g. prefix "model.layers.0.mlp.up_proj."."""
@@ -113,96 +134,90 @@ class AdapterLinear(nn.Module):
 
     def clear_adapters(self) -> None:
         """Only slot 0 ("no adapter")."""
-        self._installed: set[int] = set()  # slots holding an adapter that targets this layer
-        self._dora_slots: set[int] = set()  # ... of which DoRA
-        self._set_stacks(*self._empty_stacks(1, 1, self.device if hasattr(self, "lora_A_stack") else self.weight.device))
-
-    def _move_stacks_off_meta(self, device: torch.device) -> None:
-        """A model built on the meta device gets real (empty) stacks when its weights arrive."""
-        if self.device.type == "meta" and device.type != "meta":
-            self._set_stacks(*self._empty_stacks(1, 1, device))
-            if self.bias is not None and self.bias.device.type == "meta":
-                self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.dtype, device=device), requires_grad=False)
-
-    def _empty_stacks(self, N: int, R: int, device) -> tuple[torch.Tensor, ...]:
-        return (
-            torch.zeros(N, R, self.in_features, dtype=self.dtype, device=device),  # A (N, R, Din)
-            torch.zeros(N, R, self.out_features, dtype=self.dtype, device=device),  # B^T (N, R, Dout)
-            torch.zeros(N, dtype=torch.float32, device=device),  # scaling (N,)
-            torch.ones(N, self.out_features, dtype=torch.float32, device=device),  # dora_scale (N, Dout)
-        )
-
-    def _set_stacks(self, A: torch.Tensor, BT: torch.Tensor, scaling: torch.Tensor, dora: torch.Tensor) -> None:
-        self.register_buffer("lora_A_stack", A, persistent=False)
-        self.register_buffer("lora_BT_stack", BT, persistent=False)
-        self.register_buffer("scaling", scaling, persistent=False)
-        self.register_buffer("dora_scale", dora, persistent=False)
+        self.num_slots = 1  # pool slots this layer accepts in `ids` (0..num_slots-1)
+        self.rank_groups: dict[int, RankGroup] = {}
 
     @property
-    def num_slots(self) -> int:
-        return self.lora_A_stack.shape[0]
+    def ranks(self) -> list[int]:
+        return sorted(self.rank_groups)
 
-    @property
-    def rank(self) -> int:
-        return self.lora_A_stack.shape[1]
-
-    def reserve(self, num_slots: int, rank: int) -> None:
-        """Grow the stacks to at least num_slots slots and rank R, keeping every slot's values (zero padding).
-        Only between forwards: a forward in flight holds references to the old tensors."""
-        N, R = max(num_slots, self.num_slots), max(rank, self.rank)
-        if (N, R) == (self.num_slots, self.rank):
+    def reserve(self, num_slots: int) -> None:
+        """Accept pool slots up to num_slots - 1 in `ids` (a slot no adapter of this layer uses adds zero)."""
+        if num_slots <= self.num_slots:
             return
-        n0, r0 = self.num_slots, self.rank
-        A, BT, scaling, dora = self._empty_stacks(N, R, self.device)
-        A[:n0, :r0], BT[:n0, :r0] = self.lora_A_stack, self.lora_BT_stack
-        scaling[:n0], dora[:n0] = self.scaling, self.dora_scale
-        self._set_stacks(A, BT, scaling, dora)
+        for g in self.rank_groups.values():
+            g.slot_map = torch.cat([g.slot_map, g.slot_map.new_zeros(num_slots - self.num_slots)])
+        self.num_slots = num_slots
 
     def install(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor | None) -> None:
-        """Write one adapter into `slot` (rows of that slot only). A (R, Din), B (Dout, R), magnitude (Dout,) | None,
-        float32. The DoRA scale comes from dequantized_weight() (SEMANTICS §5.2-5.3: for NF4 the dequantized W)."""
-        R = A.shape[0]
-        self.reserve(slot + 1, R)
-        self.lora_A_stack[slot].zero_()
-        self.lora_BT_stack[slot].zero_()
-        self.lora_A_stack[slot, :R] = A.to(self.device, self.dtype)
-        self.lora_BT_stack[slot, :R] = B.T.to(self.device, self.dtype)
-        self.scaling[slot] = float(scaling)
-        if magnitude is None:
-            self.dora_scale[slot] = 1.0
-            self._dora_slots.discard(slot)
-        else:
+        """Write one adapter into pool slot `slot`. A (R, Din), B (Dout, R), magnitude (Dout,) | None, float32.
+        The DoRA scale comes from dequantized_weight() (SEMANTICS §5.2-5.3: for NF4 the dequantized W)."""
+        self.uninstall(slot)
+        group = self.rank_groups.get(A.shape[0]) or self._new_group(A.shape[0])
+        local = group.free_local()
+        if local == group.A.shape[0]:
+            self._grow(group)
+        group.A[local] = A.to(self.device, self.dtype)
+        group.BT[local] = B.T.to(self.device, self.dtype)
+        group.scaling[local] = float(scaling)
+        if magnitude is not None:
             W = self.dequantized_weight()
-            self.dora_scale[slot] = lora_math.dora_scale(W, A.to(W.device), B.to(W.device), scaling, magnitude.to(W.device))
-            self._dora_slots.add(slot)
-        self._installed.add(slot)
+            group.dora[local] = lora_math.dora_scale(W, A.to(W.device), B.to(W.device), scaling, magnitude.to(W.device))
+            group.dora_locals.add(local)
+        group.locals[slot] = local
+        group.slot_map[slot] = local
 
     def uninstall(self, slot: int) -> None:
-        """Reset `slot` to "no adapter" (zeros, dora_scale 1); ids up to `slot` become valid for this layer."""
-        self.reserve(slot + 1, 1)
-        self.lora_A_stack[slot].zero_()
-        self.lora_BT_stack[slot].zero_()
-        self.scaling[slot] = 0.0
-        self.dora_scale[slot] = 1.0
-        self._installed.discard(slot)
-        self._dora_slots.discard(slot)
+        """Reset pool slot `slot` to "no adapter"; ids up to `slot` become valid for this layer."""
+        self.reserve(slot + 1)
+        for R, group in list(self.rank_groups.items()):
+            local = group.locals.pop(slot, None)
+            if local is None:
+                continue
+            group.A[local], group.BT[local], group.scaling[local], group.dora[local] = 0.0, 0.0, 0.0, 1.0
+            group.slot_map[slot] = 0
+            group.dora_locals.discard(local)
+            if not group.locals:
+                del self.rank_groups[R]
+
+    def _new_group(self, R: int) -> RankGroup:
+        dev = self.device
+        group = RankGroup(
+            A=torch.zeros(1, R, self.in_features, dtype=self.dtype, device=dev),
+            BT=torch.zeros(1, R, self.out_features, dtype=self.dtype, device=dev),
+            scaling=torch.zeros(1, dtype=torch.float32, device=dev),
+            dora=torch.ones(1, self.out_features, dtype=torch.float32, device=dev),
+            slot_map=torch.zeros(self.num_slots, dtype=torch.int64, device=dev),
+        )
+        self.rank_groups[R] = group
+        return group
+
+    @staticmethod
+    def _grow(group: RankGroup) -> None:
+        """One more local slot (new tensors: a forward in flight keeps the old ones)."""
+        group.A = torch.cat([group.A, torch.zeros_like(group.A[:1])])
+        group.BT = torch.cat([group.BT, torch.zeros_like(group.BT[:1])])
+        group.scaling = torch.cat([group.scaling, torch.zeros_like(group.scaling[:1])])
+        group.dora = torch.cat([group.dora, torch.ones_like(group.dora[:1])])
 
     # --- forward -------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, Din) [or (B, Din)], ids (B,) int64 slot per row or None (all rows slot 0) -> (B, T, Dout)."""
-        use_adapters = ids is not None and bool(self._installed)
-        dora = self.dora_scale if use_adapters and self._dora_slots else None
+        groups = list(self.rank_groups.values()) if ids is not None else []
         # DoRA scales the output before the bias is added (SEMANTICS §5.3); otherwise the GEMM adds it.
-        late_bias = self.bias is not None and (dora is not None or self.nf4 is not None)
+        late_bias = self.bias is not None and (self.nf4 is not None or any(g.dora_locals for g in groups))
         if self.nf4 is None:
             y = torch.nn.functional.linear(x, self.weight, None if late_bias else self.bias)  # (B, T, Dout)
         else:
             y = kernels.nf4_linear(x, self.nf4_packed, self.nf4_absmax, self.nf4.blocksize, self.out_features, self.in_features)
-        if use_adapters:
+        if groups:
             x3 = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, Din)
-            h = kernels.lora_shrink(x3, self.lora_A_stack, ids)  # (B, T, R)
-            kernels.lora_expand(y.view(y.shape[0], -1, self.out_features), h, self.lora_BT_stack, ids, self.scaling, dora)
+            y3 = y.view(y.shape[0], -1, self.out_features)  # (B, T, Dout)
+            for g in groups:  # one per distinct rank, not per adapter
+                local = g.slot_map.index_select(0, ids)  # (B,)
+                h = kernels.lora_shrink(x3, g.A, local)  # (B, T, R)
+                kernels.lora_expand(y3, h, g.BT, local, g.scaling, g.dora if g.dora_locals else None)
         if late_bias:
             y.add_(self.bias)
         return y
@@ -210,4 +225,4 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "nf4" if self.nf4 is not None else "dense"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{kind}, dtype={self.dtype}, slots={self.num_slots}, rank={self.rank}")
+                f"{kind}, dtype={self.dtype}, slots={self.num_slots}, ranks={self.ranks}")

@@ -104,24 +104,26 @@ def test_unknown_target_module_is_rejected_with_module_and_base_modules(layers):
 def test_shape_mismatch_is_rejected_before_any_stack_changes(layers):
     pool = make_pool(layers, capacity=2)
     pool.add(lora(1), "a")
-    stacks = {m: layer.lora_A_stack.clone() for m, layer in layers.items()}
+    stacks = {m: {r: g.A.clone() for r, g in layer.rank_groups.items()} for m, layer in layers.items()}
     shapes = dict(SHAPES)
     shapes["model.layers.1.self_attn.v_proj"] = (48, 64)  # base has (32, 64)
     with pytest.raises(IncompatibleAdapterError, match=r"v_proj.*lora_B \(48, 4\).*\(32, 64\)"):
         pool.add(lora(2, shapes=shapes), "bad")
     assert pool.names() == ["a"]
     for m, layer in layers.items():
-        assert torch.equal(layer.lora_A_stack, stacks[m])
+        assert layer.rank_groups.keys() == stacks[m].keys()
+        assert all(torch.equal(g.A, stacks[m][r]) for r, g in layer.rank_groups.items())
 
 
-def test_replacing_a_name_reuses_its_slot_and_rank_growth_keeps_other_slots(layers):
+def test_replacing_a_name_reuses_its_slot_and_ranks_are_grouped(layers):
     pool = make_pool(layers, capacity=2)
     pool.add(lora(1, r=4), "a")
     pool.add(lora(2, r=4), "b")
     x = torch.randn(1, 3, 64)
     b_before = output(layers, "b", pool, x)
-    assert pool.add(lora(5, r=16), "a") == 1  # grows the rank of every targeted stack to 16
-    assert layers[Q].rank == 16
+    assert pool.add(lora(5, r=16), "a") == 1  # a second rank group; "b" keeps its r=4 stacks
+    groups = layers[Q].rank_groups
+    assert layers[Q].ranks == [4, 16] and set(groups[4].locals) == {2} and set(groups[16].locals) == {1}
     torch.testing.assert_close(output(layers, "b", pool, x), b_before, atol=1e-6, rtol=1e-6)
     alone = make_pool(make_layers(base_weights()), capacity=1)
     alone.add(lora(5, r=16), "a")
