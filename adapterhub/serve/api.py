@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from adapterhub.errors import AdapterHubError, RequestError
 from adapterhub.serve.engine import Engine
-from adapterhub.serve.openai import (chunk_json, completion_json, error_json, parse_chat,
-                                     parse_completion, parse_json)
+from adapterhub.serve.openai import (chunk_json, completion_json, error_json, parse_chat, parse_completion,
+                                     parse_json, usage_chunk_json)
 from adapterhub.serve.requests import Delta, Finished
 
 log = logging.getLogger("adapterhub.serve")
@@ -77,7 +77,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         parsed, handle = await submit(request, is_chat)
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + handle.id.split("-", 1)[1]
         if parsed.is_stream:
-            return StreamingResponse(_sse(handle, request_id, is_chat), media_type="text/event-stream",
+            return StreamingResponse(_sse(handle, request_id, is_chat, parsed.has_stream_usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             text, done = await handle.aresult()
@@ -136,7 +137,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-async def _sse(handle, request_id: str, is_chat: bool):
+async def _sse(handle, request_id: str, is_chat: bool, has_usage: bool):
     """OpenAI chunk stream; an error after the headers went out becomes an error event."""
     is_first = True
     try:
@@ -147,6 +148,9 @@ async def _sse(handle, request_id: str, is_chat: bool):
             else:
                 assert isinstance(event, Finished)
                 chunk = chunk_json(request_id, handle.model, None, event.finish_reason, is_chat, is_first)
+                if has_usage:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    chunk = usage_chunk_json(request_id, handle.model, event, is_chat)
             yield f"data: {json.dumps(chunk)}\n\n"
     except AdapterHubError as error:
         yield f"data: {json.dumps(error_json(error, error.http_status))}\n\n"

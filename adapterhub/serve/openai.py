@@ -24,6 +24,7 @@ class ParsedRequest:
     prompt: list[int]
     params: SamplingParams
     is_stream: bool
+    has_stream_usage: bool  # stream_options.include_usage: a last chunk carries `usage`
 
 
 def parse_json(raw: bytes) -> dict:
@@ -38,6 +39,8 @@ def parse_json(raw: bytes) -> dict:
 
 def parse_completion(body: dict, tokenizer) -> ParsedRequest:
     prompt = body.get("prompt", _MISSING)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one, as OpenAI clients often send
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
@@ -47,7 +50,7 @@ def parse_completion(body: dict, tokenizer) -> ParsedRequest:
             f"'prompt' must be a string or a non-empty list of token ids (one prompt per request), "
             f"got {_show(prompt)}"
         )
-    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=16), _stream(body))
+    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=16), *_stream(body))
 
 
 def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
@@ -59,7 +62,7 @@ def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
         )
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
-    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), _stream(body))
+    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), *_stream(body))
 
 
 def completion_json(request_id: str, model: str, text: str, done: Finished, is_chat: bool) -> dict:
@@ -71,8 +74,7 @@ def completion_json(request_id: str, model: str, text: str, done: Finished, is_c
     return {
         **_envelope(request_id, model, "chat.completion" if is_chat else "text_completion"),
         "choices": [choice],
-        "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                  "total_tokens": done.prompt_tokens + done.completion_tokens},
+        "usage": _usage(done),
     }
 
 
@@ -89,6 +91,12 @@ def chunk_json(request_id: str, model: str, text: str | None, finish_reason: str
         choice.update(text=text or "", logprobs=None)
     return {**_envelope(request_id, model, "chat.completion.chunk" if is_chat else "text_completion"),
             "choices": [choice]}
+
+
+def usage_chunk_json(request_id: str, model: str, done: Finished, is_chat: bool) -> dict:
+    """The extra last chunk of `stream_options: {"include_usage": true}`: no choices, the usage."""
+    return {**_envelope(request_id, model, "chat.completion.chunk" if is_chat else "text_completion"),
+            "choices": [], "usage": _usage(done)}
 
 
 def error_json(error: Exception, status: int) -> dict:
@@ -127,8 +135,11 @@ def _model(body: dict) -> str | None:
     return model
 
 
-def _stream(body: dict) -> bool:
-    return bool(_field(body, "stream", body.get("stream", False), lambda v: isinstance(v, bool)))
+def _stream(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
+    is_stream = _field(body, "stream", body.get("stream", False), lambda v: isinstance(v, bool))
+    options = _field(body, "stream_options", body.get("stream_options") or {}, lambda v: isinstance(v, dict))
+    return is_stream, bool(options.get("include_usage", False))
 
 
 def _or(body: dict, key: str, default):
@@ -157,6 +168,11 @@ def _is_message(m) -> bool:
 def _show(value) -> str:
     text = "missing" if value is _MISSING else json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
 def _envelope(request_id: str, model: str, kind: str) -> dict:

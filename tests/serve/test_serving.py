@@ -66,6 +66,15 @@ def test_streaming_concatenates_to_the_non_streaming_text(served):
         assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
 
 
+def test_openai_client_conventions_prompt_batch_of_one_and_stream_usage(served):
+    body = {"model": "sql", "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0}
+    full = served.complete(**body).json()
+    assert served.complete(**{**body, "prompt": [PROMPTS[2]]}).json()["choices"] == full["choices"]
+    chunks = sse_chunks(served.client, {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+
+
 def test_stop_string_cuts_the_completion(served, offline):
     full = offline.complete("sql", PROMPTS[0], 20)
     stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if len(full[i:i + 2].strip()) == 2)
