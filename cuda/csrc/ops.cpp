@@ -120,10 +120,13 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                       int64_t out_features, int64_t in_features) {
   CHECK_INPUT(x);
+  TORCH_CHECK(out_features > 0 && in_features > 0, "out_features and in_features must be positive, got ",
+              out_features, " and ", in_features);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must have shape (..., in_features=", in_features,
               "), got ", x.sizes());
   const int64_t rows = x.numel() / in_features;
-  if (rows <= kGemvMaxRows && in_features % 32 == 0 && blocksize >= 32) {
+  const bool is_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;  // an offset view may not be
+  if (rows <= kGemvMaxRows && in_features % 32 == 0 && blocksize >= 32 && is_aligned) {
     return nf4_gemv(x, packed, absmax, blocksize, out_features);
   }
   at::Tensor w = at::empty({out_features, in_features}, x.options());
