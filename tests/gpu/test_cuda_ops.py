@@ -83,6 +83,15 @@ def test_nf4_linear_matches_twin(dtype, rows, Dout, Din):
     _assert_close(y, expected, dtype)
 
 
+def test_nf4_linear_accepts_an_offset_view():
+    """A contiguous view at an odd offset is not 16-byte aligned: nf4_linear takes the dequantize path."""
+    packed, absmax = _nf4_weight(D, D, seed=3)
+    x = torch.randn(1, D + 1, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).cuda()[:, 1:]
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    y = cuda_ops.nf4_linear(x, packed, absmax, G, D, D)
+    _assert_close(y, kernels.nf4_linear(*_cpu(x.contiguous(), packed, absmax), G, D, D), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [2, 16, 33])  # several 8-row tiles, and a partial one
 def test_nf4_gemv_at_any_row_count_matches_twin(dtype, rows):
