@@ -42,11 +42,13 @@ class Offline:
         self.base = make_base()
         self.registry = registry
 
-    def complete(self, model: str | None, prompt: str, max_tokens: int) -> str:
+    def complete(self, model: str | None, prompt: str, max_tokens: int, **sampling) -> str:
+        """`sampling`: temperature, top_k, top_p, seed as `base.generate` takes them (default greedy)."""
         adapters = None
         if model is not None:
             ref = self.registry.resolve(model)
             if ref.digest not in self.base.pool.names():
                 self.base.add_adapter(self.registry.load(f"{ref.task}@{ref.digest}"), name=ref.digest)
             adapters = [ref.digest]
-        return self.base.generate([prompt], adapters=adapters, max_new_tokens=max_tokens, temperature=0.0)[0].text
+        sampling = {"temperature": 0.0, **sampling}
+        return self.base.generate([prompt], adapters=adapters, max_new_tokens=max_tokens, **sampling)[0].text

@@ -84,32 +84,37 @@ def test_stop_string_cuts_the_completion(served, offline):
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
-def test_seeded_sampling_is_reproducible(served):
+def test_seeded_sampling_is_reproducible_and_equals_offline(served, offline):
     body = {"model": "summarize", "prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0.9, "top_p": 0.95,
             "top_k": 20, "seed": 1234}
     first, second = (served.complete(**body).json()["choices"][0]["text"] for _ in range(2))
     assert first == second
+    # Counter-based sampling: the same seed gives the same tokens in any batch, served or offline.
+    expected = offline.complete("summarize", PROMPTS[3], 12, temperature=0.9, top_p=0.95, top_k=20, seed=1234)
+    assert first == expected != offline.complete("summarize", PROMPTS[3], 12)
 
 
 def test_moved_tag_serves_the_new_version_and_in_flight_requests_finish_on_the_old(served, offline, registry):
     shapes = served.engine.base.module_shapes()
     registry.push(random_adapter(shapes, r=8, seed=101, target_modules=("q_proj", "v_proj")), "moving",
                   tags=("prod",))
-    prompt, n = PROMPTS[0], 40
-    v1_text = offline.complete("moving@v1", prompt, n)
+    prompt, n_long, n = PROMPTS[0], 300, 24
+    v1 = registry.resolve("moving@v1").digest
 
-    body = {"model": "moving:prod", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+    body = {"model": "moving:prod", "prompt": prompt, "max_tokens": n_long, "temperature": 0, "stream": True}
     with served.client.stream("POST", "/v1/completions", json=body) as in_flight:
         lines = in_flight.iter_lines()
         first = next(line for line in lines if line)  # admitted and decoding on v1
         registry.push(random_adapter(shapes, r=8, seed=202, target_modules=("q_proj", "v_proj")), "moving")
         registry.tag("moving@v2", "prod")
         after = served.complete(model="moving:prod", prompt=prompt, max_tokens=n, temperature=0).json()
+        is_v1_still_running = served.engine.base.pool.is_pinned(v1)
         rest = [line for line in lines if line]
     streamed = [json.loads(x[len("data: "):]) for x in [first, *rest] if x != "data: [DONE]"]
 
-    v2_text = offline.complete("moving@v2", prompt, n)
-    assert v1_text != v2_text
+    assert is_v1_still_running  # the new request ran while the old one was in flight, pinned to v1
+    v1_text, v2_text = offline.complete("moving@v1", prompt, n_long), offline.complete("moving@v2", prompt, n)
+    assert not v1_text.startswith(v2_text)
     assert after["choices"][0]["text"] == v2_text
     assert "".join(c["choices"][0]["text"] for c in streamed) == v1_text
     labels = {m["id"] for m in served.client.get("/v1/models").json()["data"] if m["kind"] == "adapter"}
