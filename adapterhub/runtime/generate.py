@@ -132,7 +132,7 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
         raise RequestError(f"prompt token ids must be in [0, {V}) for this base; got {int(tokens.min())}..{int(tokens.max())}")
     step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
     last = torch.tensor(lengths, dtype=torch.long) - 1
-    logits = model(tokens.to(model.device), ids, cache, step, logits_at=last.to(model.device))  # (B, V)
+    logits = model(tokens.to(model.device), ids, cache, step=step, logits_at=last.to(model.device))  # (B, V)
     cache.lengths[torch.as_tensor(rows, dtype=torch.long)] = torch.tensor(lengths, dtype=torch.long)
     return logits
 
@@ -149,7 +149,7 @@ def decode(model: Transformer, cache: KVCache, rows: torch.Tensor, tokens: torch
     if int(cache.lengths[rows].max()) >= cache.max_seq:
         raise RequestError(f"KV cache row is full (max_seq={cache.max_seq}); free rows or use a longer cache")
     step = cache.step(rows, 1)
-    logits = model(tokens.view(-1, 1), ids, cache, step)[:, 0]  # (B, V)
+    logits = model(tokens.view(-1, 1), ids, cache, step=step)[:, 0]  # (B, V)
     cache.lengths[rows] += 1
     return logits
 

@@ -145,15 +145,18 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def forward(self, input_ids, ids=None, cache: KVCache | None = None, step: CacheStep | None = None,
-                attention_mask=None, logits_at=None) -> torch.Tensor:
+    def forward(self, input_ids, ids=None, cache: KVCache | None = None, rows=None, attention_mask=None,
+                step: CacheStep | None = None, logits_at=None) -> torch.Tensor:
         """Logits (B, T, V), or (B, V) at the positions `logits_at` (B,) when given.
 
         input_ids (B, T); ids (B,) adapter slot per row or None (base only). Without a cache,
-        `attention_mask` (B, T) 1/0 marks real tokens (left or right padding). With a cache, `step`
-        (from `cache.step`) says which rows and positions the tokens take.
+        `attention_mask` (B, T) 1/0 marks real tokens (left or right padding). With a cache, the tokens
+        go to cache `rows` (B,) after each row's current length, or where `step` (from `cache.step`) says.
+        The caller advances `cache.lengths` (runtime/generate.py's prefill / decode do).
         """
         B, T = input_ids.shape
+        if cache is not None and step is None:
+            step = cache.step(rows, T)
         if cache is None:
             positions, visible, distance = _positions_and_visible(attention_mask, B, T, self.device)
         else:

@@ -205,3 +205,24 @@ def test_sliding_window_matches_transformers(family, tmp_path):
     ids = _ids(259, 2, 14, seed=6)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=ATOL_HF)
+
+
+def test_nf4_model_equals_reference_on_its_dequantized_weights(tmp_path):
+    """An NF4 base (fp32 compute) is the reference model evaluated at the dequantized weights."""
+    from adapterhub.runtime import load_base
+    from adapterhub.runtime.config import ModelConfig
+    from adapterhub.runtime.tiny import random_checkpoint, random_weights
+
+    d = {**FAMILIES["llama"], "intermediate_size": 128}  # whole NF4 blocks per row, as real sizes
+    config = ModelConfig.from_hf_json(d)
+    base = load_base(random_checkpoint(tmp_path, config, seed=3, std=0.15), quantize="nf4", compute_dtype=torch.float32)
+    weights = {k: v.numpy() for k, v in random_weights(config, seed=3, std=0.15).items()}
+    dequantized = dict(weights)
+    for name, linear in base.model.linears().items():
+        assert linear.is_nf4
+        dequantized[name + ".weight"] = linear.dequantized_weight().numpy()
+    ids, mask = _ids(259, 3, 9, seed=8), _masks(3, 9)
+    got = base(ids, attention_mask=mask).numpy()
+    real = mask.numpy().astype(bool)
+    assert np.abs(got - ref.forward(d, weights, ids.numpy(), mask.numpy()))[real].max() > 1e-3  # NF4 is lossy
+    np.testing.assert_allclose(got[real], ref.forward(d, dequantized, ids.numpy(), mask.numpy())[real], rtol=0, atol=ATOL_REF)
