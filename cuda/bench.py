@@ -12,8 +12,9 @@ Sections (bf16, Llama-2-7B shapes: D = 4096, F = 11008, NF4 block 64):
    with and without 32 distinct r = 16 adapters (issue 6: <= 10 %). The attention, norms and the rest
    of a real decode step are not counted, so this overhead is an upper bound for the whole step.
 
-Timing: each op is captured CALLS times in a CUDA graph (no Python or launch overhead, as a decode loop
-replayed from a graph), the replays are timed with CUDA events, and the median per call is reported.
+Timing: each op is captured several times in a CUDA graph (no Python or launch overhead, as a decode
+loop replayed from a graph), the replays are timed with CUDA events, and the median per call is
+reported; a step that cannot be captured (a host sync) is timed eagerly and says so.
 Successive calls read different copies of the weights, enough to exceed the L2 cache several times,
 so every call streams its weights from HBM as a real decode step does. Bandwidth = bytes the op must
 move at least (inputs read once, outputs written once) / time.
@@ -60,7 +61,8 @@ def copies_for(bytes_per_copy: int) -> int:
 
 
 def median_us(step, calls: int, repeats: int) -> float:
-    """Median microseconds per call of step(i), i = 0..calls-1, captured once in a CUDA graph."""
+    """Median microseconds per call of step(i), i = 0..calls-1, captured once in a CUDA graph; eager
+    (events around the same sequence, launch overhead included) when the step cannot be captured."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -68,14 +70,24 @@ def median_us(step, calls: int, repeats: int) -> float:
             step(i)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            step(i)
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                step(i)
+        run = graph.replay
+    except RuntimeError as error:  # e.g. a host sync inside the step
+        print(f"  (not capturable, timed eagerly: {str(error).splitlines()[0][:80]})")
+        torch.cuda.synchronize()
+
+        def run():
+            for i in range(calls):
+                step(i)
+
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
