@@ -20,8 +20,12 @@ from adapterhub.cli.options import registry_option
               help="Requests waiting for a batch row before HTTP 429.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
               help="Rows decoded together (KV cache rows).")
+@click.option("--max-seq", default=None, type=click.IntRange(2),
+              help="Tokens per request (prompt + completion); default: the context length, at most 4096.")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
+              help="Compute dtype. float32 makes a row's result independent of the batch it runs in.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
-          max_batch: int) -> None:
+          max_batch: int, max_seq: int | None, dtype: str) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -35,11 +39,13 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     from adapterhub.serve.api import create_app
     from adapterhub.serve.engine import Engine, EngineConfig
 
-    base = load_base(base_name, max_adapters=max_adapters)
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue)
+    import torch
+
+    base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq)
     engine = Engine(base, Registry(registry), config)
-    click.echo(f"adapterhub: serving base '{base_name}' on http://{host}:{port} "
-               f"(max_batch={max_batch}, max_adapters={max_adapters}, max_queue={max_queue})")
+    click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
+               f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")
     try:
         uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
     finally:

@@ -32,11 +32,15 @@ from adapterhub.serve.rows import Row, RowBatch
 log = logging.getLogger("adapterhub.serve")
 
 
+# The KV cache holds L x max_batch x S x Hkv x Dh keys and values: a 128k context per row would not fit.
+DEFAULT_MAX_SEQ = 4096
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 16  # cache rows: requests decoded together
     max_queue: int = 64  # requests waiting for a row before QueueFullError (HTTP 429)
-    max_seq: int | None = None  # KV cache length S; None: the base's context length
+    max_seq: int | None = None  # KV cache length S per row; None: the context length, at most DEFAULT_MAX_SEQ
     base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
 
 
@@ -55,8 +59,8 @@ class Engine:
     def __init__(self, base, registry=None, config: EngineConfig = EngineConfig()):
         self.base = base
         self.config = config
-        self.max_seq = min(config.max_seq or base.config.max_position_embeddings,
-                           base.config.max_position_embeddings)
+        context = base.config.max_position_embeddings
+        self.max_seq = min(config.max_seq or DEFAULT_MAX_SEQ, context)
         self.vocab_size = base.config.vocab_size
         self.base_name = config.base_name or base.name
         self.source = AdapterSource(registry, base.module_shapes(), self.base_name)

@@ -46,7 +46,7 @@ def test_serve_command_serves_registry_adapters(registry):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "ADAPTERHUB_API_KEY"}
     command = [sys.executable, "-c", "from adapterhub.cli import main; main()", "serve", "--port", str(port),
-               "--registry", registry.location, "--max-batch", "4", "--max-adapters", "2"]
+               "--registry", registry.location, "--max-batch", "4", "--max-adapters", "2", "--max-seq", "64"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -64,6 +64,8 @@ def test_serve_command_serves_registry_adapters(registry):
         adapted = httpx.post(f"{url}/v1/completions", json={**body, "model": "sql:prod"}, timeout=60).json()
         assert base["model"] == "tiny" and adapted["model"] == "sql:prod"
         assert adapted["choices"][0]["text"] != base["choices"][0]["text"]
+        too_long = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 60}, timeout=60)
+        assert too_long.status_code == 400 and "context of 64 tokens" in too_long.json()["error"]["message"]
         ids = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert {"tiny", "sql@v1", "summarize"} <= ids
     finally:
