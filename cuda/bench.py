@@ -60,34 +60,35 @@ def copies_for(bytes_per_copy: int) -> int:
     return max(2, math.ceil(4 * l2 / bytes_per_copy))
 
 
-def median_us(step, calls: int, repeats: int) -> float:
+def median_us(step, calls: int, repeats: int, capture: bool = True) -> float:
     """Median microseconds per call of step(i), i = 0..calls-1, captured once in a CUDA graph; eager
-    (events around the same sequence, launch overhead included) when the step cannot be captured."""
+    (events around the same sequence, launch overhead included) with capture=False or when the
+    capture fails."""
+
+    def sequence():
+        for i in range(calls):
+            step(i)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for i in range(calls):  # warm-up: allocator pools, lazy initialisation
-            step(i)
+        sequence()  # warm-up: allocator pools, lazy initialisation
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                step(i)
-        run = graph.replay
-    except RuntimeError as error:  # e.g. a host sync inside the step
-        print(f"  (not capturable, timed eagerly: {str(error).splitlines()[0][:80]})")
-        torch.cuda.synchronize()
-
-        def run():
-            for i in range(calls):
-                step(i)
-
+    timed = sequence
+    if capture:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                sequence()
+            timed = graph.replay
+        except RuntimeError as error:  # e.g. a host sync inside the step
+            print(f"  (not capturable, timed eagerly: {str(error).splitlines()[0][:80]})")
+            torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        timed()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
@@ -236,10 +237,10 @@ def bench_lora(repeats, peak_gbs) -> None:
          lambda i: kernels.lora_expand(y, h, stacks[i][1], ids, *stacks[i][2:]), expand_bytes),
     ):
         us = median_us(op, len(stacks), repeats)
-        with torch_path():
-            base = median_us(twin, len(stacks), repeats)
+        with torch_path():  # eager: the torch path reads ids on the host (kernels._dense_over_slots)
+            base = median_us(twin, len(stacks), repeats, capture=False)
         row(f"{name} {D}->{R}" if name == "lora_shrink" else f"{name} {R}->{D}", us, moved, peak_gbs, base,
-            "torch path")
+            "torch path, eager")
 
 
 def bench_decode_overhead(repeats, targets_sets) -> None:
