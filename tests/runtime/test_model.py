@@ -226,3 +226,16 @@ def test_nf4_model_equals_reference_on_its_dequantized_weights(tmp_path):
     real = mask.numpy().astype(bool)
     assert np.abs(got - ref.forward(d, weights, ids.numpy(), mask.numpy()))[real].max() > 1e-3  # NF4 is lossy
     np.testing.assert_allclose(got[real], ref.forward(d, dequantized, ids.numpy(), mask.numpy())[real], rtol=0, atol=ATOL_REF)
+
+
+def test_forward_with_cache_rows_appends_after_each_rows_length():
+    """forward(tokens, cache=..., rows=...) writes after each row's length (docs/runtime.md); the caller advances it."""
+    model, _ = fp32_model("llama")
+    cache = _cache(model, max_batch=3, max_seq=16)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with torch.no_grad():
+        gen.prefill(model, cache, [2, 0], prompts, None)
+        logits = model(torch.tensor([[11, 12], [13, 14]]), None, cache, rows=[2, 0])  # (B, T=2, V)
+        for b, p in enumerate(prompts):
+            want = model(torch.tensor([p + [[11, 12], [13, 14]][b]]))[0, -2:]
+            torch.testing.assert_close(logits[b], want, rtol=0, atol=ATOL_REF)
