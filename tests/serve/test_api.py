@@ -100,7 +100,8 @@ def test_chat_completions_follow_the_tokenizer_template(served):
         assert message["role"] == "assistant" and response.json()["object"] == "chat.completion"
         with served.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
             chunks = [json.loads(x[6:]) for x in r.iter_lines() if x and x != "data: [DONE]"]
-        assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[0]["object"] == "chat.completion.chunk"
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == message["content"]
     else:
         assert_error(response, 400, "RequestError", "chat template")

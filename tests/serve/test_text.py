@@ -12,7 +12,7 @@ def byte_decode(ids):
     return bytes(ids).decode("utf-8", errors="replace")
 
 
-@pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "日本語のテキスト", "emoji 🙂🚀 end", "ä"])
+@pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "日本語のテキスト", "emoji 🙂🚀", "ä"])
 def test_decoder_deltas_concatenate_to_the_whole_text_and_never_split_a_character(text):
     decoder = IncrementalDecoder(byte_decode)
     deltas = [decoder.push(b) for b in text.encode()]
