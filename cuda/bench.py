@@ -211,7 +211,8 @@ def lora_stacks(Din: int, Dout: int, copies: int):
         A = torch.randn(SLOTS, R, Din, dtype=BF16, device="cuda") / Din**0.5
         B = torch.randn(SLOTS, R, Dout, dtype=BF16, device="cuda") / R**0.5
         A[0], B[0] = 0, 0
-        sets.append((A, B, torch.rand(SLOTS, device="cuda"), torch.rand(SLOTS, Dout, device="cuda") + 0.5))
+        # dora_scale near 1: a timed sequence applies the in-place op to the same y hundreds of times.
+        sets.append((A, B, torch.rand(SLOTS, device="cuda"), torch.rand(SLOTS, Dout, device="cuda") * 0.02 + 0.99))
     return sets
 
 
