@@ -9,17 +9,18 @@ Dequantization is float32 code * absmax, then round-to-nearest-even to the targe
 
 Shapes: n weight elements, G = blocksize, B = ceil(n / G) blocks, B2 = ceil(B / 256).
 
-How codes are picked fast (exact, no float64, no Python loop over elements): a float32 s is mapped to
-a key, its bit pattern made monotonic in s (negatives get their magnitude bits flipped). Keys are
-cut into buckets by their top bits, each bucket holding at most one threshold (checked when the
-table is built), and one int32 table F gives code = (key - F[bucket]) >> S: F puts the bucket's lower
-code in the bits above S and its threshold's low bits below them, so the subtraction borrows exactly
-when key <= threshold. Work runs in cache-sized chunks through preallocated buffers.
+How codes are picked fast (exact, no float64, no Python loop over elements): the float32 bit
+patterns of s are cut into buckets by their top bits, each bucket holding at most one threshold
+(checked when the table is built). Within a bucket a key (the bits, all flipped for negative values)
+grows with s, and one int32 table F gives code = (key - F[bucket]) >> shift: F puts the bucket's
+lowest code above bit `shift` and its threshold's key below it, so the subtraction borrows exactly
+when key <= threshold key. Work runs in cache-sized chunks through preallocated buffers.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,9 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # §1.3
 NESTED_BLOCKSIZE = 256  # §2.1
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-_CHUNK = 1 << 18  # elements per step: a multiple of every blocksize, buffers stay in L2
+# Elements per step: a multiple of every blocksize, and no more than torch's grain size (32768), so
+# every op runs on the calling thread; chunks are spread over Python threads instead (_run_chunks).
+_CHUNK = 1 << 15
 _MIN_DIVISOR = 1e-38  # bitsandbytes divides by absmax.clamp(min=1e-38) (§1.2)
 
 
@@ -74,32 +77,43 @@ def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
 class _Coder:
     """code(s) = number of `thresholds` strictly below s, as one table lookup (module docstring)."""
 
-    shift: int  # bucket = key >> shift
-    table: torch.Tensor  # int32 (2 ** (32 - shift),), indexed by bucket + 2 ** (31 - shift)
+    shift: int  # a bucket is a run of 2 ** shift bit patterns
+    table: torch.Tensor  # int32 (2 ** (32 - shift),), indexed by (bits >> shift) + 2 ** (31 - shift)
 
     @classmethod
     def build(cls, thresholds: torch.Tensor, shift: int) -> "_Coder":
-        bits = thresholds.view(torch.int32).to(torch.int64)
-        keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).sort().values  # the map codes() applies
         half = 1 << (31 - shift)
-        low = torch.arange(-half, half, dtype=torch.int64) << shift  # smallest key of each bucket
-        base = torch.searchsorted(keys, low)  # code of that smallest key
-        inside = torch.searchsorted(keys, low + (1 << shift)) - base
+        first = torch.arange(-half, half, dtype=torch.int64) << shift  # first bit pattern of each bucket
+        ends = torch.stack([first, first + (1 << shift) - 1])  # (2, buckets) int64
+        values = _wrap_int32(ends).view(torch.float32)
+        values = torch.where(values.isnan(), torch.where(ends < 0, -torch.inf, torch.inf), values)  # NaN: past inf
+        lowest, highest = values.aminmax(dim=0)
+        base = torch.searchsorted(thresholds, lowest)  # code of the bucket's lowest value
+        inside = torch.searchsorted(thresholds, highest) - base
         if int(inside.max()) > 1:
             raise AssertionError(f"two thresholds share a bucket at shift {shift}")
-        threshold = keys[base.clamp(max=keys.numel() - 1)]
-        # with a threshold: code = base + [key > threshold]; without: code = base
-        table = torch.where(inside == 1, threshold + 1 - ((base + 1) << shift), low - (base << shift))
+        key_low = _key(ends).amin(dim=0)  # keys grow with the value inside a bucket
+        key_threshold = _key(thresholds.view(torch.int32).to(torch.int64))[base.clamp(max=thresholds.numel() - 1)]
+        # with a threshold: code = base + [key > key_threshold]; without: code = base
+        table = torch.where(inside == 1, key_threshold + 1 - ((base + 1) << shift), key_low - (base << shift))
         return cls(shift, _wrap_int32(table))
 
-    def codes(self, s: torch.Tensor, key: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """s float32 (m,) -> int32 codes in out (m,). key (m,) int32 is scratch; s is overwritten."""
+    def scaled_codes(self, s: torch.Tensor, key: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """s float32 (m,) -> int32 (m,) in out: code << shift, plus bits below it (the caller shifts).
+        key (m,) int32 is scratch; s is overwritten."""
         bits = s.view(torch.int32)
         torch.bitwise_right_shift(bits, 31, out=key)
-        key.bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # negatives: magnitude bits flipped
-        torch.bitwise_right_shift(key, self.shift, out=out).add_(1 << (31 - self.shift))
+        key.bitwise_xor_(bits)  # the key: bits, all bits flipped for negative values
+        torch.bitwise_right_shift(bits, self.shift, out=out).add_(1 << (31 - self.shift))
         torch.index_select(self.table, 0, out, out=bits)
-        return torch.sub(key, bits, out=out).bitwise_right_shift_(self.shift)
+        return torch.sub(key, bits, out=out)
+
+
+def _key(bits: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns (any int dtype) -> keys: all bits flipped for negative values, so that keys
+    grow with the value within a bucket of one sign. Both signs share keys, buckets come from bits."""
+    bits = _wrap_int32(bits).to(torch.int64)
+    return torch.where(bits < 0, -bits - 1, bits)
 
 
 def _exact_midpoints(code: torch.Tensor) -> torch.Tensor:
@@ -135,36 +149,63 @@ def _encode_chunk(src, G, coder, codes_out, absmax_out, s, key, idx):
     torch.amax(scratch.view(-1, G), dim=1, out=absmax_out)
     recip = torch.div(1.0, absmax_out.clamp(min=_MIN_DIVISOR))  # (m/G,) reciprocal first, as bnb (§1.2)
     torch.mul(src.view(-1, G), recip[:, None], out=s.view(-1, G))  # (m/G, G)
-    codes = coder.codes(s, key, idx)  # (m,) int32
+    scaled = coder.scaled_codes(s, key, idx)  # (m,) int32: code << shift, plus bits below it
+    shift = coder.shift
     if coder is not _NF4_CODER:
-        codes_out.copy_(codes)
+        codes_out.copy_(scaled.bitwise_right_shift_(shift))
         return
-    pairs = codes.view(torch.int64)  # (m/2,): element 2k in the low 32 bits (little-endian)
-    high = torch.bitwise_left_shift(pairs, 4, out=key.view(torch.int64))  # code[2k] << 4 in the low byte
-    high.add_(pairs.bitwise_right_shift_(32))  # + code[2k+1]: the byte of §1.4 in the low 8 bits
-    codes_out.copy_(high)  # int64 -> uint8 keeps the low byte
+    # §1.4 on element pairs viewed as one int64 each (little-endian: element 2k in the low half):
+    # bits 0..3 of (pair >> shift) hold code[2k], bits 32.. of (pair >> shift) hold code[2k+1]
+    pairs = scaled.view(torch.int64)  # (m/2,)
+    low = torch.bitwise_right_shift(pairs, 32 + shift, out=key.view(torch.int64))  # code[2k+1]
+    pairs.bitwise_right_shift_(shift).bitwise_left_shift_(4).add_(low)  # + code[2k] << 4 in the low byte
+    codes_out.copy_(pairs)  # int64 -> uint8 keeps the low byte
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run_chunks(full: int, work, make_scratch) -> None:
+    """work(start, stop, scratch) for the _CHUNK-sized steps of [0, full), on torch.get_num_threads()
+    Python threads, each with its own make_scratch(). Torch releases the GIL inside ops, and ops this
+    small never enter torch's thread pool, whose per-op barrier stalls whenever a core is shared."""
+    starts = range(0, full, _CHUNK)
+    workers = min(torch.get_num_threads(), len(starts))
+
+    def run(part: int) -> None:
+        scratch = make_scratch()
+        for start in starts[part::workers]:
+            work(start, min(start + _CHUNK, full), scratch)
+
+    if workers <= 1:
+        run(0) if starts else None
+        return
+    pool = _POOLS.get(workers) or _POOLS.setdefault(workers, ThreadPoolExecutor(workers, "adapterhub-nf4"))
+    list(pool.map(run, range(workers)))  # re-raises a worker's exception
 
 
 def _encode(x, G, coder):
     """x (n,) float -> (codes uint8, absmax float32 (B,)); a short last block is zero-padded: zeros
     change no block max, and padded codes are dropped (odd n keeps the code of 0.0, 7, §1.4)."""
     n, device = x.numel(), x.device
-    packs = coder is _NF4_CODER
+    per = 2 if coder is _NF4_CODER else 1  # elements per output byte
     full = n - n % G
-    codes = torch.empty((n + 1) // 2 if packs else n, dtype=torch.uint8, device=device)
+    codes = torch.empty(-(-n // per), dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // G), dtype=torch.float32, device=device)
-    C = max(G, min(_CHUNK, full))
-    s = torch.empty(C, dtype=torch.float32, device=device)
-    key, idx = torch.empty(C, dtype=torch.int32, device=device), torch.empty(C, dtype=torch.int32, device=device)
-    per = 2 if packs else 1
-    for i in range(0, full, C):
-        m = min(C, full - i)
-        _encode_chunk(x[i : i + m], G, coder, codes[i // per : (i + m) // per], absmax[i // G : (i + m) // G], s, key, idx)
+
+    def scratch():  # s (C,) float32, key and idx (C,) int32
+        C = max(G, _CHUNK)
+        return torch.empty(C, device=device), *torch.empty(2, C, dtype=torch.int32, device=device)
+
+    def work(i, j, buffers):
+        _encode_chunk(x[i:j], G, coder, codes[i // per : j // per], absmax[i // G : j // G], *buffers)
+
+    _run_chunks(full, work, scratch)
     if full < n:
         tail = torch.zeros(G, dtype=torch.float32, device=device)
         tail[: n - full] = x[full:]
         tail_codes = torch.empty(G // per, dtype=torch.uint8, device=device)
-        _encode_chunk(tail, G, coder, tail_codes, absmax[-1:], s, key, idx)
+        _encode_chunk(tail, G, coder, tail_codes, absmax[-1:], *scratch())
         codes[full // per :] = tail_codes[: codes.numel() - full // per]
     return codes, absmax
 
@@ -269,28 +310,31 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor, absmax: torch.Tensor | None
 
     out: contiguous, q.numel elements, float32 / bf16 / fp16 (any shape, e.g. (Dout, Din)).
     absmax: float32 (B,) from `q.absmax_float32()`, precomputed by callers that dequantize every forward.
-    No allocation proportional to n beyond two chunk buffers; returns out.
+    Allocates only chunk-sized scratch per worker thread; returns out.
     """
     absmax = q.absmax_float32() if absmax is None else absmax
     n, G, device = q.numel, q.blocksize, q.packed.device
     flat, packed = out.view(-1), q.packed.view(-1)
     full = n - n % G
-    C = max(G, min(_CHUNK, full))
-    idx = torch.empty(C // 2, dtype=torch.int32, device=device)
-    pairs = torch.empty(C // 2, dtype=torch.int64, device=device)
     table = _BYTE_PAIRS.to(device)
-    for i in range(0, full, C):
-        m = min(C, full - i)
-        idx[: m // 2].copy_(packed[i // 2 : (i + m) // 2])
-        values = torch.index_select(table, 0, idx[: m // 2], out=pairs[: m // 2]).view(torch.float32).view(-1, G)
-        scale = absmax[i // G : (i + m) // G, None]  # (m/G, 1)
+
+    def scratch():  # byte indices (C/2,) int32, byte pairs of float32 values (C/2,) int64
+        C = max(G, _CHUNK)
+        return torch.empty(C // 2, dtype=torch.int32, device=device), torch.empty(C // 2, dtype=torch.int64, device=device)
+
+    def work(i, j, buffers):
+        idx, pairs = (b[: (j - i) // 2] for b in buffers)
+        idx.copy_(packed[i // 2 : j // 2])
+        values = torch.index_select(table, 0, idx, out=pairs).view(torch.float32).view(-1, G)  # (m/G, G)
+        scale = absmax[i // G : j // G, None]  # (m/G, 1)
         if out.dtype == torch.float32:
-            torch.mul(values, scale, out=flat[i : i + m].view(-1, G))
+            torch.mul(values, scale, out=flat[i:j].view(-1, G))
         else:
-            flat[i : i + m].copy_(values.mul_(scale).view(-1))  # float32 product, then RNE (§1.5)
+            flat[i:j].copy_(values.mul_(scale).view(-1))  # float32 product, then RNE (§1.5)
+
+    _run_chunks(full, work, scratch)
     if full < n:
-        tail = packed[full // 2 :].to(torch.int64)
-        values = table[tail].view(torch.float32)[: n - full]
+        values = table[packed[full // 2 :].long()].view(torch.float32)[: n - full]
         flat[full:].copy_(values * absmax[-1])
     return out
 

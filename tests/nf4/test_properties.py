@@ -33,7 +33,9 @@ def test_round_trip_error_is_at_most_half_a_code_gap(w, blocksize):
     q = nf4.quantize(torch.from_numpy(w), blocksize=blocksize, double_quant=False)
     absmax = np.repeat(q.absmax.numpy().astype(np.float64), blocksize)[: w.size]
     err = np.abs(nf4.dequantize(q).numpy().astype(np.float64) - w)
-    assert np.all(err <= HALF_GAP * absmax * (1 + 1e-6))
+    normal = absmax >= 1e-38  # below it bnb's clamped divisor (§1.2) sends the whole block to code 7
+    assert np.all(err[normal] <= HALF_GAP * absmax[normal] * (1 + 1e-6))
+    assert np.all(err[~normal] <= absmax[~normal])
 
 
 @SETTINGS

@@ -48,7 +48,7 @@ def test_code_table_on_every_threshold_and_neighbour():
         s = np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)), [0.0, -0.0, 1.0, -1.0]])
         s = np.concatenate([s, np.random.default_rng(0).uniform(-1, 1, 5000)]).astype(np.float32)
         key = torch.empty(s.size, dtype=torch.int32)
-        got = coder.codes(torch.from_numpy(s.copy()), key, torch.empty_like(key)).numpy()
+        got = (coder.scaled_codes(torch.from_numpy(s.copy()), key, torch.empty_like(key)) >> coder.shift).numpy()
         assert np.array_equal(got, np.searchsorted(t, s, side="left"))
 
 
@@ -148,3 +148,19 @@ def test_quantize_rejects_bad_input():
         nf4.quantize(torch.ones(64), blocksize=48)
     with pytest.raises(QuantizationError, match="empty"):
         nf4.quantize(torch.ones(0, 64))
+
+
+def test_worker_threads_do_not_change_results():
+    """Chunks are spread over torch.get_num_threads() Python threads; the bytes must not depend on it."""
+    w = torch.randn(777, 640, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            q = nf4.quantize(w, double_quant=False)
+            results.append((q.packed, q.absmax, nf4.dequantize(q)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
