@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from adapterhub.adapter import random_adapter
+from adapterhub.runtime.config import ModelConfig
 from adapterhub.runtime.linear import AdapterLinear
 from adapterhub.runtime.pool import AdapterPool
 from reference import lora as ref_lora
@@ -21,6 +24,13 @@ SHAPES = {
     }.items()
 }
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Tiny full models for forward tests: Llama with GQA, and Qwen2 (q/k/v bias, tied embeddings).
+LLAMA = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128,
+)
+QWEN2 = dataclasses.replace(LLAMA, architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True)
 
 
 def base_weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,12 +6,18 @@ match the NumPy reference (reference/lora.py). Both CPU formulations of the LoRA
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from adapterhub.adapter import random_adapter
 from adapterhub.runtime import kernels
-from adapters_fixtures import SHAPES, adapters_zoo, base_weights, make_layers, make_pool, reference_output
+from adapterhub.runtime.base import load_base
+from adapterhub.runtime.tiny import random_checkpoint
+from adapters_fixtures import ALL_LINEAR, QWEN2, SHAPES, adapters_zoo, base_weights, make_layers, make_pool, reference_output
+from reference import llama as ref_llama
 
 ROWS = ["lora", None, "dora", "rslora", "dora", None, "lora"]
 
@@ -101,3 +107,37 @@ def test_lora_ops_match_their_semantics(dtype, lora_path):
         tol = kernels.TOLERANCE[dtype]
         torch.testing.assert_close(h[b], h_ref, atol=tol[0], rtol=tol[1])
         torch.testing.assert_close(y[b], y_ref, atol=tol[0] * 10, rtol=tol[1])
+
+
+def test_full_model_on_an_nf4_base_matches_the_reference_llama(tmp_path):
+    """fp32 compute over NF4 weights: one mixed batch (LoRA, rsLoRA, DoRA, base rows, padding) equals
+    reference/llama.py run on the dequantized weights with each row's adapter (1e-5)."""
+    path = random_checkpoint(tmp_path / "base", QWEN2, seed=3)
+    base = load_base(path, quantize="nf4", compute_dtype=torch.float32)
+    linears = base.model.linears()
+    assert all(layer.is_nf4 for layer in linears.values())
+    weights = {name: p.detach().double().numpy() for name, p in base.model.named_parameters()}
+    weights.update({m + ".weight": layer.dequantized_weight().double().numpy() for m, layer in linears.items()})
+    shapes = base.module_shapes()
+    W = {m: layer.dequantized_weight().numpy() for m, layer in linears.items()}
+    zoo = {
+        "lora": random_adapter(shapes, r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), seed=1),
+        "rslora": random_adapter(shapes, r=8, lora_alpha=16, target_modules=ALL_LINEAR, use_rslora=True, seed=2),
+        "dora": random_adapter(shapes, r=6, lora_alpha=12, target_modules=ALL_LINEAR, use_dora=True, seed=3, base_weights=W),
+    }
+    for name, adapter in zoo.items():
+        base.add_adapter(adapter, name=name)
+    rows = ["dora", None, "lora", "rslora"]
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, QWEN2.vocab_size, (len(rows), 6), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0
+    mask[2, 5:] = 0
+    ours = base(input_ids, adapters=rows, attention_mask=mask)
+    per_row = [None if n is None else {m: (a.lora_A, a.lora_B, a.scaling, a.magnitude) for m, a in zoo[n].modules().items()}
+               for n in rows]
+    config = json.loads((path / "config.json").read_text())
+    expected = ref_llama.forward(config, weights, input_ids.numpy(), mask.numpy(), per_row)
+    assert (ours[0] - base(input_ids[:1])[0]).abs().max() > 1e-3
+    keep = mask.bool()
+    np.testing.assert_allclose(ours[keep].double().numpy(), expected[keep.numpy()], atol=1e-5, rtol=1e-5)

@@ -6,25 +6,16 @@ adapter alone (its mixed batch refuses DoRA, SEMANTICS §7); adapterhub runs eve
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from adapterhub.adapter import random_adapter
 from adapterhub.runtime.base import load_base
-from adapterhub.runtime.config import ModelConfig
 from adapterhub.runtime.tiny import random_checkpoint
+from adapters_fixtures import ALL_LINEAR, LLAMA, QWEN2
 
 pytestmark = pytest.mark.compat
-
-LLAMA = ModelConfig(
-    architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=128,
-)
-QWEN2 = dataclasses.replace(LLAMA, architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _adapters(base, weights):
