@@ -94,10 +94,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
 
     async def models(request: Request) -> Response:
         tasks = await run_in_threadpool(_registry_tasks, engine.source.registry)
-        data = [{"id": engine.base_name, "object": "model", "owned_by": "adapterhub", "kind": "base"}]
-        data += [{"id": name, "object": "model", "owned_by": "adapterhub", "kind": "adapter", "digest": digest,
-                  "loaded": True} for digest, name in sorted(engine.resident().items(), key=lambda kv: kv[1])]
-        data += [{"id": task, "object": "model", "owned_by": "adapterhub", "kind": "task"} for task in tasks]
+        data = [_model_json(engine.base_name, "base")]
+        data += [_model_json(name, "adapter", digest=digest, loaded=True)
+                 for digest, name in sorted(engine.resident().items(), key=lambda kv: kv[1])]
+        data += [_model_json(task, "task") for task in tasks]
         return JSONResponse({"object": "list", "data": data})
 
     async def load_adapter(request: Request) -> Response:
@@ -172,6 +172,11 @@ def _error(error: Exception, status: int) -> JSONResponse:
 
 def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "has_chat_template", False))
+
+
+def _model_json(model_id: str, kind: str, **extra) -> dict:
+    """An OpenAI model object (id, object, created, owned_by) plus what kind of model it is."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "adapterhub", "kind": kind, **extra}
 
 
 def _registry_tasks(registry) -> list[str]:

@@ -57,9 +57,11 @@ def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
     messages = body.get("messages", _MISSING)
     if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
         raise RequestError(
-            "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects, "
+            "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects "
+            "(content: a string or a list of text parts), "
             f"got {_show(messages)}"
         )
+    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
     return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), *_stream(body))
@@ -162,7 +164,19 @@ def _is_number(v) -> bool:
 
 
 def _is_message(m) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+        return False
+    content = m.get("content")
+    return isinstance(content, str) or (isinstance(content, list) and all(_is_text_part(p) for p in content))
+
+
+def _is_text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _text_of(content: str | list) -> str:
+    """Message content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
 
 
 def _show(value) -> str:

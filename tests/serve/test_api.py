@@ -103,6 +103,10 @@ def test_chat_completions_follow_the_tokenizer_template(served):
         assert chunks[0]["object"] == "chat.completion.chunk"
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == message["content"]
+        parts = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]}
+        assert served.client.post("/v1/chat/completions", json=parts).json()["choices"][0]["message"] == message
+        assert_error(served.client.post("/v1/chat/completions", json={"messages": []}), 400, "RequestError",
+                     "'messages'")
     else:
         assert_error(response, 400, "RequestError", "chat template")
 
