@@ -9,11 +9,13 @@
 // x * code in fp32 and multiplies by the block's absmax once: y differs from the twin by fp32
 // reassociation plus the twin's rounding of W (<= 2^-9 relative per weight), within kernels.TOLERANCE.
 //
-// Memory bound at decode (M = 1..8): one warp per output feature n walks its packed row with one
-// 128-bit load (32 codes) per lane per step, so a warp reads 512 contiguous bytes per step. Codes are
-// decoded through a 256-entry table of (high, low) nibble pairs in shared memory: one lookup per
-// packed byte. x (a few KB) stays in L1 / L2; rows of x are processed MT at a time so W is read once
-// per MT rows.
+// One warp per output feature n walks its packed row with one 128-bit load (32 codes) per lane per
+// step, so a warp reads 512 contiguous bytes per step. Codes are decoded through a 256-entry table of
+// (high, low) nibble pairs in shared memory: one lookup per packed byte. x (a few KB) stays in L1 / L2;
+// rows of x are processed MT at a time (one pass over W per MT rows; later passes mostly hit L2).
+// At M = 1 the kernel is memory bound (2 FMAs per packed byte); the fp32 FMAs grow with M and near
+// the CUDA-core rate around M = 8 on an H100, which is why nf4_linear hands more rows to
+// dequantize + GEMM (tensor cores). cuda/bench.py's row sweep measures the crossover.
 #include "common.cuh"
 
 namespace adapterhub {
@@ -105,7 +107,7 @@ extern "C" void launch_nf4_gemv(const void* x, const uint8_t* packed, const floa
   // G is a power of two >= 32 (checked by the binding): a quant block is 2^shift chunks of 32.
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize)) - 5;
   // The row tile is a template parameter so the accumulators stay in registers; M = 1 (decode of
-  // one sequence) gets its own instantiation, larger M reads W once per 8 rows.
+  // one sequence) gets its own instantiation, larger M takes one pass over W per 8 rows.
   ADAPTERHUB_DISPATCH_DTYPE(dtype, {
     const T* xt = static_cast<const T*>(x);
     T* yt = static_cast<T*>(y);
