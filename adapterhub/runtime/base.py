@@ -24,8 +24,9 @@ from adapterhub.runtime.pool import AdapterPool
 from adapterhub.runtime.tokenizer import Tokenizer
 
 
-def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4", compute_dtype: torch.dtype = torch.bfloat16,
-              device: str | torch.device = "cpu", max_adapters: int = 16) -> Base:
+def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4",
+              compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+              max_adapters: int = 16) -> Base:
     """A base model with an adapter pool: "tiny" (embedded), a Hugging Face checkpoint dir, or a hub id
     found in the local HF cache. quantize="nf4" stores the decoder linears in NF4 (a bitsandbytes 4-bit
     checkpoint loads as saved whatever `quantize` says); None keeps them in `compute_dtype`."""
@@ -138,8 +139,10 @@ class Base:
     def _pinned(self, adapters, B: int):
         """Pins the adapters of one batch for its duration; yields ids (B,), or None when every row is the base."""
         if adapters is not None and len(adapters) != B:
-            raise RequestError(f"adapters has {len(adapters)} entries for a batch of {B} rows; give one name or None per row")
-        ids = self.pool.acquire(list(adapters)) if adapters is not None and any(a is not None for a in adapters) else None
+            raise RequestError(f"adapters has {len(adapters)} entries for a batch of {B} rows; "
+                               "give one name or None per row")
+        is_base_only = adapters is None or all(a is None for a in adapters)
+        ids = None if is_base_only else self.pool.acquire(list(adapters))
         try:
             yield ids
         finally:

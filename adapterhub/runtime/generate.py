@@ -52,7 +52,8 @@ class SamplingBatch:
         return cls(
             temperature=as_tensor([float(t) for t in temperature], torch.float32),
             top_k=as_tensor(top_k, torch.int64), top_p=as_tensor(top_p, torch.float32),
-            seed=as_tensor(seeds, torch.int64), offset=as_tensor([0] * B if offset is None else list(offset), torch.int64),
+            seed=as_tensor(seeds, torch.int64),
+            offset=as_tensor([0] * B if offset is None else list(offset), torch.int64),
             is_greedy=all(t == 0 for t in temperature),
             has_filter=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
         )
@@ -118,7 +119,8 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
     if not prompts:
         raise RequestError("prefill needs at least one prompt")
     if len(rows) != len(prompts) or len(set(rows)) != len(rows):
-        raise RequestError(f"prefill needs one distinct cache row per prompt; got rows {list(rows)} for {len(prompts)} prompts")
+        raise RequestError(f"prefill needs one distinct cache row per prompt; got rows {list(rows)} "
+                           f"for {len(prompts)} prompts")
     if min(lengths) < 1 or max(lengths) > cache.max_seq:
         raise RequestError(f"prompt lengths {lengths} must be between 1 and the cache's max_seq={cache.max_seq}")
     if min(rows) < 0 or max(rows) >= cache.max_batch:
@@ -129,7 +131,8 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
         tokens[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
     V = model.config.vocab_size
     if int(tokens.min()) < 0 or int(tokens.max()) >= V:
-        raise RequestError(f"prompt token ids must be in [0, {V}) for this base; got {int(tokens.min())}..{int(tokens.max())}")
+        raise RequestError(f"prompt token ids must be in [0, {V}) for this base; "
+                           f"got {int(tokens.min())}..{int(tokens.max())}")
     step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
     last = torch.tensor(lengths, dtype=torch.long) - 1
     logits = model(tokens.to(model.device), ids, cache, step=step, logits_at=last.to(model.device))  # (B, V)
@@ -177,8 +180,8 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], id
     if max_new_tokens < 1:
         raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B = len(prompts)
-    cache = KVCache(model.config.num_hidden_layers, B, model.config.num_key_value_heads,
-                    max(map(len, prompts)) + max_new_tokens, model.config.head_dim, dtype=model.dtype, device=model.device)
+    c, S = model.config, max(map(len, prompts)) + max_new_tokens
+    cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim, dtype=model.dtype, device=model.device)
     rows = torch.arange(B)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=model.device)  # (B, max_new)
     stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)

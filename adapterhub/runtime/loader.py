@@ -207,8 +207,9 @@ def quantized_state(model: Transformer) -> dict[str, torch.Tensor]:
         out.update(linear.nf4_state_dict(name + "."))
         if linear.bias is not None:
             out[name + ".bias"] = linear.bias.detach()
+    is_tied = model.config.tie_word_embeddings
     for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[0] not in linears and not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+        if name.rsplit(".", 1)[0] not in linears and not (name == "lm_head.weight" and is_tied):
             out[name] = param.detach()
     return out
 

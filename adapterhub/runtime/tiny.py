@@ -110,6 +110,7 @@ def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed:
     """Writes a Hugging Face checkpoint dir (config.json, safetensors, tokenizer files) with random weights."""
     from adapterhub.runtime.loader import write_checkpoint
 
-    weights = tiny_weights() if (config, seed, std) == (TINY_CONFIG, TINY_SEED, 0.02) else random_weights(config, seed, std)
+    is_tiny = (config, seed, std) == (TINY_CONFIG, TINY_SEED, 0.02)
+    weights = tiny_weights() if is_tiny else random_weights(config, seed, std)
     return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),
                             max_shard_bytes=max_shard_bytes)

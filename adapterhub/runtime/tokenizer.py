@@ -85,7 +85,8 @@ class Tokenizer:
         """Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos and the Jinja chat template)."""
         path = Path(path)
         self._tok.save(str(path / "tokenizer.json"))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tokenizer_class": "PreTrainedTokenizerFast"}
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
