@@ -105,7 +105,7 @@ class _Coder:
         torch.bitwise_right_shift(bits, 31, out=key)
         key.bitwise_xor_(bits)  # the key: bits, all bits flipped for negative values
         torch.bitwise_right_shift(bits, self.shift, out=out).add_(1 << (31 - self.shift))
-        torch.index_select(self.table, 0, out, out=bits)
+        torch.index_select(self.table.to(s.device), 0, out, out=bits)
         return torch.sub(key, bits, out=out)
 
 
@@ -165,17 +165,22 @@ def _encode_chunk(src, G, coder, codes_out, absmax_out, s, key, idx):
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _run_chunks(full: int, work, make_scratch) -> None:
-    """work(start, stop, scratch) for the _CHUNK-sized steps of [0, full), on torch.get_num_threads()
-    Python threads, each with its own make_scratch(). Torch releases the GIL inside ops, and ops this
+def _chunk(device: torch.device, full: int) -> int:
+    """Step size: _CHUNK on CPU; a whole weight in one step elsewhere (one launch per op on a GPU)."""
+    return _CHUNK if device.type == "cpu" else max(full, 1)
+
+
+def _run_chunks(full: int, step: int, work, make_scratch) -> None:
+    """work(start, stop, scratch) for the steps of [0, full), on torch.get_num_threads() Python
+    threads, each with its own make_scratch(). Torch releases the GIL inside ops, and CPU ops this
     small never enter torch's thread pool, whose per-op barrier stalls whenever a core is shared."""
-    starts = range(0, full, _CHUNK)
+    starts = range(0, full, step)
     workers = min(torch.get_num_threads(), len(starts))
 
     def run(part: int) -> None:
         scratch = make_scratch()
         for start in starts[part::workers]:
-            work(start, min(start + _CHUNK, full), scratch)
+            work(start, min(start + step, full), scratch)
 
     if workers <= 1:
         run(0) if starts else None
@@ -193,14 +198,16 @@ def _encode(x, G, coder):
     codes = torch.empty(-(-n // per), dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // G), dtype=torch.float32, device=device)
 
+    step = _chunk(device, full)
+
     def scratch():  # s (C,) float32, key and idx (C,) int32
-        C = max(G, _CHUNK)
+        C = max(G, step)
         return torch.empty(C, device=device), *torch.empty(2, C, dtype=torch.int32, device=device)
 
     def work(i, j, buffers):
         _encode_chunk(x[i:j], G, coder, codes[i // per : j // per], absmax[i // G : j // G], *buffers)
 
-    _run_chunks(full, work, scratch)
+    _run_chunks(full, step, work, scratch)
     if full < n:
         tail = torch.zeros(G, dtype=torch.float32, device=device)
         tail[: n - full] = x[full:]
@@ -318,8 +325,10 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor, absmax: torch.Tensor | None
     full = n - n % G
     table = _BYTE_PAIRS.to(device)
 
+    step = _chunk(device, full)
+
     def scratch():  # byte indices (C/2,) int32, byte pairs of float32 values (C/2,) int64
-        C = max(G, _CHUNK)
+        C = max(G, step)
         return torch.empty(C // 2, dtype=torch.int32, device=device), torch.empty(C // 2, dtype=torch.int64, device=device)
 
     def work(i, j, buffers):
@@ -332,7 +341,7 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor, absmax: torch.Tensor | None
         else:
             flat[i:j].copy_(values.mul_(scale).view(-1))  # float32 product, then RNE (§1.5)
 
-    _run_chunks(full, work, scratch)
+    _run_chunks(full, step, work, scratch)
     if full < n:
         values = table[packed[full // 2 :].long()].view(torch.float32)[: n - full]
         flat[full:].copy_(values * absmax[-1])

@@ -164,3 +164,14 @@ def test_worker_threads_do_not_change_results():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_one_step_path_equals_chunked(monkeypatch):
+    """Off the CPU the whole weight is one step (_chunk); emulate it here with a huge chunk size."""
+    w = torch.randn(300, 1000, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    chunked = nf4.quantize(w)
+    monkeypatch.setattr(runtime_nf4, "_CHUNK", 1 << 22)
+    whole = nf4.quantize(w)
+    for key, value in chunked.state_dict().items():
+        assert torch.equal(value, whole.state_dict()[key]), key
+    assert torch.equal(nf4.dequantize(whole), nf4.dequantize(chunked))
