@@ -138,7 +138,7 @@ def test_emulated_lora_shrink_matches_twin(emulated, dtype, R, Din):
     h = torch.full((Bsz, T, R), float("nan"), dtype=dtype)
     emulated.launch_lora_shrink(*_args(x, A, ids, Bsz * T, T, Din, R, h, dtype))
     expected = kernels.lora_shrink(x, A, ids)
-    assert expected[0].abs().min() > 0 or expected[0].abs().max() > 0.1  # rows with an adapter are non-zero
+    assert expected[0].abs().max() > 0.1  # a row with an adapter
     assert torch.all(expected[1] == 0)  # slot 0
     _assert_close(h, expected, dtype)
 
