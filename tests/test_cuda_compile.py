@@ -57,7 +57,8 @@ def emulated(tmp_path_factory):
     sources = sorted(str(p) for p in (CUDA_DIR / "csrc").glob("*.cu"))
     command = ["g++", "-x", "c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-include",
                str(CUDA_DIR / "emulator" / "host_shim.h"), f"-I{CUDA_INCLUDE}", *sources, "-o", str(library)]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    build = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
     return ctypes.CDLL(str(library))
 
 
