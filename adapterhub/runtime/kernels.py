@@ -3,12 +3,14 @@
 Each op states what it computes in a ``Semantics:`` block (torch notation, per row) with the shape and
 dtype of every argument. On CUDA tensors an op dispatches to ``cuda_ops.<op>`` (same name, same
 arguments in the same order) when ``cuda_ops.available()``; ``tests/gpu`` compares the two with
-:data:`TOLERANCE`. On CPU the ops pick between equivalent torch formulations by shape only (never by
-the values in ``ids``, so there is no host sync and no per-row branch).
+:data:`TOLERANCE`. On CPU the LoRA ops pick between two equivalent torch formulations by the shape and
+by how many distinct slots the batch uses (ids is a small host tensor there; the CUDA path never looks
+at the values of ids, so it has no host sync). No formulation branches per row.
 
-Vocabulary: B rows, T tokens per row, Din / Dout features, N adapter slots, R rank (the pool pads every
-slot to its largest rank with zeros, which changes no result), G quant block size.
-Adapter stacks (runtime/linear.py): ``A_stack (N, R, Din)`` is lora_A per slot, ``B_stack (N, R, Dout)``
+Vocabulary: B rows, T tokens per row, Din / Dout features, N adapter slots, R rank (runtime/linear.py
+keeps one stack per rank; a slot of lower rank in a stack would be zero-padded, which changes no
+result), G quant block size.
+Adapter stacks: ``A_stack (N, R, Din)`` is lora_A per slot, ``B_stack (N, R, Dout)``
 is lora_B **transposed** per slot (``B_stack[n] = lora_B[n].T``: each slot's rank rows are contiguous,
 so all slots together form one ``(N*R, Dout)`` matrix). Slot 0 is "no adapter": zero A and B,
 ``dora_scale`` 1.
