@@ -1,6 +1,7 @@
 """CUDA op benchmarks: time, achieved bandwidth against the device peak, speed-up against the torch path.
 
     python -m cuda.bench [--quick]        # from the repository root, on a machine with a CUDA GPU
+    python cuda/bench.py [--quick]        # the same, if another package named `cuda` shadows this one
 
 Sections (bf16, Llama-2-7B shapes: D = 4096, F = 11008, NF4 block 64):
 1. nf4_dequantize into bf16, against the torch path of runtime/kernels.py on the same GPU.
@@ -30,8 +31,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from adapterhub.runtime import cuda_ops, kernels
-from reference.nf4 import NF4_CODE
+from adapterhub.runtime import cuda_ops, kernels, nf4
 
 D, FF, G, R, ROWS, SLOTS = 4096, 11008, 64, 16, 32, 33
 BF16 = torch.bfloat16
@@ -113,7 +113,7 @@ def torch_dequantize(packed, absmax, out):
     """The torch formulation of runtime/kernels.py::nf4_dequantize (its non-CPU path), run on the GPU.
     Written out here because kernels.py sends bf16 / block-64 inputs to the CPU kernel on any device."""
     if out.device not in _CODE:  # copied once, before any graph capture
-        _CODE[out.device] = torch.from_numpy(NF4_CODE).to(out.device)
+        _CODE[out.device] = nf4.NF4_CODE.to(out.device)
     code = _CODE[out.device]
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).view(-1, G).long()  # (n/G, G)
     out.view(-1, G).copy_(code[codes] * absmax.view(-1, 1))
