@@ -14,7 +14,8 @@ patterns of s are cut into buckets by their top bits, each bucket holding at mos
 (checked when the table is built). Within a bucket a key (the bits, all flipped for negative values)
 grows with s, and one int32 table F gives code = (key - F[bucket]) >> shift: F puts the bucket's
 lowest code above bit `shift` and its threshold's key below it, so the subtraction borrows exactly
-when key <= threshold key. Work runs in cache-sized chunks through preallocated buffers.
+when key <= threshold key. Work runs in chunks of 32768 elements through per-thread buffers
+(see _run_chunks for why the threads are Python threads).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ DYNAMIC_CODE = _table(
 )
 
 
+# 0-d integer operands: a Python int would be wrapped into a new tensor on every call (~3 us each)
+_INT = {k: torch.tensor(k, dtype=torch.int32) for k in (4, 17, 21, 31, 32 + 17, 32 + 21)}
+_HALF = {k: torch.tensor(1 << (31 - k), dtype=torch.int32) for k in (17, 21)}  # bucket index offset
+
+
 def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
     """int64 -> int32 modulo 2**32: the table's subtraction wraps the same way."""
     return ((x + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
@@ -102,9 +108,9 @@ class _Coder:
         """s float32 (m,) -> int32 (m,) in out: code << shift, plus bits below it (the caller shifts).
         key (m,) int32 is scratch; s is overwritten."""
         bits = s.view(torch.int32)
-        torch.bitwise_right_shift(bits, 31, out=key)
+        torch.bitwise_right_shift(bits, _INT[31], out=key)
         key.bitwise_xor_(bits)  # the key: bits, all bits flipped for negative values
-        torch.bitwise_right_shift(bits, self.shift, out=out).add_(1 << (31 - self.shift))
+        torch.bitwise_right_shift(bits, _INT[self.shift], out=out).add_(_HALF[self.shift])
         torch.index_select(self.table.to(s.device), 0, out, out=bits)
         return torch.sub(key, bits, out=out)
 
@@ -152,13 +158,13 @@ def _encode_chunk(src, G, coder, codes_out, absmax_out, s, key, idx):
     scaled = coder.scaled_codes(s, key, idx)  # (m,) int32: code << shift, plus bits below it
     shift = coder.shift
     if coder is not _NF4_CODER:
-        codes_out.copy_(scaled.bitwise_right_shift_(shift))
+        codes_out.copy_(scaled.bitwise_right_shift_(_INT[shift]))
         return
     # §1.4 on element pairs viewed as one int64 each (little-endian: element 2k in the low half):
     # bits 0..3 of (pair >> shift) hold code[2k], bits 32.. of (pair >> shift) hold code[2k+1]
     pairs = scaled.view(torch.int64)  # (m/2,)
-    low = torch.bitwise_right_shift(pairs, 32 + shift, out=key.view(torch.int64))  # code[2k+1]
-    pairs.bitwise_right_shift_(shift).bitwise_left_shift_(4).add_(low)  # + code[2k] << 4 in the low byte
+    low = torch.bitwise_right_shift(pairs, _INT[32 + shift], out=key.view(torch.int64))  # code[2k+1]
+    pairs.bitwise_right_shift_(_INT[shift]).bitwise_left_shift_(_INT[4]).add_(low)  # + code[2k] << 4 in the low byte
     codes_out.copy_(pairs)  # int64 -> uint8 keeps the low byte
 
 
@@ -183,7 +189,8 @@ def _run_chunks(full: int, step: int, work, make_scratch) -> None:
             work(start, min(start + step, full), scratch)
 
     if workers <= 1:
-        run(0) if starts else None
+        for part in range(workers):
+            run(part)
         return
     pool = _POOLS.get(workers) or _POOLS.setdefault(workers, ThreadPoolExecutor(workers, "adapterhub-nf4"))
     list(pool.map(run, range(workers)))  # re-raises a worker's exception
