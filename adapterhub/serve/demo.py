@@ -109,7 +109,8 @@ def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
 
 
 def _listing(echo, registry) -> None:
-    echo(f"{'task':<11} {'version':<14} {'tags':<14} {'size':>8}")
+    echo("the registry now holds (as 'adapterhub ls' lists it):")
+    echo(f"{'task':<11} {'version':<14} {'tags':<14} {'size':>10}")
     for task in sorted(registry.tasks()):
         for entry in registry.log(task):
             echo(f"{task:<11} {str(entry.ref):<14} {','.join(entry.tags):<14} {entry.nbytes / 1024:>6.0f} KiB")
