@@ -3,8 +3,8 @@
 Shared by the registry (which stores the exact on-disk bytes) and the runtime (which wants float32
 arrays per module). The interchange format is what PEFT ``save_pretrained`` writes (SEMANTICS §6):
 ``adapter_config.json`` + ``adapter_model.safetensors``. Tensors keep their on-disk dtype and bytes, so
-F32, F16 and BF16 round-trip byte-identically; numpy has no bfloat16, hence the small safetensors
-reader/writer below (format: 8-byte little-endian header length, JSON header, raw data).
+F32, F16 and BF16 round-trip byte-identically (the codec is ``adapterhub.safetensors_io``; its
+``RawTensor``, ``read_safetensors`` and ``write_safetensors`` are re-exported here).
 
 Pickle (``adapter_model.bin``) is never loaded.
 """
@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from adapterhub.errors import AdapterFormatError, ConfigError
+from adapterhub.safetensors_io import DTYPE_CODES, RawTensor, read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,12 +32,6 @@ PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 # PEFT on-disk key suffixes (SEMANTICS §6.3): which AdapterModule field each one fills.
 KEY_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
-
-# safetensors dtype code -> (numpy dtype of the stored bits, bytes per element). BF16 is kept as its raw
-# uint16 bits and widened to float32 by a 16-bit shift.
-DTYPES = {"F64": (np.float64, 8), "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
-_NUMPY_TO_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_MAX_HEADER = 100 * 1024 * 1024
 
 # `LoraConfig().to_dict()` of peft 0.21.2 (SEMANTICS §6.2): what random_adapter writes besides its values.
 PEFT_DEFAULTS: dict[str, Any] = {
@@ -53,6 +48,11 @@ PEFT_DEFAULTS: dict[str, Any] = {
 }
 # target_modules=None on a Llama-family model resolves to these (SEMANTICS §6.4).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+# target_modules="all-linear" (any case) resolves to every nn.Linear but the output layer (§6.4); on a
+# Llama-family decoder (llama, mistral, qwen2) that is these 7 projections in every layer, never lm_head.
+ALL_LINEAR = "all-linear"
+ALL_LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -155,7 +155,12 @@ class AdapterConfig:
         _check(layers is None or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers)),
                f"layers_to_transform must be null, an int or a list of ints; got {layers!r}")
         _check(layers is None or not isinstance(targets, str),
-               "layers_to_transform cannot be used when target_modules is a regex string (PEFT rule, §6.4)")
+               "layers_to_transform cannot be used when target_modules is a string (PEFT rule, §6.4)")
+        layers_pattern = _names(d.get("layers_pattern"), "layers_pattern")
+        _check(layers_pattern is None or not isinstance(targets, str),
+               "layers_pattern cannot be used when target_modules is a string (PEFT rule, §6.4)")
+        _check(not layers_pattern or layers is not None,
+               f"layers_pattern={layers_pattern!r} needs layers_to_transform (PEFT rule); set both or neither")
         for key in ("base_model_name_or_path", "task_type"):
             _check(d.get(key) is None or isinstance(d.get(key), str), f"{key} must be a string or null")
         return cls(
@@ -165,7 +170,7 @@ class AdapterConfig:
             alpha_pattern=_pattern(d.get("alpha_pattern") or {}, "alpha_pattern", _is_number),
             fan_in_fan_out=flags["fan_in_fan_out"], bias=bias, lora_bias=flags["lora_bias"],
             modules_to_save=None, layers_to_transform=None if layers is None else tuple(layers),
-            layers_pattern=_names(d.get("layers_pattern"), "layers_pattern"),
+            layers_pattern=layers_pattern,
             exclude_modules=_names(d.get("exclude_modules"), "exclude_modules"),
             base_model_name_or_path=d.get("base_model_name_or_path"), task_type=d.get("task_type"),
             raw=json.loads(json.dumps(d)),
@@ -202,13 +207,27 @@ class AdapterConfig:
         return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
 
     def matches(self, module: str) -> bool:
-        """Whether PEFT would put a LoRA layer on `module` (a full HF module path; SEMANTICS §6.4)."""
+        """Whether PEFT would put a LoRA layer on `module` (a full HF module path; SEMANTICS §6.4).
+
+        Follows peft 0.21.2 `check_target_module_exists`: exclude_modules wins; a string is a full-match
+        regex; a list entry matches the whole name (then layers_to_transform is not consulted) or a
+        "." + entry suffix (then it is). None and "all-linear" resolve as on a Llama-family decoder.
+        """
         if _selects(self.exclude_modules, module):
             return False
-        targets = DEFAULT_TARGETS if self.target_modules is None else self.target_modules
+        targets = self.target_modules
+        if targets is None:
+            targets = DEFAULT_TARGETS
+        elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            targets = ALL_LINEAR_TARGETS
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        if module in targets:
+            return True
         if not _selects(targets, module):
             return False
-        return self.layers_to_transform is None or _layer_index(module, self.layers_pattern) in self.layers_to_transform
+        # An empty layers_to_transform restricts nothing, as in PEFT.
+        return not self.layers_to_transform or _layer_index(module, self.layers_pattern) in self.layers_to_transform
 
 
 def _selects(selector: str | tuple[str, ...] | None, module: str) -> bool:
@@ -220,101 +239,19 @@ def _selects(selector: str | tuple[str, ...] | None, module: str) -> bool:
 
 
 def _layer_index(module: str, layers_pattern: str | tuple[str, ...] | None) -> int | None:
-    patterns = [None] if layers_pattern is None else (
-        [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern))
-    for pattern in patterns:
-        regex = r".*\.[^.]*\.(\d+)\." if pattern is None else rf".*\.{pattern}\.(\d+)\."
-        found = re.match(regex, module)
+    """The FIRST "<container>.<digits>." index (lazy `.*?`), so "layers.1.experts.0.w1" is layer 1, not 0.
+
+    With layers_pattern the container must be one of the patterns (regexes), at the start of the name
+    or after a dot; an empty or missing layers_pattern accepts any container (peft 0.21.2).
+    """
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
+        return int(found.group(1)) if found else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module)
         if found:
             return int(found.group(1))
     return None
-
-
-# --- tensors ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    """One tensor exactly as stored: safetensors dtype code, shape, little-endian bytes."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes = field(repr=False)
-
-    @classmethod
-    def from_array(cls, array: np.ndarray, dtype: str | None = None) -> RawTensor:
-        """From a float array; `dtype` ("F32", "F16", "BF16", "F64") converts first (BF16: round to nearest even)."""
-        array = np.asarray(array)
-        code = dtype or _NUMPY_TO_CODE.get(array.dtype.name)
-        if code not in DTYPES:
-            raise AdapterFormatError(f"dtype {array.dtype} is not a float dtype; use float32, float16 or bfloat16")
-        if code == "BF16":
-            bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-            stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
-        else:
-            stored = np.ascontiguousarray(array, dtype=np.dtype(DTYPES[code][0]).newbyteorder("<"))
-        return cls(code, tuple(int(n) for n in array.shape), stored.tobytes())
-
-    def stored(self) -> np.ndarray:
-        """The stored elements (BF16 as uint16 bits), read-only, shaped."""
-        return np.frombuffer(self.data, dtype=np.dtype(DTYPES[self.dtype][0]).newbyteorder("<")).reshape(self.shape)
-
-    def to_float32(self) -> np.ndarray:
-        if self.dtype == "BF16":
-            return (self.stored().astype(np.uint32) << 16).view(np.float32)
-        return self.stored().astype(np.float32)
-
-
-def read_safetensors(data: bytes, source: str = "safetensors") -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """Parse a safetensors file's bytes into {key: RawTensor} and its metadata, checking every offset."""
-    if len(data) < 8:
-        raise AdapterFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise AdapterFormatError(f"{source}: header length {n} exceeds the file ({len(data)} bytes); truncated?")
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{source}: safetensors header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{source}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + n:]
-    tensors = {}
-    for key, entry in header.items():
-        tensors[key] = _raw_tensor(key, entry, body, source)
-    return tensors, dict(metadata)
-
-
-def _raw_tensor(key: str, entry: Any, body: memoryview, source: str) -> RawTensor:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed header entry {entry!r}") from None
-    if dtype not in DTYPES:
-        raise AdapterFormatError(f"{source}: tensor {key!r} has dtype {dtype}; adapter tensors must be one of "
-                                 f"{sorted(DTYPES)} (cast them to float32)")
-    if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
-        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed shape {shape!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
-    if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end <= len(body) and end - begin == expected):
-        raise AdapterFormatError(f"{source}: tensor {key!r} {dtype}{shape} needs {expected} bytes but its "
-                                 f"data_offsets are [{begin}, {end}] in a {len(body)}-byte buffer")
-    return RawTensor(dtype, tuple(shape), bytes(body[begin:end]))
-
-
-def write_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize to safetensors bytes: keys sorted, header padded with spaces to 8 bytes (as safetensors does)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key in sorted(tensors):
-        size = len(tensors[key].data)
-        header[key] = {"dtype": tensors[key].dtype, "shape": list(tensors[key].shape),
-                       "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return b"".join([len(text).to_bytes(8, "little"), text, *(tensors[key].data for key in sorted(tensors))])
 
 
 # --- the adapter --------------------------------------------------------------------------------
@@ -523,13 +460,14 @@ def random_adapter(module_shapes: Mapping[str, tuple[int, int]], r: int = 8, lor
     adapter is not a no-op. DoRA magnitude = ‖W + s·B·A‖_row (§5.2) from `base_weights` when given, else
     a positive random vector. `dtype` is the on-disk dtype: "float32", "float16" or "bfloat16".
     """
-    if dtype not in _NUMPY_TO_CODE:
+    if dtype not in DTYPE_CODES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+    targets = target_modules if isinstance(target_modules, str) else sorted(target_modules)  # a regex or "all-linear"
     config = AdapterConfig.from_dict({**PEFT_DEFAULTS, "r": r, "lora_alpha": lora_alpha,
-                                      "target_modules": sorted(target_modules), "use_dora": use_dora,
+                                      "target_modules": targets, "use_dora": use_dora,
                                       "use_rslora": use_rslora, "init_lora_weights": False})
     rng = np.random.default_rng(seed)
-    code = _NUMPY_TO_CODE[dtype]
+    code = DTYPE_CODES[dtype]
     tensors: dict[str, RawTensor] = {}
     for module in sorted(module_shapes):
         if not config.matches(module):
@@ -548,6 +486,6 @@ def random_adapter(module_shapes: Mapping[str, tuple[int, int]], r: int = 8, lor
                 magnitude = rng.uniform(0.5, 1.5, d_out)
             tensors[peft_key(module, "magnitude")] = RawTensor.from_array(magnitude.astype(np.float32), code)
     if not tensors:
-        raise ConfigError(f"target_modules={list(target_modules)} selects none of the {len(module_shapes)} modules "
+        raise ConfigError(f"target_modules={targets!r} selects none of the {len(module_shapes)} modules "
                           f"given (e.g. {next(iter(module_shapes), None)!r})")
     return Adapter(config, tensors)

@@ -21,6 +21,7 @@ from adapterhub.adapter import (
     write_safetensors,
 )
 from adapterhub.errors import AdapterFormatError, ConfigError
+from reference import lora as ref_lora
 from reference.bf16 import round_to_bf16
 
 # The tiny Llama of SEMANTICS §6.2: hidden 64, 2 layers, 2 KV heads x 16.
@@ -60,6 +61,141 @@ def test_target_module_resolution():
     layered = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
                                        "layers_to_transform": [1], "layers_pattern": "layers"})
     assert [m for m in SHAPES if layered.matches(m)] == ["model.layers.1.self_attn.q_proj"]
+
+
+# Target-module matching (SEMANTICS §6.4): (module name, config fields, whether peft 0.21.2 targets it).
+# Expectations were checked against peft's check_target_module_exists (and, for None / "all-linear", against
+# get_peft_model on a tiny Llama), see the compat tests below.
+L1 = "model.layers.1.self_attn.q_proj"
+MOE = "model.layers.1.experts.0.w1"
+MATCH_TABLE = [
+    (Q0, {"target_modules": None}, True),
+    ("model.layers.0.self_attn.k_proj", {"target_modules": None}, False),
+    # "all-linear": every decoder projection, never the output layer
+    (Q0, {"target_modules": "all-linear"}, True),
+    ("model.layers.1.mlp.down_proj", {"target_modules": "all-linear"}, True),
+    ("model.layers.1.self_attn.o_proj", {"target_modules": "ALL-LINEAR"}, True),
+    ("lm_head", {"target_modules": "all-linear"}, False),
+    ("model.layers.1.mlp.down_proj", {"target_modules": "all-linear", "exclude_modules": ["down_proj"]}, False),
+    # an empty layers_to_transform restricts nothing
+    (L1, {"target_modules": ["q_proj"], "layers_to_transform": []}, True),
+    (L1, {"target_modules": ["q_proj"], "layers_to_transform": [], "layers_pattern": "layers"}, True),
+    # layers_pattern may sit at the very start of the name, but must be a whole dotted segment
+    ("layers.1.self_attn.q_proj", {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+     True),
+    ("layers.1.self_attn.q_proj", {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+     False),
+    ("layers.1.self_attn.q_proj", {"target_modules": ["q_proj"], "layers_to_transform": [1]}, False),
+    ("model.xlayers.1.self_attn.q_proj",
+     {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}, False),
+    # the FIRST index is the layer (MoE: layers.1.experts.0 is layer 1)
+    (MOE, {"target_modules": ["w1"], "layers_to_transform": [1]}, True),
+    (MOE, {"target_modules": ["w1"], "layers_to_transform": [0]}, False),
+    (MOE, {"target_modules": ["w1"], "layers_to_transform": [1], "layers_pattern": "layers"}, True),
+    (MOE, {"target_modules": ["w1"], "layers_to_transform": [0], "layers_pattern": "experts"}, True),
+    (MOE, {"target_modules": ["w1"], "layers_to_transform": [0], "layers_pattern": ["blocks", "experts"]}, True),
+    # ordinary rules
+    (L1, {"target_modules": ["q_proj"], "layers_to_transform": 1}, True),
+    ("model.layers.10.self_attn.q_proj", {"target_modules": ["q_proj"], "layers_to_transform": [1]}, False),
+    (L1, {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": ""}, True),
+    (L1, {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "blocks"}, False),
+    ("model.embed.proj", {"target_modules": ["proj"], "layers_to_transform": [0]}, False),
+    ("model.layers.0.self_attn.xq_proj", {"target_modules": ["q_proj"]}, False),
+    (L1, {"target_modules": ["self_attn.q_proj"], "exclude_modules": ["layers.1.self_attn.q_proj"]}, False),
+    (L1, {"target_modules": ["q_proj"], "exclude_modules": r".*\.1\..*"}, False),
+    (L1, {"target_modules": r".*layers\.1\..*_proj"}, True),
+    (L1, {"target_modules": r"layers\.1\..*_proj"}, False),  # a regex must match the whole name
+    # a list entry equal to the whole name matches whatever layers_to_transform says
+    (Q0, {"target_modules": [Q0], "layers_to_transform": [1]}, True),
+]
+# Rows where reference/lora.py's `matches` disagrees with peft 0.21.2 (reported to the lead; not edited here):
+# it applies layers_to_transform to an exact full-name match, which peft accepts without looking at the layer.
+REFERENCE_DIFFERS = {(Q0, str({"target_modules": [Q0], "layers_to_transform": [1]}))}
+
+
+PEFT_CHECKABLE = [row for row in MATCH_TABLE  # None and "all-linear" are resolved against a model first
+                  if row[1]["target_modules"] is not None and str(row[1]["target_modules"]).lower() != "all-linear"]
+
+
+def _ids(rows):
+    return [f"{name}|{fields}" for name, fields, _ in rows]
+
+
+@pytest.mark.parametrize("name, fields, expected", MATCH_TABLE, ids=_ids(MATCH_TABLE))
+def test_matches_follows_peft_rules_and_reference(name, fields, expected):
+    config = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **fields})
+    assert config.matches(name) is expected
+    if (name, str(fields)) in REFERENCE_DIFFERS:
+        return
+    targets = fields["target_modules"]
+    kwargs = {k: fields.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")}
+    assert (ref_lora.resolve_targets([name], targets, **kwargs) == [name]) is expected
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("name, fields, expected", PEFT_CHECKABLE, ids=_ids(PEFT_CHECKABLE))
+def test_matches_agrees_with_peft_check_target_module_exists(name, fields, expected):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    assert bool(check_target_module_exists(peft.LoraConfig(r=4, lora_alpha=8, **fields), name)) is expected
+
+
+LAYER_RULES = [  # layer options peft's LoraConfig refuses too
+    ({"target_modules": "all-linear", "layers_to_transform": [0]}, "layers_to_transform cannot"),
+    ({"target_modules": r".*q_proj", "layers_pattern": "layers"}, "layers_pattern cannot"),
+    ({"target_modules": ["q_proj"], "layers_pattern": "layers"}, "needs layers_to_transform"),
+]
+
+
+@pytest.mark.parametrize("fields, fragment", LAYER_RULES)
+def test_layer_options_peft_refuses_are_refused(fields, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **fields})
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("fields", [fields for fields, _ in LAYER_RULES])
+def test_peft_refuses_the_same_layer_options(fields):
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="layers_"):
+        peft.LoraConfig(r=4, lora_alpha=8, **fields)
+
+
+def _tiny_llama(transformers, torch):
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("fields", [
+    {"target_modules": None},
+    {"target_modules": "all-linear"},
+    {"target_modules": "all-linear", "exclude_modules": ["down_proj", "layers.0.self_attn.k_proj"]},
+    {"target_modules": ["o_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+], ids=str)
+def test_matches_agrees_with_get_peft_model_on_a_tiny_llama(fields):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(transformers, torch)
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "lm_head" in linears and len(linears) == 15
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **fields))
+    wrapped = sorted(name for name, m in peft_model.base_model.model.named_modules()
+                     if isinstance(m, peft.tuners.lora.LoraLayer))
+    config = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **fields})
+    assert sorted(name for name in linears if config.matches(name)) == wrapped
+    assert 0 < len(wrapped) < len(linears)
+
+
+def test_all_linear_adapter_covers_every_projection(tmp_path):
+    adapter = random_adapter({**SHAPES, "lm_head": (128, 64)}, target_modules="all-linear", seed=5)
+    assert sorted(adapter.modules()) == sorted(SHAPES)  # 14 = 7 projections x 2 layers; lm_head left alone
+    adapter.save_peft_dir(tmp_path / "a")
+    assert Adapter.from_peft_dir(tmp_path / "a").tensors == adapter.tensors
 
 
 def test_config_round_trips_unknown_fields_exactly():
@@ -201,7 +337,7 @@ def test_truncated_safetensors_is_rejected():
 
 
 def test_adapter_module_does_not_import_torch():
-    code = "import adapterhub.adapter, sys; assert 'torch' not in sys.modules"
+    code = "import adapterhub.adapter, adapterhub.safetensors_io, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -210,10 +346,7 @@ def test_peft_loads_what_we_write(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = _tiny_llama(transformers, torch)
     base = {m: model.get_submodule(m).weight.detach().numpy() for m in SHAPES}
     adapter = random_adapter(SHAPES, use_dora=True, base_weights=base)
     adapter.save_peft_dir(tmp_path / "a")
@@ -225,3 +358,22 @@ def test_peft_loads_what_we_write(tmp_path):
     assert not torch.allclose(peft_model(ids).logits, before)  # the adapter is live
     peft_model.save_pretrained(tmp_path / "b")
     assert Adapter.from_peft_dir(tmp_path / "b").tensors == adapter.tensors
+
+
+@pytest.mark.compat
+def test_peft_loads_an_all_linear_adapter_onto_the_same_modules(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(transformers, torch)
+    adapter = random_adapter({**SHAPES, "lm_head": (128, 64)}, target_modules="all-linear", seed=6)
+    adapter.save_peft_dir(tmp_path / "a")
+    ids = torch.arange(10).reshape(1, 10)
+    before = model(ids).logits
+    peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "a")
+    assert not torch.allclose(peft_model(ids).logits, before)  # the adapter is live
+    base = peft_model.base_model.model
+    wrapped = {name: m for name, m in base.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert sorted(wrapped) == sorted(adapter.modules())
+    for name, module in adapter.modules().items():
+        assert torch.equal(wrapped[name].lora_B["default"].weight, torch.from_numpy(module.lora_B)), name
