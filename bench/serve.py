@@ -27,7 +27,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time th
 
 
 async def run_load(url: str, models: list[str], clients: int, requests: int, max_tokens: int, seed: int):
-    """Returns (completion tokens / s, per-request latencies in s)."""
+    """Returns (completion tokens / s, per-request latencies in s, mean completion tokens per request)."""
     rng = random.Random(seed)
     plan = [(rng.choice(models), rng.choice(PROMPTS)) for _ in range(requests)]
     latencies, tokens = [], 0
@@ -48,7 +48,7 @@ async def run_load(url: str, models: list[str], clients: int, requests: int, max
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - started
-    return tokens / elapsed, latencies
+    return tokens / elapsed, latencies, tokens / requests
 
 
 def load_in_process(url: str, models: list[str], requests: int, seed: int, *, clients: int, max_tokens: int):
@@ -100,13 +100,15 @@ def main() -> None:
 
     print(f"serving bench: tiny base, {args.clients} concurrent clients, {args.requests} requests x "
           f"{args.max_tokens} max tokens per scenario, {args.rounds} round(s), medians")
-    print(f"{'scenario':<24} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
-    one_tps = statistics.median(tps for tps, _ in results["one"])
+    print(f"{'scenario':<24} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'tok/req':>8} {'ratio':>6}")
+    one_tps = statistics.median(tps for tps, _, _ in results["one"])
     for name, label in (("one", "1 adapter"), ("mixed", f"{args.adapters} adapters mixed")):
-        tps = statistics.median(t for t, _ in results[name])
-        lat = sorted(x for _, ls in results[name] for x in ls)
+        tps = statistics.median(t for t, _, _ in results[name])
+        per_request = statistics.mean(n for _, _, n in results[name])
+        lat = sorted(x for _, ls, _ in results[name] for x in ls)
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-        print(f"{label:<24} {tps:>9.0f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} {tps / one_tps:>5.2f}x")
+        print(f"{label:<24} {tps:>9.0f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} {per_request:>8.1f} "
+              f"{tps / one_tps:>5.2f}x")
 
 
 if __name__ == "__main__":
