@@ -208,3 +208,21 @@ def test_mixed_adapter_batch_equals_each_adapter_alone_and_registry_refs_load(tm
     assert mixed[1] == plain[1] and all(mixed[i] != plain[i] for i in (0, 2, 3))  # the adapters change the text
     assert not any(base.pool.is_pinned(n) for n in ("lora", "dora-task:prod"))  # released after the batch
     assert ref.startswith("dora-task@v1")
+
+
+@pytest.mark.compat
+def test_greedy_generation_matches_transformers(checkpoint_dir):
+    transformers = pytest.importorskip("transformers")
+    from adapterhub.runtime import load_base
+
+    path = checkpoint_dir("qwen2", seed=9)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base = load_base(path, quantize=None, compute_dtype=torch.float32)
+    for prompt in ("hello", "a longer prompt"):
+        ids = base.tokenizer.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(ids):].tolist()
+        got = gen.generate(base.model, base.tokenizer, [ids], None, max_new_tokens=12,
+                           sampling=gen.SamplingBatch.from_params([0.0]))[0].token_ids
+        assert got == want and len(set(got)) > 2
