@@ -136,7 +136,7 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
     step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
     last = torch.tensor(lengths, dtype=torch.long) - 1
     logits = model(tokens.to(model.device), ids, cache, step=step, logits_at=last.to(model.device))  # (B, V)
-    cache.lengths[torch.as_tensor(rows, dtype=torch.long)] = torch.tensor(lengths, dtype=torch.long)
+    cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()] = torch.tensor(lengths, dtype=torch.long)
     return logits
 
 

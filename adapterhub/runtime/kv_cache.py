@@ -34,7 +34,7 @@ class KVCache:
 
     def free(self, rows) -> None:
         """Forgets rows; their stale keys are never read (attention stops at each row's length)."""
-        self.lengths[torch.as_tensor(rows, dtype=torch.long)] = 0
+        self.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()] = 0
 
     def step(self, rows, T: int, starts: torch.Tensor | None = None) -> CacheStep:
         """Plans a forward of T tokens per row starting at `starts` (B,) (default: each row's length)."""
