@@ -145,3 +145,27 @@ def test_bearer_token_is_required_when_configured():
             assert httpx.get(f"{url}/health").json()["status"] == "ok"  # health checks need no key
     finally:
         engine.close()
+
+
+def test_a_failing_decode_step_fails_its_requests_with_500_and_the_server_keeps_serving():
+    base = make_base()
+    engine = Engine(base, None, EngineConfig(max_batch=4))
+    real_decode, calls = base.decode, []
+
+    def flaky_decode(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kernel failure")
+        return real_decode(*args)
+
+    base.decode = flaky_decode
+    try:
+        with serve_in_thread(create_app(engine, api_key="")) as url:
+            body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+            failed = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert_error(failed, 500, "RuntimeError", "simulated kernel failure")
+            ok = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+            assert engine.metrics.snapshot()["requests"] == {"RuntimeError": 1, "ok": 1}
+    finally:
+        engine.close()
