@@ -277,12 +277,15 @@ class NF4Weight:
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """bitsandbytes' packed state dict (§3.1): keys prefix, prefix.absmax, prefix.quant_map,
         [prefix.nested_absmax, prefix.nested_quant_map,] prefix.quant_state.bitsandbytes__nf4."""
-        state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
+        state = {
+            "quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)
+        }  # fmt: skip
         sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": NF4_CODE.clone()}
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.clone()
-            state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset.item())
+            nested = {"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32"}
+            state.update(nested, nested_offset=self.offset.item())  # a float32 value: repr round-trips
         blob = json.dumps(state).encode("utf-8")  # default separators, this field order (§3.1)
         sd[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         return sd
@@ -305,7 +308,9 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
     """
     if not isinstance(w, torch.Tensor) or w.dtype not in _DTYPE_NAMES:
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
-        raise QuantizationError(f"NF4 quantizes float32, bfloat16 or float16 tensors, got {got}; convert with .to(torch.bfloat16)")
+        raise QuantizationError(
+            f"NF4 quantizes float32, bfloat16 or float16 tensors, got {got}; convert with .to(torch.bfloat16)"
+        )
     if blocksize not in BLOCKSIZES:
         raise QuantizationError(f"blocksize {blocksize} is not one of {BLOCKSIZES}; bitsandbytes' default is 64")
     if w.numel() == 0:
@@ -336,7 +341,8 @@ def dequantize_into(q: NF4Weight, out: torch.Tensor, absmax: torch.Tensor | None
 
     def scratch():  # byte indices (C/2,) int32, byte pairs of float32 values (C/2,) int64
         C = max(G, step)
-        return torch.empty(C // 2, dtype=torch.int32, device=device), torch.empty(C // 2, dtype=torch.int64, device=device)
+        idx = torch.empty(C // 2, dtype=torch.int32, device=device)
+        return idx, torch.empty(C // 2, dtype=torch.int64, device=device)
 
     def work(i, j, buffers):
         idx, pairs = (b[: (j - i) // 2] for b in buffers)
@@ -392,7 +398,10 @@ def _tensor(sd, key, dtype, numel):
 def _parse_json(sd, prefix):
     keys = [k for k in sd if k.startswith(prefix + _STATE_SUFFIX)]
     if keys != [prefix + _STATE_SUFFIX + "nf4"]:
-        raise QuantizationError(f"'{prefix}' needs exactly one quant_state key '{prefix}{_STATE_SUFFIX}nf4', found {keys}; only NF4 is supported")
+        raise QuantizationError(
+            f"'{prefix}' needs exactly one quant_state key '{prefix}{_STATE_SUFFIX}nf4', found {keys}; "
+            "only NF4 is supported"
+        )
     try:
         state = json.loads(bytes(sd[keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
     except (ValueError, AttributeError) as err:
@@ -428,15 +437,18 @@ def _parse_state_dict(sd: dict, prefix: str) -> dict:
     packed = _tensor({prefix: packed} if packed is not None else {}, prefix, torch.uint8, (n + 1) // 2)
     quant_map = _tensor(sd, f"{prefix}.quant_map", torch.float32, 16)
     if not torch.equal(quant_map.cpu(), NF4_CODE):
-        raise QuantizationError(f"'{prefix}.quant_map' is not the NF4 codebook (SEMANTICS §1.1); FP4 / custom codes are not supported")
+        raise QuantizationError(
+            f"'{prefix}.quant_map' is not the NF4 codebook (SEMANTICS §1.1); FP4 / custom codes are not supported"
+        )
     fields = {"packed": packed.view(-1, 1), "shape": shape, "dtype": _DTYPES[state["dtype"]], "blocksize": G}
     if "nested_offset" not in state:
         return {**fields, "absmax": _tensor(sd, f"{prefix}.absmax", torch.float32, B)}
     nested_blocksize = state.get("nested_blocksize")
     if state.get("nested_dtype") != "float32" or not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
         raise QuantizationError(
-            f"'{prefix}': nested_dtype {state.get('nested_dtype')!r} / nested_blocksize {nested_blocksize!r} unsupported; "
-            "a 'bfloat16' nested state comes from saving after an eval-mode forward on CPU (SEMANTICS §3.4): save in train mode"
+            f"'{prefix}': nested_dtype {state.get('nested_dtype')!r} / nested_blocksize {nested_blocksize!r} "
+            "unsupported; a 'bfloat16' nested state comes from saving after an eval-mode forward on CPU "
+            "(SEMANTICS §3.4): save in train mode"
         )
     nested_map = _tensor(sd, f"{prefix}.nested_quant_map", torch.float32, 256)
     if not torch.equal(nested_map.cpu(), DYNAMIC_CODE):
