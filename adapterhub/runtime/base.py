@@ -89,8 +89,11 @@ class Base:
     def generate(self, prompts, adapters: Sequence[str | None] | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | str | None = None) -> list[gen.Completion]:
-        """Completes texts or token-id lists, each row with its adapter, in one batch."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        """Completes texts or token-id lists (or one text / one id list), each row with its adapter, in one batch."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()  # (B, T) token ids
+        is_single = isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts))
+        prompts = [prompts] if is_single else list(prompts)
         if not prompts:
             raise RequestError("generate needs at least one prompt")
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]

@@ -87,6 +87,9 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(base):
         assert base.generate([prompt], max_new_tokens=12)[0] == out
     assert len({tuple(o.token_ids) for o in batch}) == 3
     assert base.generate(prompts, max_new_tokens=12) == batch  # greedy is deterministic
+    ids = base.tokenizer.encode("xyz!")
+    assert base.generate(ids, max_new_tokens=12) == base.generate("xyz!", max_new_tokens=12) == batch[2:]
+    assert base.generate(torch.tensor([ids]), max_new_tokens=12) == batch[2:]
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(base):
