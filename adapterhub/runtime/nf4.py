@@ -299,6 +299,7 @@ class NF4Weight:
 # --- public functions -----------------------------------------------------------------------------
 
 
+@torch.no_grad()  # quantization is not differentiable; a Parameter (requires_grad) is fine as input
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a float32 / bf16 / fp16 weight of any shape to NF4, as bitsandbytes'
     `quantize_4bit(w, blocksize, quant_type="nf4", compress_statistics=double_quant)` (§1-§2).
@@ -324,6 +325,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
     return NF4Weight(absmax=q8, nested_absmax=nested_absmax, offset=offset, **fields)
 
 
+@torch.no_grad()
 def dequantize_into(q: NF4Weight, out: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: out[j] = dtype(float32(NF4_CODE[code_j] * absmax[j // G])), round to nearest even (§1.5).
 

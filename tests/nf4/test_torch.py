@@ -175,3 +175,11 @@ def test_one_step_path_equals_chunked(monkeypatch):
     for key, value in chunked.state_dict().items():
         assert torch.equal(value, whole.state_dict()[key]), key
     assert torch.equal(nf4.dequantize(whole), nf4.dequantize(chunked))
+
+
+def test_parameters_quantize_like_plain_tensors():
+    """A Parameter (requires_grad) quantizes like its data; the result holds no autograd graph."""
+    linear = torch.nn.Linear(64, 32)
+    q = nf4.quantize(linear.weight)
+    assert torch.equal(q.packed, nf4.quantize(linear.weight.detach()).packed)
+    assert not q.absmax_float32().requires_grad and not nf4.dequantize(q).requires_grad
