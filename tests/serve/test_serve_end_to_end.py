@@ -6,9 +6,12 @@ import asyncio
 import json
 
 import httpx
+from serving_setup import ADAPTERS, PROMPTS, make_base
 
 from adapterhub.adapter import random_adapter
-from serving_setup import ADAPTERS, PROMPTS
+from adapterhub.serve.api import create_app
+from adapterhub.serve.engine import Engine, EngineConfig
+from adapterhub.serve.server import serve_in_thread
 
 MODELS = [None, "summarize", "sql:prod", "translate@v1"]
 
@@ -119,3 +122,23 @@ def test_moved_tag_serves_the_new_version_and_in_flight_requests_finish_on_the_o
     assert "".join(c["choices"][0]["text"] for c in streamed) == v1_text
     labels = {m["id"] for m in served.client.get("/v1/models").json()["data"] if m["kind"] == "adapter"}
     assert {"moving@v1", "moving@v2"} <= labels  # both versions were resident side by side, by digest
+
+
+def test_one_slot_two_adapters_the_second_waits_and_neither_is_disturbed(registry, offline):
+    engine = Engine(make_base(max_adapters=1), registry, EngineConfig(max_batch=4))
+    long_body = {"model": "sql", "prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0, "stream": True}
+    try:
+        with serve_in_thread(create_app(engine, api_key="")) as url, httpx.Client(base_url=url, timeout=120) as c:
+            with c.stream("POST", "/v1/completions", json=long_body) as in_flight:
+                lines = in_flight.iter_lines()
+                first = next(line for line in lines if line)
+                # Its only slot is pinned by the running request: this one waits (CapacityError inside).
+                other = c.post("/v1/completions", json={"model": "summarize", "prompt": PROMPTS[2], "max_tokens": 8,
+                                                        "temperature": 0}).json()
+                rest = [line for line in lines if line]
+        streamed = [json.loads(x[len("data: "):]) for x in [first, *rest] if x != "data: [DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in streamed) == offline.complete("sql", PROMPTS[1], 120)
+        assert other["choices"][0]["text"] == offline.complete("summarize", PROMPTS[2], 8)
+        assert engine.metrics.snapshot()["adapter_evictions"] == 1
+    finally:
+        engine.close()
