@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         self.model = Decoder(config, dtype, device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         self.lm_head.weight.requires_grad_(False)
-        self.inv_freq = None  # (Dh/2,) float32, set by `materialize` on the weights' device
+        self.register_buffer("inv_freq", None, persistent=False)  # (Dh/2,) float32, set by `materialize`
 
     def materialize(self, device) -> None:
         """Gives every module still on meta real (uninitialised) storage and ties the output embedding."""
