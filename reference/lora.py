@@ -77,7 +77,9 @@ def matches(name, target_modules, layers_to_transform=None, layers_pattern=None,
         return re.fullmatch(target_modules, name) is not None
     if not _in_list(name, target_modules):
         return False
-    if layers_to_transform is None or layers_to_transform == []:
+    # An entry equal to the whole name matches before the layer filter is consulted (peft 0.21.2,
+    # tuners_utils.check_target_module_exists: the `key in target_modules` branch).
+    if name in target_modules or layers_to_transform is None or layers_to_transform == []:
         return True
     index = _layer_index(name, layers_pattern)
     wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
