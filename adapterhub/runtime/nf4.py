@@ -21,6 +21,7 @@ when key <= threshold key. Work runs in chunks of 32768 elements through per-thr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -291,7 +292,7 @@ class NF4Weight:
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: dict, prefix: str = "weight") -> "NF4Weight":
+    def from_state_dict(cls, sd: Mapping, prefix: str = "weight") -> "NF4Weight":
         """Adopt a bitsandbytes / transformers 4-bit state dict (the keys of `state_dict`), validated."""
         return cls(**_parse_state_dict(sd, prefix))
 
@@ -367,7 +368,7 @@ def dequantize(q_or_state_dict, dtype: torch.dtype | None = None) -> torch.Tenso
     """An NF4Weight, or a state dict holding exactly one `<prefix>.quant_state.bitsandbytes__nf4`,
     -> the dequantized weight of the original shape in `dtype` (default: the original dtype)."""
     q = q_or_state_dict
-    if isinstance(q, dict):
+    if isinstance(q, Mapping):
         q = NF4Weight.from_state_dict(q, _single_prefix(q))
     return q.dequantize(dtype)
 
