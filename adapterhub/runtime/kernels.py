@@ -27,10 +27,10 @@ import torch.nn.functional as F
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 # The CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
-# while rows x slots stays below this and the batch uses at least half of the slots; otherwise they
-# gather each row's A / B and use bmm. Measured with bench/mixed_batch.py (D 1024-2816, R 16): the
-# dense form wins at decode with many distinct adapters (it reads each adapter once, no copies), the
-# gathered form at prefill (T = 64) and when few of the loaded adapters are in the batch.
+# while rows x slots stays below this (slots: the whole stack, or only those the batch uses when that
+# is under half of it); otherwise they gather each row's A / B and use bmm. Measured with
+# bench/mixed_batch.py (D 1024-2816, R 16): the all-slots form wins at decode (it reads each adapter
+# once, no per-row copies), the gathered form at prefill (T = 64) with many distinct adapters.
 DENSE_MAX_ROWS_X_SLOTS = 8192
 
 _cuda_state: dict[str, object] = {}
@@ -50,9 +50,18 @@ def _cuda_ops(t: torch.Tensor):
     return _cuda_state["ops"]
 
 
-def _dense_over_slots(rows: int, slots: int, ids: torch.Tensor) -> bool:
-    """Shape first; then the distinct slots of the batch (ids is a small host tensor on this path)."""
-    return rows * slots <= DENSE_MAX_ROWS_X_SLOTS and 2 * len(set(ids.tolist())) + 1 >= slots
+def _dense_plan(ids: torch.Tensor, slots: int, rows: int):
+    """For the all-slots form: (slot subset or None for the whole stack, ids into it); None: gather per row.
+
+    The whole stack when the batch uses at least half of its slots (no copy); else only the slots the
+    batch uses, copied once (few distinct adapters); rows per slot computed stay under the bound.
+    """
+    used, local = torch.unique(ids, return_inverse=True)  # ids: a small host tensor on this path
+    if rows * slots <= DENSE_MAX_ROWS_X_SLOTS and 2 * used.numel() >= slots:
+        return None, ids
+    if rows * used.numel() <= DENSE_MAX_ROWS_X_SLOTS:
+        return used, local
+    return None
 
 
 # --- batched LoRA ---------------------------------------------------------------------------------
@@ -72,9 +81,12 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> to
     if ops is not None:
         return ops.lora_shrink(x, A_stack, ids)
     Bsz, T, Din = x.shape
-    N, R, _ = A_stack.shape
-    if _dense_over_slots(Bsz * T, N, ids):
-        h_all = F.linear(x, A_stack.view(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N, R)
+    plan = _dense_plan(ids, A_stack.shape[0], Bsz * T)
+    if plan is not None:
+        used, ids = plan
+        A = A_stack if used is None else A_stack.index_select(0, used)  # (N', R, Din)
+        N, R, _ = A.shape
+        h_all = F.linear(x, A.view(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N', R)
         return h_all.gather(2, ids.view(Bsz, 1, 1, 1).expand(Bsz, T, 1, R)).view(Bsz, T, R)
     A_rows = A_stack.index_select(0, ids)  # (B, R, Din); index_select is ~5x faster than A_stack[ids] here
     return torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, Din) @ (B, Din, R) -> (B, T, R)
@@ -109,13 +121,17 @@ def lora_expand(
     if ops is not None:
         return ops.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
     Bsz, T, R = h.shape
-    N, _, Dout = B_stack.shape
+    Dout = B_stack.shape[2]
     hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny
-    if _dense_over_slots(Bsz * T, N, ids):
-        # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over all slots.
-        onehot = (torch.arange(N, device=ids.device) == ids[:, None]).to(y.dtype)  # (B, N)
-        h_all = (hs[:, :, None, :] * onehot[:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N*R)
-        y.view(Bsz * T, Dout).addmm_(h_all, B_stack.view(N * R, Dout))
+    plan = _dense_plan(ids, B_stack.shape[0], Bsz * T)
+    if plan is not None:
+        # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over the slots.
+        used, local = plan
+        Bs = B_stack if used is None else B_stack.index_select(0, used)  # (N', R, Dout)
+        N = Bs.shape[0]
+        onehot = (torch.arange(N, device=ids.device) == local[:, None]).to(y.dtype)  # (B, N')
+        h_all = (hs[:, :, None, :] * onehot[:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N'*R)
+        y.view(Bsz * T, Dout).addmm_(h_all, Bs.view(N * R, Dout))
     else:
         y.baddbmm_(hs, B_stack.index_select(0, ids))  # (B, T, R) @ (B, R, Dout)
     if dora_scale is not None:

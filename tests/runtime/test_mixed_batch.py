@@ -85,14 +85,15 @@ def test_bf16_mixed_batch_close_to_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_ops_match_their_semantics(dtype, lora_path):
+@pytest.mark.parametrize("slots", [[2, 0, 5, 2, 1], [5, 5, 0, 5, 5]], ids=["most_slots", "few_slots"])
+def test_lora_ops_match_their_semantics(dtype, lora_path, slots):
     """kernels.lora_shrink / lora_expand against a per-row loop written from their docstrings."""
     g = torch.Generator().manual_seed(3)
     B, T, N, R, Din, Dout = 5, 3, 6, 8, 48, 40
     x = torch.randn(B, T, Din, generator=g).to(dtype)
     A = torch.randn(N, R, Din, generator=g).to(dtype)
     Bst = torch.randn(N, R, Dout, generator=g).to(dtype)
-    ids = torch.tensor([2, 0, 5, 2, 1])
+    ids = torch.tensor(slots)
     scaling = torch.rand(N, generator=g) + 0.5
     dora = torch.rand(N, Dout, generator=g) + 0.5
     y0 = torch.randn(B, T, Dout, generator=g).to(dtype)
