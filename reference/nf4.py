@@ -10,9 +10,11 @@ quantize(w) -> state dict keyed like a bitsandbytes Linear4bit with prefix "weig
   "weight.nested_quant_map" float32 (256,) (DQ) "weight.quant_state.bitsandbytes__nf4" uint8 JSON
 dequantize(sd) -> float32 array of the original shape (§1.5).
 
-Known backend deviation (§2.3): bitsandbytes' CPU kernel picks the 8-bit double-quant index through
-a 65 536-bin table; this reference picks the exact nearest entry (ties to the lower index), like
-CUDA up to ties. `bnb_cpu_dynamic_index` emulates the CPU table for bit-equality tests on a CPU.
+Known backend deviations: bitsandbytes' CPU kernel picks the 8-bit double-quant index through a
+65 536-bin table (§2.3); this reference picks the exact nearest entry (ties to the lower index), like
+CUDA up to ties. `bnb_cpu_dynamic_index` emulates the CPU table for bit-equality tests on a CPU
+(except a nested block of zeros, where the CPU kernel stores index 0). bitsandbytes' torch path also
+stores 1e-38, not 0, as the absmax of an all-zero *tail* block (its clamped divisor); both decode to 0.
 """
 
 import hashlib

@@ -122,3 +122,16 @@ def test_transformers_checkpoint_dequantizes_like_bitsandbytes(tmp_path):
                 assert json.loads(bytes(value.tolist())) == json.loads(bytes(sd[key].tolist()))
             elif not key.endswith(".absmax"):  # q8 may differ: bnb's CPU table (§2.3)
                 assert torch.equal(value.view(-1), sd[key].view(-1)), key
+
+
+def test_all_zero_tail_block_absmax_surprise():
+    """bnb stores its clamped divisor (1e-38) as the absmax of an all-zero tail block; the spec (§1.3)
+    and adapterhub store 0. The codes (0x77) and the dequantized zeros agree."""
+    w = torch.zeros(1, 65)
+    w[0, :64] = torch.linspace(-1, 1, 64)
+    packed, state = bnb_quantize(w, double_quant=False)
+    ours = nf4.quantize(w, double_quant=False)
+    assert torch.equal(ours.packed, packed) and packed[-1, 0] == 0x77
+    assert ours.absmax[-1] == 0 and state.absmax[-1] == torch.tensor(1e-38)
+    assert torch.equal(ours.absmax[:-1], state.absmax[:-1])
+    assert nf4.dequantize(ours)[0, 64] == 0 == bnb_functional.dequantize_4bit(packed, state)[0, 64]
