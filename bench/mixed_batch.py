@@ -3,8 +3,11 @@
 Llama: hidden 1024, intermediate 2816, 8 layers, 16 heads, vocab 32000, bf16 (dense base). 32 rows;
 r = 16 on all 7 linears; N = 1, 4, 16, 32 distinct adapters (row b uses adapter b mod N); LoRA and DoRA.
 Prefill: 64 tokens per row, logits at the last token. Decode: one token per row against a 64-token
-KV cache. Reports tokens/s (medians) and the ratio to one merged adapter measured in the same run
-(merged = merge_adapter, then the plain base forward with ids=None).
+KV cache. Reports tokens/s (medians) and the ratio to one merged adapter in the same run: the merged
+model's speed is timed after a real merge_adapter; each ratio is the median over back-to-back pairs of
+a plain ids=None forward (the same ops and shapes as merged weights) and the mixed forward, so it
+stays meaningful on a shared machine. PEFT (LoRA only: it refuses DoRA in mixed batches) is timed the
+same way against its own adapter_names=["__base__"] forward.
 
     python -m bench.mixed_batch [--quick] [--no-peft]
 """
@@ -43,6 +46,22 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired(baseline, candidate, repeats: int) -> tuple[float, float]:
+    """(median seconds of candidate, median of baseline/candidate over back-to-back pairs): pairing keeps
+    the ratio meaningful when other processes share the cores."""
+    baseline(), candidate()  # warm-up
+    times, ratios = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        baseline()
+        t1 = time.perf_counter()
+        candidate()
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(times), statistics.median(ratios)
+
+
 def make_workloads(model):
     """(prefill, decode) closures taking ids (B,) or None."""
     g = torch.Generator().manual_seed(0)
@@ -65,6 +84,8 @@ def make_workloads(model):
 
 
 def bench_runtime(model, pool, adapters, kind: str, counts, repeats: int, rows_out: list):
+    """Mixed batches vs the merged model: one real merge is timed for the table; the ratios pair each
+    mixed forward with a plain ids=None forward (the same ops and shapes as the merged weights)."""
     start = time.perf_counter()
     for i, adapter in enumerate(adapters):
         pool.add(adapter, f"{kind}{i}")
@@ -77,8 +98,9 @@ def bench_runtime(model, pool, adapters, kind: str, counts, repeats: int, rows_o
     for n in counts:
         ids = pool.acquire([f"{kind}{b % n}" for b in range(ROWS)])
         for phase, fn, tokens in (("prefill", prefill, ROWS * PROMPT), ("decode", decode, ROWS)):
-            t = median_seconds(lambda: fn(ids), repeats)
-            rows_out.append((kind, n, phase, tokens / t, merged[phase] / t))
+            t, ratio = paired(lambda: fn(None), lambda: fn(ids), repeats)
+            rows_out.append((kind, n, phase, tokens / t, ratio))
+            print(f"  measured {kind} N={n} {phase}: {tokens / t:.1f} tok/s, {ratio:.2f}x merged", flush=True)
         pool.release(ids)
     for i in range(len(adapters)):
         pool.remove(f"{kind}{i}")
@@ -110,19 +132,23 @@ def bench_peft(weights, adapters, counts, repeats: int):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, CONFIG.vocab_size, (ROWS, PROMPT), generator=g)
     token = torch.randint(0, CONFIG.vocab_size, (ROWS, 1), generator=g)
+    base_names = ["__base__"] * ROWS  # PEFT's own baseline: the same model, no adapter applied
     out = {}
     with torch.inference_mode():
-        cache = peft_model(prompt, adapter_names=["__base__"] * ROWS, use_cache=True).past_key_values
+        cache = peft_model(prompt, adapter_names=base_names, use_cache=True).past_key_values
+
+        def decode(names):
+            peft_model(token, adapter_names=names, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # drop the token just appended
+
         for n in counts:
             names = [f"a{b % n}" for b in range(ROWS)]
-            t = median_seconds(lambda: peft_model(prompt, adapter_names=names, logits_to_keep=1), repeats)
-            out[(n, "prefill")] = ROWS * PROMPT / t
-
-            def decode():
-                peft_model(token, adapter_names=names, past_key_values=cache, use_cache=True)
-                cache.crop(PROMPT)
-
-            out[(n, "decode")] = ROWS / median_seconds(decode, repeats)
+            t, ratio = paired(lambda: peft_model(prompt, adapter_names=base_names, logits_to_keep=1),
+                              lambda: peft_model(prompt, adapter_names=names, logits_to_keep=1), repeats)
+            out[(n, "prefill")] = (ROWS * PROMPT / t, ratio)
+            t, ratio = paired(lambda: decode(base_names), lambda: decode(names), repeats)
+            out[(n, "decode")] = (ROWS / t, ratio)
+            print(f"  measured peft N={n}: prefill {out[(n, 'prefill')][1]:.2f}x, decode {ratio:.2f}x its base", flush=True)
     return out
 
 
@@ -156,12 +182,11 @@ def main() -> None:
     for kind, phases in merged.items():
         print(f"merged {kind}: prefill {ROWS * PROMPT / phases['prefill']:.0f} tok/s, decode {ROWS / phases['decode']:.1f} tok/s; "
               f"pool.add {phases['install'] * 1e3:.0f} ms per adapter")
-    print(f"{'kind':<5} {'N':>3} {'phase':<8} {'tok/s':>9} {'x merged':>9} {'x PEFT':>7}")
+    print(f"{'kind':<5} {'N':>3} {'phase':<8} {'tok/s':>9} {'x merged':>9} {'PEFT tok/s':>11} {'PEFT x base':>12}")
     for kind, n, phase, tps, ratio in rows:
-        vs_peft = f"{tps / peft[(n, phase)]:.2f}" if kind == "lora" and (n, phase) in peft else "-"
-        print(f"{kind:<5} {n:>3} {phase:<8} {tps:>9.1f} {ratio:>9.2f} {vs_peft:>7}")
-    for (n, phase), tps in sorted(peft.items()):
-        print(f"peft  {n:>3} {phase:<8} {tps:>9.1f} {tps / (ROWS * (PROMPT if phase == 'prefill' else 1) / merged['lora'][phase]):>9.2f}")
+        p_tps, p_ratio = peft.get((n, phase), (None, None)) if kind == "lora" else (None, None)
+        p_cols = f"{p_tps:>11.1f} {p_ratio:>12.2f}" if p_tps else f"{'-':>11} {'-':>12}"
+        print(f"{kind:<5} {n:>3} {phase:<8} {tps:>9.1f} {ratio:>9.2f} {p_cols}")
 
 
 if __name__ == "__main__":
