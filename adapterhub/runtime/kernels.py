@@ -35,6 +35,7 @@ DENSE_MAX_ROWS_X_SLOTS = 8192
 
 _cuda_state: dict[str, object] = {}
 _scratch = threading.local()
+_plans: dict = {}
 
 
 def _cuda_ops(t: torch.Tensor):
@@ -51,17 +52,42 @@ def _cuda_ops(t: torch.Tensor):
 
 
 def _dense_plan(ids: torch.Tensor, slots: int, rows: int):
-    """For the all-slots form: (slot subset or None for the whole stack, ids into it); None: gather per row.
+    """For the all-slots form: (slot subset or None for the whole stack, ids into it, one-hot (B, N') of
+    those ids by dtype); None: gather per row.
 
     The whole stack when the batch uses at least half of its slots (no copy); else only the slots the
     batch uses, copied once (few distinct adapters); rows per slot computed stay under the bound.
+    Plans are cached by content: every layer of a forward sees the same ids (ids is a small host tensor).
     """
-    used, local = torch.unique(ids, return_inverse=True)  # ids: a small host tensor on this path
+    key = (slots, rows, DENSE_MAX_ROWS_X_SLOTS, tuple(ids.tolist()))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 256:
+            _plans.clear()
+        plan = _plans[key] = _make_plan(ids, slots, rows)
+    return plan
+
+
+def _make_plan(ids: torch.Tensor, slots: int, rows: int):
+    used, local = torch.unique(ids, return_inverse=True)
     if rows * slots <= DENSE_MAX_ROWS_X_SLOTS and 2 * used.numel() >= slots:
-        return None, ids
-    if rows * used.numel() <= DENSE_MAX_ROWS_X_SLOTS:
-        return used, local
-    return None
+        used, local = None, ids.clone()
+    elif rows * used.numel() > DENSE_MAX_ROWS_X_SLOTS:
+        return None
+    n = slots if used is None else used.numel()
+    return used, local, _OneHot(local, n)
+
+
+class _OneHot(dict):
+    """dtype -> (B, N') one-hot of the local ids, built on first use."""
+
+    def __init__(self, local: torch.Tensor, n: int):
+        super().__init__()
+        self.local, self.n = local, n
+
+    def __missing__(self, dtype):
+        value = self[dtype] = (torch.arange(self.n, device=self.local.device) == self.local[:, None]).to(dtype)
+        return value
 
 
 # --- batched LoRA ---------------------------------------------------------------------------------
@@ -83,7 +109,7 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> to
     Bsz, T, Din = x.shape
     plan = _dense_plan(ids, A_stack.shape[0], Bsz * T)
     if plan is not None:
-        used, ids = plan
+        used, ids, _ = plan
         A = A_stack if used is None else A_stack.index_select(0, used)  # (N', R, Din)
         N, R, _ = A.shape
         h_all = F.linear(x, A.view(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N', R)
@@ -126,10 +152,10 @@ def lora_expand(
     plan = _dense_plan(ids, B_stack.shape[0], Bsz * T)
     if plan is not None:
         # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over the slots.
-        used, local = plan
+        used, _, onehots = plan
         Bs = B_stack if used is None else B_stack.index_select(0, used)  # (N', R, Dout)
         N = Bs.shape[0]
-        onehot = (torch.arange(N, device=ids.device) == local[:, None]).to(y.dtype)  # (B, N')
+        onehot = onehots[y.dtype]  # (B, N')
         h_all = (hs[:, :, None, :] * onehot[:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N'*R)
         y.view(Bsz * T, Dout).addmm_(h_all, Bs.view(N * R, Dout))
     else:
