@@ -12,15 +12,16 @@ Shapes: n weight elements, G = blocksize, B = ceil(n / G) blocks, B2 = ceil(B / 
 How codes are picked fast (exact, no float64, no Python loop over elements): the float32 bit
 patterns of s are cut into buckets by their top bits, each bucket holding at most one threshold
 (checked when the table is built). Within a bucket a key (the bits, all flipped for negative values)
-grows with s, and one int32 table F gives code = (key - F[bucket]) >> shift: F puts the bucket's
-lowest code above bit `shift` and its threshold's key below it, so the subtraction borrows exactly
-when key <= threshold key. Work runs in chunks of 32768 elements through per-thread buffers
+grows with s, and one int32 table F gives code = (key - F[bucket]) >> 24: F puts the bucket's
+lowest code in bits 24.. and its threshold's key in the bits below, so the subtraction borrows
+exactly when key <= threshold key. Pairs of uint8 codes are packed as int16 (little-endian). Work runs in chunks of 32768 elements through per-thread buffers
 (see _run_chunks for why the threads are Python threads).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,7 +72,11 @@ DYNAMIC_CODE = _table(
 
 
 # 0-d integer operands: a Python int would be wrapped into a new tensor on every call (~3 us each)
-_INT = {k: torch.tensor(k, dtype=torch.int32) for k in (4, 17, 21, 31, 32 + 17, 32 + 21)}
+_INT = {k: torch.tensor(k, dtype=torch.int32) for k in (17, 21, 24, 31)}
+_INT8, _PACK = torch.tensor(8, dtype=torch.int16), torch.tensor(4097, dtype=torch.int16)
+_CODE_BIT = 24  # codes live in bits 24.. of the coder's int32 results (see the module docstring)
+if sys.byteorder != "little":
+    raise ImportError("adapterhub.runtime.nf4 packs codes through int16 views: little-endian machines only")
 _HALF = {k: torch.tensor(1 << (31 - k), dtype=torch.int32) for k in (17, 21)}  # bucket index offset
 
 
@@ -102,18 +107,19 @@ class _Coder:
         key_low = _key(ends).amin(dim=0)  # keys grow with the value inside a bucket
         key_threshold = _key(thresholds.view(torch.int32).to(torch.int64))[base.clamp(max=thresholds.numel() - 1)]
         # with a threshold: code = base + [key > key_threshold]; without: code = base
-        table = torch.where(inside == 1, key_threshold + 1 - ((base + 1) << shift), key_low - (base << shift))
+        high = lambda code: code << _CODE_BIT  # noqa: E731
+        table = torch.where(inside == 1, key_threshold + 1 - high(base + 1), key_low - high(base))
         return cls(shift, _wrap_int32(table))
 
-    def scaled_codes(self, s: torch.Tensor, key: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """s float32 (m,) -> int32 (m,) in out: code << shift, plus bits below it (the caller shifts).
-        key (m,) int32 is scratch; s is overwritten."""
+    def codes(self, s: torch.Tensor, key: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """s float32 (m,) -> int32 (m,) in out, code in bits 24.. (wrapping: indices >= 128 read as
+        uint8). key (m,) int32 is scratch; s is overwritten."""
         bits = s.view(torch.int32)
         torch.bitwise_right_shift(bits, _INT[31], out=key)
         key.bitwise_xor_(bits)  # the key: bits, all bits flipped for negative values
         torch.bitwise_right_shift(bits, _INT[self.shift], out=out).add_(_HALF[self.shift])
         torch.index_select(self.table.to(s.device), 0, out, out=bits)
-        return torch.sub(key, bits, out=out)
+        return torch.sub(key, bits, out=out).bitwise_right_shift_(_INT[_CODE_BIT])
 
 
 def _key(bits: torch.Tensor) -> torch.Tensor:
@@ -156,17 +162,15 @@ def _encode_chunk(src, G, coder, codes_out, absmax_out, s, key, idx):
     torch.amax(scratch.view(-1, G), dim=1, out=absmax_out)
     recip = torch.div(1.0, absmax_out.clamp(min=_MIN_DIVISOR))  # (m/G,) reciprocal first, as bnb (§1.2)
     torch.mul(src.view(-1, G), recip[:, None], out=s.view(-1, G))  # (m/G, G)
-    scaled = coder.scaled_codes(s, key, idx)  # (m,) int32: code << shift, plus bits below it
-    shift = coder.shift
+    codes = coder.codes(s, key, idx)  # (m,) int32
     if coder is not _NF4_CODER:
-        codes_out.copy_(scaled.bitwise_right_shift_(_INT[shift]))
+        codes_out.copy_(codes)  # int32 -> uint8 keeps the low byte
         return
-    # §1.4 on element pairs viewed as one int64 each (little-endian: element 2k in the low half):
-    # bits 0..3 of (pair >> shift) hold code[2k], bits 32.. of (pair >> shift) hold code[2k+1]
-    pairs = scaled.view(torch.int64)  # (m/2,)
-    low = torch.bitwise_right_shift(pairs, _INT[32 + shift], out=key.view(torch.int64))  # code[2k+1]
-    pairs.bitwise_right_shift_(_INT[shift]).bitwise_left_shift_(_INT[4]).add_(low)  # + code[2k] << 4 in the low byte
-    codes_out.copy_(pairs)  # int64 -> uint8 keeps the low byte
+    # §1.4, element 2k in the high nibble: an int16 pair p = c[2k] + 256 c[2k+1] (little-endian) times
+    # 4097 holds 16 c[2k] + c[2k+1] in bits 8..15 (the product only wraps above bit 15)
+    pairs = key.view(torch.uint8)[:m].copy_(codes).view(torch.int16)  # (m/2,)
+    packed = torch.mul(pairs, _PACK, out=s.view(torch.int16)[: m // 2])
+    codes_out.copy_(packed.bitwise_right_shift_(_INT8))
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
