@@ -14,8 +14,9 @@ patterns of s are cut into buckets by their top bits, each bucket holding at mos
 (checked when the table is built). Within a bucket a key (the bits, all flipped for negative values)
 grows with s, and one int32 table F gives code = (key - F[bucket]) >> 24: F puts the bucket's
 lowest code in bits 24.. and its threshold's key in the bits below, so the subtraction borrows
-exactly when key <= threshold key. Pairs of uint8 codes are packed as int16 (little-endian). Work runs in chunks of 32768 elements through per-thread buffers
-(see _run_chunks for why the threads are Python threads).
+exactly when key <= threshold key. Pairs of uint8 codes are packed as int16 (little-endian).
+Work runs in chunks of 32768 elements through per-thread buffers (_run_chunks says why the threads
+are Python threads).
 """
 
 from __future__ import annotations
@@ -107,13 +108,13 @@ class _Coder:
         key_low = _key(ends).amin(dim=0)  # keys grow with the value inside a bucket
         key_threshold = _key(thresholds.view(torch.int32).to(torch.int64))[base.clamp(max=thresholds.numel() - 1)]
         # with a threshold: code = base + [key > key_threshold]; without: code = base
-        high = lambda code: code << _CODE_BIT  # noqa: E731
-        table = torch.where(inside == 1, key_threshold + 1 - high(base + 1), key_low - high(base))
+        with_threshold = key_threshold + 1 - ((base + 1) << _CODE_BIT)
+        table = torch.where(inside == 1, with_threshold, key_low - (base << _CODE_BIT))
         return cls(shift, _wrap_int32(table))
 
     def codes(self, s: torch.Tensor, key: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """s float32 (m,) -> int32 (m,) in out, code in bits 24.. (wrapping: indices >= 128 read as
-        uint8). key (m,) int32 is scratch; s is overwritten."""
+        """s float32 (m,) -> int32 codes (m,) in out; indices >= 128 wrap negative: read them as
+        uint8. key (m,) int32 is scratch; s is overwritten."""
         bits = s.view(torch.int32)
         torch.bitwise_right_shift(bits, _INT[31], out=key)
         key.bitwise_xor_(bits)  # the key: bits, all bits flipped for negative values
