@@ -47,7 +47,8 @@ def test_requantizing_the_dequantized_weight_keeps_the_state(w, blocksize):
     q = nf4.quantize(torch.from_numpy(w), blocksize=blocksize, double_quant=False)
     again = nf4.quantize(nf4.dequantize(q), blocksize=blocksize, double_quant=False)
     assert torch.equal(again.packed, q.packed)
-    assert torch.equal(again.absmax, q.absmax)
+    normal = q.absmax >= 1e-38  # tinier blocks were all coded 7 (clamped divisor, §1.2): they decode to 0
+    assert torch.equal(again.absmax[normal], q.absmax[normal]) and torch.all(again.absmax[~normal] == 0)
 
 
 @SETTINGS
