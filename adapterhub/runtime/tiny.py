@@ -31,14 +31,15 @@ TINY_CONFIG = ModelConfig(
 )
 
 # The tiny model's chat format, as a Python function and as the equivalent Jinja for tokenizer_config.json.
+# The template owns BOS (the Hugging Face convention): a chat prompt is encoded without adding special tokens.
 CHAT_JINJA = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
 
 def tiny_chat(messages, add_generation_prompt: bool = True) -> str:
-    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+    text = BOS + "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 

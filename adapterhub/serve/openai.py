@@ -62,7 +62,8 @@ def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
             f"got {_show(messages)}"
         )
     messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    # Chat templates write their own BOS; adding special tokens again would double it (as transformers avoids).
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
     room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
     return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), *_stream(body))
 

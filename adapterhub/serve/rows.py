@@ -35,7 +35,7 @@ class RowBatch:
         self.cache = base.new_cache(max_batch, max_seq)
         self.metrics = metrics
         self._on_finish = on_finish  # (row, status) -> None: releases the slot pin
-        self._eos = set(stop_token_ids(base))
+        self._eos = set(base.stop_token_ids())  # the same stop ids as Base.generate
         self._free = list(range(max_batch - 1, -1, -1))
         self._active: list[Row] = []
         self._is_dirty = True
@@ -116,12 +116,6 @@ class RowBatch:
         self._active.remove(row)
         self._is_dirty = True
         self._on_finish(row, status)
-
-
-def stop_token_ids(base) -> list[int]:
-    """The ids that end a completion: the model config's eos ids, else the tokenizer's (as `Base.generate`)."""
-    eos = base.tokenizer.eos_token_id
-    return list(base.config.eos_token_id) or ([] if eos is None else [eos])
 
 
 def _sampling_batch(params: list[SamplingParams], offsets: list[int]) -> SamplingBatch:

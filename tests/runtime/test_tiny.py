@@ -54,8 +54,9 @@ def test_chat_template_python_and_jinja_agree(tmp_path):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     tiny = byte_tokenizer()
     assert tiny.has_chat_template
-    want = "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    want = "<s><|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"  # the template owns BOS, as HF templates do
     assert tiny.apply_chat_template(messages) == want
+    assert tiny.encode(want, add_special_tokens=False) == tiny.encode(want[3:])  # one BOS either way
     pytest.importorskip("jinja2")
     tiny.save(tmp_path)
     loaded = Tokenizer.from_dir(tmp_path)
