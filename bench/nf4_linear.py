@@ -105,25 +105,26 @@ def main() -> None:
           f"{cpu_kernels.available()}, FUSED_MAX_ROWS={cpu_kernels.FUSED_MAX_ROWS}; medians in ms")
     header = f"{'out x in':>11} {'M':>5} {'dense':>8} {'runtime':>8} {'fused':>8} {'bnb':>8}  {'rt/dense':>8} {'rt/bnb':>7}"
     print(header)
-    with torch.inference_mode():
-        for N, K in SHAPES:
-            w = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
-            runtime, nf4_tensors = runtime_linear(w)
-            packed, absmax = nf4_tensors if nf4_tensors else random_packed(N, K)
-            if runtime is None and cpu_kernels.available():
-                runtime = dispatch_linear(packed, absmax, N, K)
-            bnb = bnb_linear(w)
-            for M in ROWS:
-                x = torch.randn(1, M, K, dtype=torch.bfloat16)
-                fns = {"dense": lambda: F.linear(x, w)}
-                if runtime is not None:
-                    fns["runtime"] = lambda: runtime(x)
-                if cpu_kernels.available() and M <= 32:
-                    fns["fused"] = lambda: cpu_kernels.nf4_linear(x, packed, absmax, N, K)
-                if bnb is not None:
-                    fns["bnb"] = lambda: bnb(x)
+    for N, K in SHAPES:
+        # Layers are built outside inference mode (they update their buffers in place), run inside it.
+        w = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
+        runtime, nf4_tensors = runtime_linear(w)
+        packed, absmax = nf4_tensors if nf4_tensors else random_packed(N, K)
+        if runtime is None and cpu_kernels.available():
+            runtime = dispatch_linear(packed, absmax, N, K)
+        bnb = bnb_linear(w)
+        for M in ROWS:
+            x = torch.randn(1, M, K, dtype=torch.bfloat16)
+            fns = {"dense": lambda: F.linear(x, w)}
+            if runtime is not None:
+                fns["runtime"] = lambda: runtime(x)
+            if cpu_kernels.available() and M <= 32:
+                fns["fused"] = lambda: cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+            if bnb is not None:
+                fns["bnb"] = lambda: bnb(x)
+            with torch.inference_mode():
                 ms = time_interleaved(fns, repeats_for(M, args.quick, args.repeats))
-                print(_row(N, K, M, ms), flush=True)
+            print(_row(N, K, M, ms), flush=True)
 
 
 def _row(N: int, K: int, M: int, ms: dict[str, float]) -> str:
