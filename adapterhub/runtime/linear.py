@@ -141,6 +141,9 @@ class AdapterLinear(nn.Module):
     def ranks(self) -> list[int]:
         return sorted(self.rank_groups)
 
+    # The pool may run inside torch.inference_mode (a serving thread) or outside it: stacks are always
+    # created as normal tensors, so either context can update them in place later.
+    @torch.inference_mode(False)
     def reserve(self, num_slots: int) -> None:
         """Accept pool slots up to num_slots - 1 in `ids` (a slot no adapter of this layer uses adds zero)."""
         if num_slots <= self.num_slots:
@@ -149,6 +152,7 @@ class AdapterLinear(nn.Module):
             g.slot_map = torch.cat([g.slot_map, g.slot_map.new_zeros(num_slots - self.num_slots)])
         self.num_slots = num_slots
 
+    @torch.inference_mode(False)
     def install(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor | None) -> None:
         """Write one adapter into pool slot `slot`. A (R, Din), B (Dout, R), magnitude (Dout,) | None, float32.
         The DoRA scale comes from dequantized_weight() (SEMANTICS §5.2-5.3: for NF4 the dequantized W)."""
@@ -167,6 +171,7 @@ class AdapterLinear(nn.Module):
         group.locals[slot] = local
         group.slot_map[slot] = local
 
+    @torch.inference_mode(False)
     def uninstall(self, slot: int) -> None:
         """Reset pool slot `slot` to "no adapter"; ids up to `slot` become valid for this layer."""
         self.reserve(slot + 1)

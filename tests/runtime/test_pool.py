@@ -128,3 +128,18 @@ def test_replacing_a_name_reuses_its_slot_and_ranks_are_grouped(layers):
     alone = make_pool(make_layers(base_weights()), capacity=1)
     alone.add(lora(5, r=16), "a")
     torch.testing.assert_close(output(layers, "a", pool, x), output(alone.linears, "a", alone, x), atol=1e-6, rtol=1e-6)
+
+
+def test_loading_inside_and_outside_inference_mode_mix(layers):
+    """A serving thread may load adapters under torch.inference_mode, a user outside it: both work."""
+    pool = make_pool(layers, capacity=2)
+    with torch.inference_mode():
+        pool.add(lora(1), "a")
+    pool.add(lora(2, r=8), "b")
+    pool.remove("a")
+    with torch.inference_mode():
+        pool.add(lora(3), "c")
+    x = torch.randn(1, 2, 64)
+    alone = make_pool(make_layers(base_weights()), capacity=1)
+    alone.add(lora(3), "c")
+    torch.testing.assert_close(output(layers, "c", pool, x), output(alone.linears, "c", alone, x), atol=1e-6, rtol=1e-6)
