@@ -233,5 +233,6 @@ def _scratch_weight(Dout: int, Din: int, dtype: torch.dtype, device: torch.devic
         buffers = _scratch.buffers = {}
     key = (Dout, Din, dtype, device)
     if key not in buffers:
-        buffers[key] = torch.empty(Dout, Din, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buffers[key] = torch.empty(Dout, Din, dtype=dtype, device=device)
     return buffers[key]
