@@ -10,7 +10,7 @@ from adapterhub.errors import RequestError
 from adapterhub.runtime import generate as gen
 from adapterhub.runtime.base import Base
 from adapterhub.runtime.tiny import byte_tokenizer
-from conftest import family_config, fp32_model
+from model_fixtures import family_config, fp32_model
 from reference import sampling as ref
 
 PARAMS = [  # (temperature, top_k, top_p) per row: plain, top-k, top-p, both, greedy

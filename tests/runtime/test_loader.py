@@ -12,7 +12,7 @@ import torch
 from adapterhub.errors import ModelLoadError
 from adapterhub.runtime import load_base
 from adapterhub.runtime.config import ModelConfig
-from conftest import FAMILIES, family_weights
+from model_fixtures import FAMILIES, family_weights
 
 
 def test_config_reads_family_defaults():
@@ -72,7 +72,7 @@ def test_sharded_and_single_file_dirs_load_the_written_weights(family, checkpoin
 
 def test_bf16_checkpoint_loads_in_any_compute_dtype(checkpoint_dir):
     from adapterhub.runtime.tiny import random_checkpoint
-    from conftest import family_config
+    from model_fixtures import family_config
 
     path = random_checkpoint(checkpoint_dir("llama").parent / "bf16", family_config("llama"), seed=0,
                              dtype=torch.bfloat16, std=0.15)

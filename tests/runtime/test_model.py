@@ -12,7 +12,7 @@ from adapterhub.runtime import generate as gen
 from adapterhub.runtime.base import Base
 from adapterhub.runtime.kv_cache import KVCache
 from adapterhub.runtime.tiny import byte_tokenizer
-from conftest import FAMILIES, family_config, fp32_model
+from model_fixtures import FAMILIES, family_config, fp32_model
 from reference import llama as ref
 
 ATOL_REF, ATOL_HF = 1e-5, 1e-4
