@@ -18,6 +18,24 @@ from adapterhub.registry.refs import ResolvedRef
 WORKERS = 4
 
 
+class _NoBar:
+    """Stands in for tqdm when progress is off: even a disabled tqdm takes tqdm's process-shared write
+    lock, which a process killed mid-push (kill -9 after fork) can leave held forever."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) if progress else _NoBar()
+
+
 def send_blobs(dst, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: Callable[[Digest], bytes],
                progress: bool = False, desc: str = "push", workers: int = WORKERS) -> int:
     """Upload each (digest, size, shuffle width) the destination lacks; returns how many moved.
@@ -26,8 +44,7 @@ def send_blobs(dst, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: 
     latency (fsync, request round trips), not bandwidth, bounds small adapters.
     """
     blobs = list(dict.fromkeys(blobs))  # a tensor repeated in one adapter moves once
-    with tqdm(total=sum(size for _, size, _ in blobs), unit="B", unit_scale=True, desc=desc,
-              disable=not progress, leave=False) as bar:
+    with _bar(sum(size for _, size, _ in blobs), desc, progress) as bar:
 
         def send(blob: tuple[Digest, int, int]) -> bool:
             digest, size, width = blob
@@ -45,8 +62,7 @@ def fetch_blobs(src, task: str, blobs: Iterable[tuple[Digest, int]], progress: b
                 desc: str = "pull", workers: int = WORKERS) -> dict[Digest, bytes]:
     """{digest: raw bytes} of each (digest, size), each verified by the source on read."""
     blobs = list(dict.fromkeys(blobs))
-    with tqdm(total=sum(size for _, size in blobs), unit="B", unit_scale=True, desc=desc,
-              disable=not progress, leave=False) as bar:
+    with _bar(sum(size for _, size in blobs), desc, progress) as bar:
 
         def fetch(blob: tuple[Digest, int]) -> bytes:
             data = src.get_blob(task, blob[0])
