@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for NF4: a fused NF4 linear for decode-sized inputs and a fast dequantize.
+"""Compiled CPU kernels for NF4: a fused NF4 linear for decode-sized inputs, quantize and dequantize.
 
 The C source (``csrc/nf4_cpu.c``) is compiled on first use with the system C compiler
 (``cc -O3 -march=native -fopenmp -shared -fPIC``, about half a second), cached under
@@ -58,7 +58,11 @@ _SIGNATURES = {  # name: (argument types, return type)
     "nf4_linear": ((_P, ctypes.c_int, _I, _I, _I, _P, _P, _P), None),  # x, is_bf16, M, N, K, packed, absmax, y
     "nf4_dequantize_bf16": ((_P, _P, _I, _P), None),  # packed, absmax, n, out
     "nf4_amx_enable": ((), ctypes.c_int),
+    "nf4_quantize": ((_P, ctypes.c_int, _I, _I, _P, _P), None),  # x, kind, n, blocksize, absmax, packed
+    "nf4_dequantize": ((_P, _P, _I, _I, ctypes.c_int, _P), None),  # packed, absmax, n, blocksize, kind, out
 }
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C functions' dtype codes
+QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # SEMANTICS §1.3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the CDLL, or None after a failure
@@ -123,6 +127,63 @@ def nf4_dequantize(
     return w
 
 
+def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4 codes of x, bit-identical to runtime.nf4's torch path (SEMANTICS §1.2-1.4).
+
+    x: contiguous CPU float32 / bf16 / fp16, any shape, n elements, read row-major; a short last block
+    is zero-padded. Returns (packed uint8 (ceil(n/2),), element 2k in the high nibble, odd n ending in
+    nibble 7; absmax float32 (ceil(n/G),)), where s = x * fp32(1 / max(absmax, 1e-38)) picks the code.
+    """
+    lib = _require()
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dtype not in _KINDS
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or x.numel() == 0
+    ):
+        got = (tuple(x.shape), x.dtype, x.device, x.is_contiguous()) if isinstance(x, torch.Tensor) else type(x)
+        raise QuantizationError(
+            f"nf4_quantize needs a non-empty contiguous CPU float32 / bfloat16 / float16 tensor, got "
+            f"(shape, dtype, device, contiguous)={got}; call .contiguous() or use runtime.nf4.quantize"
+        )
+    _check_blocksize(blocksize)
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    lib.nf4_quantize(x.data_ptr(), _KINDS[x.dtype], n, blocksize, absmax.data_ptr(), packed.data_ptr())
+    return packed, absmax
+
+
+def nf4_dequantize_blocks(
+    packed: torch.Tensor, absmax_f32: torch.Tensor, blocksize: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Whole blocks of an NF4 weight into out, bit-identical to runtime.nf4's torch path (SEMANTICS §1.5).
+
+    Semantics: ``out[i] = dtype(fp32(code[q_i] * absmax_f32[i // G]))``, round to nearest even.
+    out: contiguous CPU float32 / bf16 / fp16 of n elements, n % blocksize == 0; packed: contiguous
+    uint8 of n/2 bytes (any shape); absmax_f32: contiguous float32 of n/G values. Returns out.
+    """
+    lib = _require()
+    _check_blocksize(blocksize)
+    if out.dtype not in _KINDS or out.device.type != "cpu" or not out.is_contiguous() or out.numel() % blocksize:
+        raise QuantizationError(
+            f"out must be a contiguous CPU float32 / bfloat16 / float16 tensor of whole blocks of {blocksize}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()}); "
+            "dequantize a short last block with runtime.nf4"
+        )
+    n = out.numel()
+    inputs = ((packed, torch.uint8, n // 2, "packed"), (absmax_f32, torch.float32, n // blocksize, "absmax_f32"))
+    for t, dtype, count, name in inputs:
+        if t.dtype != dtype or t.numel() != count or not t.is_contiguous() or t.device.type != "cpu":
+            raise QuantizationError(
+                f"{name} must be a contiguous CPU {dtype} tensor of {count} values for {n} elements in blocks "
+                f"of {blocksize}, got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous={t.is_contiguous()})"
+            )
+    lib.nf4_dequantize(packed.data_ptr(), absmax_f32.data_ptr(), n, blocksize, _KINDS[out.dtype], out.data_ptr())
+    return out
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 
@@ -144,6 +205,11 @@ def _check_weight(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int) ->
         )
     if packed.device.type != "cpu" or absmax.device.type != "cpu":
         raise QuantizationError(f"the CPU NF4 kernels need CPU tensors, got {packed.device} / {absmax.device}")
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in QUANT_BLOCKSIZES:
+        raise QuantizationError(f"blocksize {blocksize} is not one of {QUANT_BLOCKSIZES} (SEMANTICS §1.3)")
 
 
 def _output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:

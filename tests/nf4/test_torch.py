@@ -1,4 +1,7 @@
-"""adapterhub.nf4 (torch) bit-identical to reference/nf4.py (NumPy), plus state-dict validation."""
+"""adapterhub.nf4 bit-identical to reference/nf4.py (NumPy), plus state-dict validation.
+
+Every test runs twice: on the compiled CPU kernels (where they build) and on the torch path, forced by
+making cpu_kernels.available() False. tests/runtime/test_cpu_kernels.py compares the two paths directly."""
 
 import hashlib
 
@@ -8,10 +11,21 @@ import torch
 
 from adapterhub import nf4
 from adapterhub.errors import QuantizationError
+from adapterhub.runtime import cpu_kernels
 from adapterhub.runtime import nf4 as runtime_nf4
 from reference import nf4 as R
 
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def path(request, monkeypatch):
+    """Which implementation quantize / dequantize_into use on the CPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    elif not cpu_kernels.available():
+        pytest.skip("CPU NF4 kernels unavailable: the torch run covers this test")
+    return request.param
 
 
 def reference_of(q: nf4.NF4Weight, w: torch.Tensor, index=R.nearest_dynamic_index) -> dict:
@@ -183,3 +197,4 @@ def test_parameters_quantize_like_plain_tensors():
     q = nf4.quantize(linear.weight)
     assert torch.equal(q.packed, nf4.quantize(linear.weight.detach()).packed)
     assert not q.absmax_float32().requires_grad and not nf4.dequantize(q).requires_grad
+

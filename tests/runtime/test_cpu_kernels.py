@@ -2,7 +2,8 @@
 
 Reference: W[i] = CODE[q_i] * absmax[i // 64] in fp32 (SEMANTICS §1.5), rounded to the compute dtype,
 then F.linear. The test packs its own codes (SEMANTICS §1.4, checked against the golden bytes) so it
-does not depend on the quantizer.
+does not depend on the quantizer. The kernels' quantize (and runtime.nf4 on top of the kernels) is
+compared bit for bit with runtime.nf4's torch path, which tests/nf4 checks against reference/nf4.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 
 from adapterhub.errors import QuantizationError
 from adapterhub.runtime import cpu_kernels
+from adapterhub.runtime import nf4 as runtime_nf4
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # SEMANTICS §1.1, as float32.
 CODE = torch.tensor(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -192,3 +195,95 @@ def test_build_is_cached_by_content(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
     assert cpu_kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+# --- quantize, and dequantize with any blocksize: against the torch path ---------------------------
+
+
+def edge_weight(n: int, G: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """n values in blocks of G: random, an all-zero block with a -0.0, a block of exact NF4 midpoints
+    (ties go to the lower code; also in a short last block), a tiny block (absmax < 1e-38, the clamp)
+    and a huge one (1e30)."""
+    w = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+    blocks = [w[i : i + G] for i in range(0, n, G)]
+    mids = torch.cat([torch.tensor([1.0, -1.0]), runtime_nf4.NF4_MIDPOINTS, -runtime_nf4.NF4_MIDPOINTS])
+    if n % G:  # the short last block has its own code path in the kernel: ties there too
+        blocks[-1].copy_(mids.repeat(G // mids.numel() + 1)[: n % G])
+    if len(blocks) >= 5:
+        blocks[0].zero_()
+        blocks[0][1] = -0.0
+        blocks[1].copy_(mids.repeat(G // mids.numel() + 1)[:G])
+        blocks[2].mul_(1e-39 if dtype != torch.float16 else 1e-5)  # fp16: its subnormals
+        blocks[3].mul_(1e30 if dtype != torch.float16 else 1e3)  # finite in the input dtype
+    return w.to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", runtime_nf4.BLOCKSIZES)
+def test_kernel_encode_equals_torch_encode(blocksize, dtype):
+    G = blocksize
+    for k, n in enumerate([5 * G, 5 * G + 7, 6 * G + G - 1, 1, 3, G + 2, 7 * G + 1]):
+        w = edge_weight(n, G, dtype, seed=G + k)
+        packed, absmax = cpu_kernels.nf4_quantize(w, G)
+        want_packed, want_absmax = runtime_nf4._encode(w, G, runtime_nf4._NF4_CODER)
+        assert torch.equal(absmax, want_absmax), (n, G)
+        assert torch.equal(packed, want_packed), (n, G)
+        if n >= 5 * G:  # the edge blocks are there: zero block 0x77, ties lower, clamped tiny block
+            assert absmax[0] == 0 and torch.all(packed[: G // 2] == 0x77)
+            assert len(set(packed[G // 2 : G].tolist())) > 8
+        if n % 2:
+            assert packed[-1] & 15 == 7  # the padding element codes 0.0 (§1.4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_quantize_and_dequantize_equal_torch_path(dtype, monkeypatch):
+    cases = []
+    for G in runtime_nf4.BLOCKSIZES:
+        w = edge_weight(5 * G + 3 + G % 3, G, dtype, seed=G).view(-1, 1)
+        cases.append((w, G, runtime_nf4.quantize(w, blocksize=G)))
+    fast = [(q, {t: runtime_nf4.dequantize(q, t) for t in DTYPES}) for _, _, q in cases]
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    for (w, G, _), (q, outs) in zip(cases, fast):
+        slow = runtime_nf4.quantize(w, blocksize=G)
+        for key, value in slow.state_dict().items():
+            assert torch.equal(q.state_dict()[key], value), (G, key)
+        for t, out in outs.items():
+            want = runtime_nf4.dequantize(q, t)
+            assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), (G, t)  # the bits, NaN-free
+    assert any(torch.isinf(outs[torch.float16]).any() for _, outs in fast) or dtype == torch.float16
+
+
+@needs_kernels
+@pytest.mark.parametrize("blocksize", cpu_kernels.QUANT_BLOCKSIZES)
+def test_dequantize_blocks_is_bit_identical(blocksize):
+    G, g = blocksize, torch.Generator().manual_seed(blocksize)
+    codes = torch.randint(0, 16, (3 * G,), generator=g, dtype=torch.uint8)
+    absmax = torch.tensor([0.37, 2e-40, 1e5])  # a plain block, subnormal products, fp16 overflow to inf
+    W = CODE[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (SEMANTICS §1.5)
+    for dtype in DTYPES:
+        out = cpu_kernels.nf4_dequantize_blocks(pack(codes), absmax, G, torch.empty(3 * G, dtype=dtype))
+        assert torch.equal(out.view(torch.uint8), W.to(dtype).view(torch.uint8)), dtype
+    assert torch.isinf(W.to(torch.float16)).any() and W[G : 2 * G].abs().max() > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: cpu_kernels.nf4_quantize(torch.ones(4, 64, dtype=torch.float64), 64), "float16 tensor"),
+        (lambda: cpu_kernels.nf4_quantize(torch.ones(64, 4).t(), 64), "contiguous"),
+        (lambda: cpu_kernels.nf4_quantize(torch.ones(0), 64), "non-empty"),
+        (lambda: cpu_kernels.nf4_quantize(torch.ones(64), 48), "blocksize 48"),
+        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(48, dtype=torch.uint8), torch.ones(2), 64,
+                                                   torch.empty(96)), "whole blocks"),
+        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(32, dtype=torch.uint8), torch.ones(2), 64,
+                                                   torch.empty(128)), "packed must be"),
+        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(64, dtype=torch.uint8), torch.ones(2).double(), 64,
+                                                   torch.empty(128)), "absmax_f32 must be"),
+    ],
+)
+def test_bad_quantize_arguments_raise(call, match):
+    with pytest.raises(QuantizationError, match=match):
+        call()

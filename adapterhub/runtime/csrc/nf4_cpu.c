@@ -1,4 +1,4 @@
-/* NF4 linear and dequantize on the CPU: compiled at first use by adapterhub/runtime/cpu_kernels.py
+/* NF4 linear, dequantize and quantize on the CPU: compiled at first use by adapterhub/runtime/cpu_kernels.py
  * (cc -O3 -march=native -fopenmp -shared -fPIC), called through ctypes. The callers validate every
  * argument; these functions trust their inputs.
  *
@@ -9,10 +9,12 @@
  *   nf4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
  *                        W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
  *   nf4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
+ *   nf4_quantize, nf4_dequantize: any blocksize and dtype, see their sections at the end
  *
  * W is exactly the torch path's weight (SEMANTICS §1.5: product in fp32, then RNE to the compute dtype);
  * only the order of the fp32 sums differs from dequantize + F.linear.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -317,6 +319,179 @@ void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint1
             uint8_t byte = w[(b * G + k) / 2];
             out[b * G + k] = f32_to_bf16(t[byte >> 4]);
             out[b * G + k + 1] = f32_to_bf16(t[byte & 15]);
+        }
+    }
+}
+
+/* --- quantize (SEMANTICS §1.2-1.4) ---------------------------------------------------------------
+ * nf4_quantize  x (n,) fp32 / bf16 / fp16 (kind 0 / 1 / 2), blocks of G (any allowed blocksize, even)
+ *               -> absmax (ceil(n/G),) fp32, packed (ceil(n/2),) bytes
+ * Exactly the torch path: a = max |x| over the block (a short last block is zero-padded, which changes
+ * no max), s = x * fp32(1 / max(a, 1e-38)) in fp32, code = number of the 15 fp32 midpoints strictly
+ * below s, element 2k in the high nibble; a padded element codes 0.0 as 7, so odd n ends in nibble 7. */
+
+static inline float f16_to_f32(uint16_t h) { /* exact widening, subnormals and inf/nan included */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+    if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else {
+        float f = (float)m * 0x1p-24f; /* a subnormal half: m * 2^-24, exact in fp32 */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float load_one(const void *x, int kind, int64_t i) {
+    if (kind == 0) return ((const float *)x)[i];
+    if (kind == 1) return bf16_to_f32(((const uint16_t *)x)[i]);
+    return f16_to_f32(((const uint16_t *)x)[i]);
+}
+
+/* Binary search over mid (16,): fp32((code[i] + code[i+1]) / 2) for i < 15; mid[15] is never read. */
+static inline int code_of(float s, const float *mid) {
+    int c = 0;
+    for (int step = 8; step; step >>= 1)
+        if (s > mid[c + step - 1]) c += step;
+    return c;
+}
+
+/* One block of G elements at x + start (scalar); returns its absmax. */
+static float quantize_block_scalar(const void *x, int kind, int64_t start, int64_t G_, const float *mid, uint8_t *packed) {
+    float a = 0.0f;
+    for (int64_t i = 0; i < G_; i++) {
+        float v = fabsf(load_one(x, kind, start + i));
+        a = v > a ? v : a;
+    }
+    float r = 1.0f / (a > 1e-38f ? a : 1e-38f);
+    for (int64_t i = 0; i < G_; i += 2)
+        packed[i / 2] = (uint8_t)(code_of(load_one(x, kind, start + i) * r, mid) << 4 |
+                                  code_of(load_one(x, kind, start + i + 1) * r, mid));
+    return a;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __m512 load16(const void *x, int kind, int64_t i) {
+    if (kind == 0) return _mm512_loadu_ps((const float *)x + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    if (kind == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h); /* exact, subnormal halves included */
+}
+
+/* 16 codes (dwords) -> 8 bytes: the low dword of each qword becomes (even << 4) | odd. */
+static inline void pack16(__m512i c, uint8_t *out) {
+    __m512i q = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+    _mm_storel_epi64((__m128i *)out, _mm512_cvtepi64_epi8(q));
+}
+
+static float quantize_block_avx512(const void *x, int kind, int64_t start, int64_t G_, const float *mid_, uint8_t *packed) {
+    const __m512i sign = _mm512_set1_epi32(0x7fffffff);
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t i = 0; i < G_; i += 16)
+        m = _mm512_max_ps(m, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(load16(x, kind, start + i)), sign)));
+    float a = _mm512_reduce_max_ps(m);
+    const __m512 r = _mm512_set1_ps(1.0f / (a > 1e-38f ? a : 1e-38f));
+    const __m512 mid = _mm512_loadu_ps(mid_);
+    for (int64_t i = 0; i < G_; i += 16) {
+        __m512 s = _mm512_mul_ps(load16(x, kind, start + i), r);
+        __m512i c = _mm512_setzero_si512();
+        for (int step = 8; step; step >>= 1) { /* binary search: c += step where s > mid[c + step - 1] */
+            __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(c, _mm512_set1_epi32(step - 1)), mid);
+            c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(s, t, _CMP_GT_OQ), c, _mm512_set1_epi32(step));
+        }
+        pack16(c, packed + i / 2);
+    }
+    return a;
+}
+#define quantize_block quantize_block_avx512
+#else
+#define quantize_block quantize_block_scalar
+#endif
+
+void nf4_quantize(const void *x, int kind, int64_t n, int64_t G_, float *absmax, uint8_t *packed) {
+    float mid[16];
+    for (int i = 0; i < 15; i++) mid[i] = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0f; /* fp32 sum, exact halving */
+    mid[15] = NF4_CODE[15];
+    int64_t full = n / G_;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < full; b++) absmax[b] = quantize_block(x, kind, b * G_, G_, mid, packed + b * G_ / 2);
+    if (full * G_ < n) { /* the short last block, zero-padded to G in fp32 as the torch path does */
+        int64_t rest = n - full * G_;
+        float *pad = calloc((size_t)G_, sizeof(float));
+        uint8_t *codes = malloc((size_t)G_ / 2);
+        for (int64_t i = 0; i < rest; i++) pad[i] = load_one(x, kind, full * G_ + i);
+        absmax[full] = quantize_block_scalar(pad, 0, 0, G_, mid, codes);
+        memcpy(packed + full * G_ / 2, codes, (size_t)(rest + 1) / 2);
+        free(pad);
+        free(codes);
+    }
+}
+
+/* --- dequantize into fp32 / bf16 / fp16 (SEMANTICS §1.5) -----------------------------------------
+ * nf4_dequantize  packed, absmax (n/G,) fp32 -> out (n,) of kind 0 / 1 / 2 (fp32 / bf16 / fp16),
+ *                 out = kind(fp32(code[q] * absmax)) rounded to nearest even; n % G == 0, any even G >= 32.
+ * Per block the 16 possible values are rounded once into a table of dwords, then looked up per nibble. */
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even, overflow to inf, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    if (u >= 0x47800000u) return (uint16_t)(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u)); /* >= 65536, inf, nan */
+    if (u < 0x38800000u) { /* below the smallest normal half: adding 0.5 makes the FPU round at 2^-24 */
+        float g;
+        memcpy(&g, &u, 4);
+        g += 0.5f;
+        memcpy(&u, &g, 4);
+        return (uint16_t)(sign | (u - 0x3f000000u));
+    }
+    u += 0xc8000fffu + ((u >> 13) & 1u); /* rebias the exponent (-112 << 23) and round half to even */
+    return (uint16_t)(sign | (u >> 13));
+}
+
+static inline uint32_t table_entry(float v, int kind) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return kind == 0 ? u : kind == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+}
+
+void nf4_dequantize(const uint8_t *w, const float *absmax, int64_t n, int64_t G_, int kind, void *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n / G_; b++) {
+        uint32_t t[16];
+        for (int i = 0; i < 16; i++) t[i] = table_entry(NF4_CODE[i] * absmax[b], kind);
+        const uint8_t *src = w + b * G_ / 2;
+        int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512i tv = _mm512_loadu_si512(t);
+        const __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(8));
+        for (; k < G_; k += 32) { /* 16 bytes -> 32 values: high nibbles at even, low ones at odd places */
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + k / 2)));
+            __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), tv);
+            __m512i lo = _mm512_permutexvar_epi32(v, tv); /* vpermd reads the low 4 index bits */
+            __m512i r0 = _mm512_permutex2var_epi32(hi, even, lo), r1 = _mm512_permutex2var_epi32(hi, odd, lo);
+            if (kind == 0) {
+                _mm512_storeu_si512((uint32_t *)out + b * G_ + k, r0);
+                _mm512_storeu_si512((uint32_t *)out + b * G_ + k + 16, r1);
+            } else {
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + b * G_ + k), _mm512_cvtepi32_epi16(r0));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + b * G_ + k + 16), _mm512_cvtepi32_epi16(r1));
+            }
+        }
+#endif
+        for (; k < G_; k += 2) {
+            uint8_t byte = src[k / 2];
+            if (kind == 0) {
+                ((uint32_t *)out)[b * G_ + k] = t[byte >> 4];
+                ((uint32_t *)out)[b * G_ + k + 1] = t[byte & 15];
+            } else {
+                ((uint16_t *)out)[b * G_ + k] = (uint16_t)t[byte >> 4];
+                ((uint16_t *)out)[b * G_ + k + 1] = (uint16_t)t[byte & 15];
+            }
         }
     }
 }
