@@ -330,6 +330,8 @@ void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint1
  * no max), s = x * fp32(1 / max(a, 1e-38)) in fp32, code = number of the 15 fp32 midpoints strictly
  * below s, element 2k in the high nibble; a padded element codes 0.0 as 7, so odd n ends in nibble 7. */
 
+#define MAX_BLOCKSIZE 4096 /* the largest allowed blocksize (SEMANTICS §1.3), checked by the caller */
+
 static inline float f16_to_f32(uint16_t h) { /* exact widening, subnormals and inf/nan included */
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
     if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
@@ -420,13 +422,11 @@ void nf4_quantize(const void *x, int kind, int64_t n, int64_t G_, float *absmax,
     for (int64_t b = 0; b < full; b++) absmax[b] = quantize_block(x, kind, b * G_, G_, mid, packed + b * G_ / 2);
     if (full * G_ < n) { /* the short last block, zero-padded to G in fp32 as the torch path does */
         int64_t rest = n - full * G_;
-        float *pad = calloc((size_t)G_, sizeof(float));
-        uint8_t *codes = malloc((size_t)G_ / 2);
+        float pad[MAX_BLOCKSIZE] = {0};
+        uint8_t codes[MAX_BLOCKSIZE / 2];
         for (int64_t i = 0; i < rest; i++) pad[i] = load_one(x, kind, full * G_ + i);
         absmax[full] = quantize_block_scalar(pad, 0, 0, G_, mid, codes);
         memcpy(packed + full * G_ / 2, codes, (size_t)(rest + 1) / 2);
-        free(pad);
-        free(codes);
     }
 }
 
