@@ -27,6 +27,7 @@ from adapterhub.runtime.loader import build_model
 from adapterhub.runtime.merge import merge_adapter, unmerge
 from adapterhub.runtime.pool import AdapterPool
 from adapterhub.runtime.tiny import random_weights
+from bench.timing import median_seconds
 
 CONFIG = ModelConfig(
     architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -35,15 +36,6 @@ CONFIG = ModelConfig(
 ROWS, PROMPT, RANK = 32, 64, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def paired(baseline, candidate, repeats: int) -> tuple[float, float]:

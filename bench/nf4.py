@@ -1,4 +1,4 @@
-"""NF4 quantize / dequantize throughput: adapterhub (torch) vs bitsandbytes' CPU path, vs memory bandwidth.
+"""NF4 quantize / dequantize throughput: adapterhub (compiled CPU kernels, torch fallback) vs bitsandbytes, vs bandwidth.
 
 Weights: bf16 (4096, 4096) and (11008, 4096), blocksize 64, double quantization (the QLoRA setting).
 - quantize: Mparam/s of `adapterhub.nf4.quantize(w)` and of bitsandbytes `quantize_4bit(w, nf4,
@@ -15,24 +15,14 @@ Medians over repeats; every figure comes from the same process.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from adapterhub import nf4
+from bench.timing import median_seconds
 
 SHAPES = ((4096, 4096), (11008, 4096))
 
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bitsandbytes_functional():

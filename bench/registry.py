@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from adapterhub import Registry
 from adapterhub.adapter import Adapter, RawTensor, random_adapter
 from adapterhub.registry.blobs import encode
 from adapterhub.registry.manifest import WIDTH
+from bench.timing import median_seconds
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,14 +50,6 @@ def at_rest_ratio(adapter: Adapter, shuffle: bool) -> float:
     stored = sum(len(encode(t.data, WIDTH[t.dtype] if shuffle else 1)) for t in adapter.tensors.values())
     return stored / len(adapter.safetensors_bytes())
 
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -84,10 +76,10 @@ def local_speeds(adapter: Adapter, work: Path, repeats: int) -> dict[str, float]
         registry.pull("bench", out)
 
     data = adapter.safetensors_bytes()
-    return {"baseline write+fsync": mb / median_seconds(lambda: write_file(work / "plain", data), repeats),
-            "push (new blobs)": mb / median_seconds(fresh_push, repeats),
-            "push (all deduped)": mb / median_seconds(lambda: registry.push(src, "bench"), repeats),
-            "pull": mb / median_seconds(pull, repeats)}
+    return {"baseline write+fsync": mb / median_seconds(lambda: write_file(work / "plain", data), repeats, warmup=False),
+            "push (new blobs)": mb / median_seconds(fresh_push, repeats, warmup=False),
+            "push (all deduped)": mb / median_seconds(lambda: registry.push(src, "bench"), repeats, warmup=False),
+            "pull": mb / median_seconds(pull, repeats, warmup=False)}
 
 
 def oci_speeds(adapter: Adapter, work: Path, repeats: int) -> dict[str, float] | None:
@@ -106,9 +98,9 @@ def oci_speeds(adapter: Adapter, work: Path, repeats: int) -> dict[str, float] |
         mb = len(adapter.safetensors_bytes()) / 1e6
         counter = iter(range(10 ** 6))
         url = f"oci://127.0.0.1:{port}/bench"
-        push = median_seconds(lambda: Registry(url).push(adapter, f"t{next(counter)}"), repeats)
-        again = median_seconds(lambda: Registry(url).push(adapter, "t0"), repeats)
-        pull = median_seconds(lambda: Registry(url).load("t0"), repeats)
+        push = median_seconds(lambda: Registry(url).push(adapter, f"t{next(counter)}"), repeats, warmup=False)
+        again = median_seconds(lambda: Registry(url).push(adapter, "t0"), repeats, warmup=False)
+        pull = median_seconds(lambda: Registry(url).load("t0"), repeats, warmup=False)
         return {"push (new blobs)": mb / push, "push (all deduped)": mb / again, "pull (verified load)": mb / pull}
     finally:
         server.terminate()
