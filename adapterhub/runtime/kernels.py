@@ -185,7 +185,9 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, o
         return ops.nf4_dequantize(packed, absmax, blocksize, out)
     from adapterhub.runtime import cpu_kernels
 
-    if blocksize == cpu_kernels.G and out.dtype == torch.bfloat16 and cpu_kernels.available():
+    # The compiled kernels are CPU-only: other devices without their own ops take the torch code below.
+    is_cpu_fusable = out.device.type == "cpu" and blocksize == cpu_kernels.G and out.dtype == torch.bfloat16
+    if is_cpu_fusable and cpu_kernels.available():
         return cpu_kernels.nf4_dequantize(packed, absmax, out.shape[0], out.shape[1], out=out)
     from adapterhub.runtime import nf4
 
@@ -218,8 +220,10 @@ def nf4_linear(
     from adapterhub.runtime import cpu_kernels
 
     rows = x.numel() // in_features
-    fusable = blocksize == cpu_kernels.G and in_features % cpu_kernels.G == 0 and x.dtype in (torch.bfloat16, torch.float32)
-    if fusable and rows <= cpu_kernels.FUSED_MAX_ROWS and cpu_kernels.available():
+    fusable = (x.device.type == "cpu" and blocksize == cpu_kernels.G and in_features % cpu_kernels.G == 0
+               and x.dtype in (torch.bfloat16, torch.float32))
+    # available() first: it loads the library, which sets FUSED_MAX_ROWS for this CPU.
+    if fusable and cpu_kernels.available() and rows <= cpu_kernels.FUSED_MAX_ROWS:
         return cpu_kernels.nf4_linear(x, packed, absmax, out_features, in_features)
     W = nf4_dequantize(packed, absmax, blocksize, _scratch_weight(out_features, in_features, x.dtype, x.device))
     return F.linear(x, W)

@@ -93,3 +93,17 @@ def test_lora_and_dora_over_an_nf4_base_match_the_reference():
                 assert (y[b] - base[b]).abs().max() > 1e-3
             expected = reference_output(layer, module, x[b], None if name is None else zoo[name])
             np.testing.assert_allclose(y[b].double().numpy(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_non_cpu_tensors_never_reach_the_compiled_cpu_kernels():
+    """A device without its own ops (CUDA without the extension; here: meta) takes the torch code.
+    Before the guard, kernels.nf4_* sent such tensors to cpu_kernels, which refuses them."""
+    from adapterhub.runtime import kernels, nf4
+
+    q = nf4.quantize(torch.randn(128, 64).bfloat16())
+    absmax = q.absmax_float32()
+    meta = [t.to("meta") for t in (torch.randn(2, 64, dtype=torch.bfloat16), q.packed, absmax)]
+    y = kernels.nf4_linear(*meta, 64, 128, 64)
+    assert y.device.type == "meta" and y.shape == (2, 128) and y.dtype == torch.bfloat16
+    out = kernels.nf4_dequantize(meta[1], meta[2], 64, torch.empty(128, 64, dtype=torch.bfloat16, device="meta"))
+    assert out.device.type == "meta" and out.shape == (128, 64)
