@@ -129,8 +129,8 @@ class BlobStore:
         self.path(digest).unlink(missing_ok=True)
 
 
-def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -> bool:
-    """Create `target` with `data` atomically and durably; never overwrites (False if it already existed)."""
+def _write_tmp(target: Path, data: bytes, tmp_dir: Path) -> str:
+    """`data` in a new fsynced file in `tmp_dir` (same filesystem as `target`, so it can be renamed in)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=target.name[:16] + ".")
@@ -139,10 +139,19 @@ def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, target)  # fails instead of overwriting: a concurrent writer of the same digest wins
-        except FileExistsError:
-            return False
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -> bool:
+    """Create `target` with `data` atomically and durably; never overwrites (False if it already existed)."""
+    tmp = _write_tmp(target, data, tmp_dir)
+    try:
+        os.link(tmp, target)  # fails instead of overwriting: a concurrent writer of the same digest wins
+    except FileExistsError:
+        return False
     finally:
         os.unlink(tmp)
     if sync_dir:
@@ -152,14 +161,8 @@ def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -
 
 def write_replace(target: Path, data: bytes, tmp_dir: Path) -> None:
     """Atomically replace `target` (refs only: small files that are allowed to move)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=target.name[:16] + ".")
+    tmp = _write_tmp(target, data, tmp_dir)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
