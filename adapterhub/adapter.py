@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from adapterhub.errors import AdapterFormatError, ConfigError
+from adapterhub.fsio import fsync_dir, write_replace
 from adapterhub.safetensors_io import DTYPE_CODES, RawTensor, read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -342,19 +343,19 @@ class Adapter:
         files = {CONFIG_FILE: self.config_json().encode(), WEIGHTS_FILE: self.safetensors_bytes()}
         if path.is_dir():
             for name, data in files.items():
-                _write_atomic(path / name, data)
-            _fsync_dir(path)
+                write_replace(path / name, data)
+            fsync_dir(path)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
             for name, data in files.items():
-                _write_atomic(tmp / name, data)
+                write_replace(tmp / name, data)
             os.rename(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     def modules(self) -> dict[str, AdapterModule]:
@@ -423,28 +424,6 @@ def _check_module(config: AdapterConfig, module: str, found: dict[str, np.ndarra
     if m is not None and m.shape != (b.shape[0],):
         raise AdapterFormatError(f"{peft_key(module, 'magnitude')!r} has shape {list(m.shape)}; expected "
                                  f"[out] = [{b.shape[0]}] to match lora_B")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp file in the same dir → fsync → rename: readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- test / demo adapters -----------------------------------------------------------------------

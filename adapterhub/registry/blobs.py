@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +20,7 @@ import numpy as np
 import zstandard
 
 from adapterhub.errors import BlobNotFoundError, IntegrityError
+from adapterhub.fsio import write_new
 from adapterhub.registry.digest import Digest, verify
 
 _SKIPPABLE_MAGIC = 0x184D2A5A  # one of the 16 zstd skippable-frame magics; `zstd -d` skips it
@@ -127,52 +127,3 @@ class BlobStore:
 
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
-
-
-def _write_tmp(target: Path, data: bytes, tmp_dir: Path) -> str:
-    """`data` in a new fsynced file in `tmp_dir` (same filesystem as `target`, so it can be renamed in)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=target.name[:16] + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def write_new(target: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -> bool:
-    """Create `target` with `data` atomically and durably; never overwrites (False if it already existed)."""
-    tmp = _write_tmp(target, data, tmp_dir)
-    try:
-        os.link(tmp, target)  # fails instead of overwriting: a concurrent writer of the same digest wins
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    if sync_dir:
-        fsync_dir(target.parent)
-    return True
-
-
-def write_replace(target: Path, data: bytes, tmp_dir: Path) -> None:
-    """Atomically replace `target` (refs only: small files that are allowed to move)."""
-    tmp = _write_tmp(target, data, tmp_dir)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from adapterhub.errors import FormatVersionError, RefNotFoundError, RegistryError
-from adapterhub.registry.blobs import BlobStore, fsync_dir, write_new
+from adapterhub.fsio import fsync_dir, write_new
+from adapterhub.registry.blobs import BlobStore
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import FORMAT_VERSION, Manifest
 from adapterhub.registry.refs import LATEST, LocalRefs, RefSpec, ResolvedRef

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from adapterhub.errors import InvalidNameError, LockTimeoutError
-from adapterhub.registry.blobs import write_new, write_replace
+from adapterhub.fsio import write_new, write_replace
 from adapterhub.registry.digest import Digest, is_digest
 
 _TASK = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
