@@ -49,7 +49,7 @@ _AMX_MAX_ROWS = 32
 # fp32 sums in another order, and for bf16 one output rounding either way (2^-8 relative).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8}
 
-_SOURCE = Path(__file__).parent / "csrc" / "nf4_cpu.c"
+_SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("nf4_cpu.c", "lora_cpu.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DISABLE_ENV = "ADAPTERHUB_DISABLE_CPU_KERNELS"
 _P = ctypes.c_void_p
@@ -60,6 +60,12 @@ _SIGNATURES = {  # name: (argument types, return type)
     "nf4_amx_enable": ((), ctypes.c_int),
     "nf4_quantize": ((_P, ctypes.c_int, _I, _I, _P, _P), None),  # x, kind, n, blocksize, absmax, packed
     "nf4_dequantize": ((_P, _P, _I, _I, ctypes.c_int, _P), None),  # packed, absmax, n, blocksize, kind, out
+    "lora_kernels_available": ((), ctypes.c_int),
+    "lora_amx_enable": ((), ctypes.c_int),
+}
+_LORA_SIGNATURES = {  # only where lora_kernels_available() (AVX-512 BW)
+    "lora_shrink_bf16": ((_P, _P, _P, _I, _I, _I, _I, _P), None),  # x, A, ids, B, T, R, Din, h
+    "lora_expand_bf16": ((_P, _P, _P, _P, _P, _P, _I, _I, _I, _I), None),  # y, h, BT, ids, scaling, dora, B, T, R, Dout
 }
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C functions' dtype codes
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # SEMANTICS §1.3
@@ -184,6 +190,47 @@ def nf4_dequantize_blocks(
     return out
 
 
+def lora_available() -> bool:
+    """True when the compiled LoRA kernels are loaded (AVX-512 BW; the NF4 kernels need only AVX-512 F)."""
+    return _library() is not None and _state.get("lora", False)
+
+
+def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """kernels.lora_shrink for bf16 on the CPU: each row reads its own slot of the stack, once.
+
+    x (B, T, Din) bf16, A_stack (N, R, Din) bf16, both contiguous; ids (B,) int64 in [0, N), trusted
+    (the pool maps adapters to slots). Returns h (B, T, R) bf16; fp32 sums in another order than torch's.
+    """
+    lib = _library()
+    Bsz, T, Din = x.shape
+    R = A_stack.shape[1]
+    h = torch.empty(Bsz, T, R, dtype=torch.bfloat16)
+    lib.lora_shrink_bf16(x.data_ptr(), A_stack.data_ptr(), ids.data_ptr(), Bsz, T, R, Din, h.data_ptr())
+    return h
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    B_stack: torch.Tensor,
+    ids: torch.Tensor,
+    scaling: torch.Tensor,
+    dora_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """kernels.lora_expand for bf16 on the CPU, in place, with its Semantics' exact roundings (the DoRA
+    scale is applied in fp32, then rounded once).
+
+    y (B, T, Dout) bf16, h (B, T, R) bf16, B_stack (N, R, Dout) bf16, scaling (N,) fp32, dora_scale
+    (N, Dout) fp32 or None, all contiguous; ids (B,) int64 in [0, N), trusted. Returns y.
+    """
+    lib = _library()
+    Bsz, T, Dout = y.shape
+    dora = None if dora_scale is None else dora_scale.data_ptr()
+    lib.lora_expand_bf16(y.data_ptr(), h.data_ptr(), B_stack.data_ptr(), ids.data_ptr(), scaling.data_ptr(), dora,
+                         Bsz, T, h.shape[2], Dout)
+    return y
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 
@@ -255,6 +302,11 @@ def _load():
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    _state["lora"] = bool(lib.lora_kernels_available())
+    _state["lora_amx"] = bool(lib.lora_amx_enable())
+    for name, (argtypes, restype) in _LORA_SIGNATURES.items() if _state["lora"] else ():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     if lib.nf4_amx_enable():  # AMX tiles for bf16 with 2..32 rows where the CPU and the kernel allow them
         global FUSED_MAX_ROWS
         FUSED_MAX_ROWS = _AMX_MAX_ROWS
@@ -270,7 +322,7 @@ def _build() -> Path:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version, _cpu_flags().encode()]))
     cache = _cache_dir()
@@ -282,7 +334,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".nf4_cpu-", suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)

@@ -23,6 +23,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from adapterhub.runtime import cpu_kernels
+
 # |y_cuda - y_cpu| <= atol + rtol * |y_cpu| per dtype, for tests comparing implementations of one op.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -49,6 +51,11 @@ def _cuda_ops(t: torch.Tensor):
             cuda_ops = None
         _cuda_state["ops"] = cuda_ops if cuda_ops is not None and cuda_ops.available() else None
     return _cuda_state["ops"]
+
+
+def _compiled_lora(t: torch.Tensor) -> bool:
+    """Whether the LoRA ops on t go to the compiled CPU kernels (bf16 on a CPU with AVX-512 BW)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and cpu_kernels.lora_available()
 
 
 def _dense_plan(ids: torch.Tensor, slots: int, rows: int):
@@ -106,6 +113,8 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> to
     ops = _cuda_ops(x)
     if ops is not None:
         return ops.lora_shrink(x, A_stack, ids)
+    if _compiled_lora(x):
+        return cpu_kernels.lora_shrink(x.contiguous(), A_stack, ids)
     Bsz, T, Din = x.shape
     plan = _dense_plan(ids, A_stack.shape[0], Bsz * T)
     if plan is not None:
@@ -146,6 +155,8 @@ def lora_expand(
     ops = _cuda_ops(y)
     if ops is not None:
         return ops.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
+    if _compiled_lora(y) and y.is_contiguous():
+        return cpu_kernels.lora_expand(y, h.contiguous(), B_stack, ids, scaling, dora_scale)
     Bsz, T, R = h.shape
     Dout = B_stack.shape[2]
     hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny
@@ -183,7 +194,6 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, o
     ops = _cuda_ops(out)
     if ops is not None:
         return ops.nf4_dequantize(packed, absmax, blocksize, out)
-    from adapterhub.runtime import cpu_kernels
 
     # The compiled kernels are CPU-only: other devices without their own ops take the torch code below.
     is_cpu_fusable = out.device.type == "cpu" and blocksize == cpu_kernels.G and out.dtype == torch.bfloat16
@@ -217,7 +227,6 @@ def nf4_linear(
     ops = _cuda_ops(x)
     if ops is not None:
         return ops.nf4_linear(x, packed, absmax, blocksize, out_features, in_features)
-    from adapterhub.runtime import cpu_kernels
 
     rows = x.numel() // in_features
     fusable = (x.device.type == "cpu" and blocksize == cpu_kernels.G and in_features % cpu_kernels.G == 0

@@ -1,0 +1,432 @@
+/* Batched LoRA "shrink" and "expand" on the CPU, bf16, every row gathering its own adapter: compiled with
+ * nf4_cpu.c into one library by adapterhub/runtime/cpu_kernels.py, called through ctypes. The callers
+ * validate every argument; these functions trust their inputs.
+ *
+ * Vocabulary as runtime/kernels.py: B rows of T tokens, N adapter slots of rank R, Din / Dout features;
+ * ids (B,) int64 slot per row. Stacks: A (N, R, Din), BT (N, R, Dout) = lora_B transposed per slot.
+ *
+ *   lora_shrink_bf16  h[b, t] = bf16(x[b, t] @ A[ids[b]]^T)                       fp32 sums
+ *   lora_expand_bf16  hs = bf16(h[b, t] * scaling[n])                              n = ids[b]
+ *                     y[b, t] = bf16(y[b, t] + hs @ BT[n])                         fp32 sums, one rounding
+ *                     y[b, t] = bf16(y[b, t] * dora[n])                            when dora != NULL
+ *
+ * Why a kernel: with many distinct adapters each row must read its own A and B. torch has no gathered
+ * GEMM on CPU, so its forms either compute every slot for every row (N times the flops) or copy each
+ * row's A / B first (twice the bytes); here each row streams its adapter once, straight from the stack
+ * (Punica's SGMV idea, arXiv 2310.18547, with a row instead of a segment as the unit). A row's result
+ * does not depend on the other rows of the batch.
+ *
+ * Rounding: the sums are fp32 in a different order from torch's; shrink uses VDPBF16PS where the CPU
+ * has AVX512-BF16, which treats bf16 subnormal inputs (|v| < 2^-126) as zero. Every rounding to bf16 is
+ * round-to-nearest-even as torch does it, subnormals and NaN included.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+#define MT 4  /* tokens per register tile */
+#define MR 4  /* ranks per register tile (shrink) */
+#define MD 4  /* 16-lane output vectors per register tile (expand) */
+#define TB 16 /* tokens per parallel work item */
+/* Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more. */
+#define PARALLEL_MIN_MACS (1 << 15)
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* 16 fp32 rounded to bf16 precision (nearest even; NaN stays a quiet NaN), still as fp32: torch's
+ * c10::BFloat16 rounding, subnormals included. */
+static inline __m512 round_bf16_int(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000)));
+}
+
+/* 16 values already of bf16 precision -> their 16 bf16 words, and back */
+static inline __m256i pack_bf16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)); }
+static inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* 16 fp32 -> bf16 words, rounded as torch does. VCVTNEPS2BF16 rounds to nearest even and keeps NaN a
+ * NaN, but flushes subnormals to zero: lanes holding one (never, in practice) take the integer path. */
+static inline __m256i f32x16_to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+    __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 sub = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)) &
+                          _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
+    if (__builtin_expect(sub != 0, 0)) r = _mm256_mask_blend_epi16(sub, r, pack_bf16(round_bf16_int(v)));
+    return r;
+#else
+    return pack_bf16(round_bf16_int(v));
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    __m256i r = f32x16_to_bf16(_mm512_set1_ps(f));
+    return (uint16_t)_mm256_extract_epi16(r, 0);
+}
+
+/* acc += x[k:k+32] . a[k:k+32] pairwise into 16 fp32 lanes (only the masked elements are read). */
+static inline __m512 dot32(__m512 acc, __m512i x, __m512i a) {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)a);
+#else
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
+    __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), ae = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(x, hi)), ao = _mm512_castsi512_ps(_mm512_and_si512(a, hi));
+    return _mm512_fmadd_ps(xe, ae, _mm512_fmadd_ps(xo, ao, acc));
+#endif
+}
+
+/* h (nt, R) at the tile's first rank = x (nt, K) @ a (nr, K)^T for an nt x nr tile; constant nt and nr
+ * after inlining, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void shrink_tile(const int nt, const int nr, const uint16_t *x,
+                                                              const uint16_t *a, int64_t K, int64_t R, uint16_t *h) {
+    __m512 acc[MT][MR];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 m = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
+        __m512i xv[MT], av[MR];
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_epi16(m, x + t * K + k);
+        for (int r = 0; r < nr; r++) av[r] = _mm512_maskz_loadu_epi16(m, a + r * K + k);
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < nr; r++) acc[t][r] = dot32(acc[t][r], xv[t], av[r]);
+    }
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) h[t * R + r] = f32_to_bf16(_mm512_reduce_add_ps(acc[t][r]));
+}
+
+/* One token: each rank row of a is read in order, so the whole (R, K) slot is a single sequential stream
+ * (decode is bound by memory bandwidth; four independent sums hide the dot-product latency). */
+static void shrink_one(const uint16_t *x, const uint16_t *a, int64_t R, int64_t K, uint16_t *h) {
+    for (int64_t r = 0; r < R; r++, a += K) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t k = 0;
+        for (; k + 128 <= K; k += 128)
+            for (int u = 0; u < 4; u++)
+                acc[u] = dot32(acc[u], _mm512_loadu_si512(x + k + 32 * u), _mm512_loadu_si512(a + k + 32 * u));
+        for (; k < K; k += 32) {
+            const __mmask32 m = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
+            acc[0] = dot32(acc[0], _mm512_maskz_loadu_epi16(m, x + k), _mm512_maskz_loadu_epi16(m, a + k));
+        }
+        h[r] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))));
+    }
+}
+
+static void shrink_tokens(const uint16_t *x, const uint16_t *a, int64_t nt, int64_t R, int64_t K, uint16_t *h) {
+    int64_t t = 0;
+    for (; t + MT <= nt; t += MT) {
+        int64_t r = 0;
+        for (; r + MR <= R; r += MR) shrink_tile(MT, MR, x + t * K, a + r * K, K, R, h + t * R + r);
+        for (; r < R; r++) shrink_tile(MT, 1, x + t * K, a + r * K, K, R, h + t * R + r);
+    }
+    for (; t < nt; t++) shrink_one(x + t * K, a, R, K, h + t * R);
+}
+
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+/* AMX path, for items of 16 tokens or more (prefill): per row, its adapter is laid out once in the
+ * pair-interleaved ("VNNI") order the B operand of TDPBF16PS wants, then every 16-token block is a few
+ * tile products: shrink C (16 tokens, 16 ranks) += x (16 tokens, 32 k) . A^T, expand C (16 tokens, 16
+ * columns) += hs (16 tokens, 32 ranks, zero-padded) . BT. TDPBF16PS multiplies bf16 pairs exactly and
+ * sums in fp32 (subnormal inputs as zero, as VDPBF16PS); y is added after, in fp32, as the Semantics. */
+#define AMX_TOKENS 128 /* tokens per work item: the per-row layout pass is amortized over up to this many */
+static int amx_enabled;
+
+int lora_amx_enable(void) { /* Linux hands out the AMX tile state per process on request */
+    amx_enabled = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_enabled;
+}
+
+/* tiles 0 and 3: C (16 x 16 fp32); 1: A (16 rows of `pairs` bf16 pairs); 2: B (`pairs` rows of 16 pairs) */
+static void tiles_configure(int pairs) {
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {1};
+    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    cfg.colsb[1] = (uint16_t)(4 * pairs), cfg.rows[2] = (uint8_t)pairs;
+    _tile_loadconfig(&cfg);
+}
+
+/* out[i * 16 + j] = in[j * stride + i] for a 16 x 16 block of 32-bit words (rows of `in` past `rows`: 0). */
+static inline void transpose16(const uint32_t *in, int64_t stride, int rows, uint32_t *out) {
+    __m512i r[16], t[16];
+    for (int j = 0; j < 16; j++) r[j] = j < rows ? _mm512_loadu_si512(in + j * stride) : _mm512_setzero_si512();
+    for (int j = 0; j < 16; j += 2) {
+        t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) { /* per 128-bit lane L, r[j + k] now holds rows j..j+3 of column 4L + k */
+        r[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+        r[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+        r[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+        r[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    for (int L = 0; L < 4; L++) {
+        const __m512i idx = _mm512_setr_epi32(4 * L, 4 * L + 1, 4 * L + 2, 4 * L + 3, 16 + 4 * L, 17 + 4 * L,
+                                              18 + 4 * L, 19 + 4 * L, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (int k = 0; k < 4; k++) {
+            const __m512i lo = _mm512_permutex2var_epi32(r[k], idx, r[4 + k]);
+            const __m512i hi = _mm512_permutex2var_epi32(r[8 + k], idx, r[12 + k]);
+            _mm512_storeu_si512(out + (4 * L + k) * 16, _mm512_shuffle_i32x4(lo, hi, 0x44));
+        }
+    }
+}
+
+/* 16 tokens x 16 fp32 sums (tile layout) -> bf16 rows of h with `n` valid ranks each */
+static inline void store_h_tile(const float *c, int n, int64_t R, uint16_t *h) {
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    for (int j = 0; j < 16; j++) _mm256_mask_storeu_epi16(h + j * R, m, f32x16_to_bf16(_mm512_load_ps(c + 16 * j)));
+}
+
+/* nt % 16 == 0 tokens, K % 32 == 0; av: (R/16 rounded up) * K/2 * 16 words of scratch */
+static void shrink_amx(const uint16_t *x, const uint16_t *a, int64_t nt, int64_t R, int64_t K, uint16_t *h,
+                       uint32_t *av, float *cbuf) {
+    const int64_t P = K / 2, RT = (R + 15) / 16; /* k pairs, rank tiles */
+    for (int64_t rt = 0; rt < RT; rt++) /* av[rt][p][j] = pair p of rank 16 rt + j */
+        for (int64_t p = 0; p < P; p += 16)
+            transpose16((const uint32_t *)(a + rt * 16 * K) + p, P, (int)(R - 16 * rt < 16 ? R - 16 * rt : 16),
+                        av + (rt * P + p) * 16);
+    for (int64_t t = 0; t < nt; t += 16)
+        for (int64_t rt = 0; rt < RT; rt++) {
+            _tile_zero(0);
+            for (int64_t p = 0; p < P; p += 16) {
+                _tile_loadd(1, x + t * K + 2 * p, K * 2);
+                _tile_loadd(2, av + (rt * P + p) * 16, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, cbuf, 64);
+            store_h_tile(cbuf, (int)(R - 16 * rt < 16 ? R - 16 * rt : 16), R, h + t * R + 16 * rt);
+        }
+}
+
+/* y (16 tokens, 16 columns) = bf16(y + c), then bf16(y * dora) when dora != NULL */
+static inline void expand_amx_epilogue(const float *c, uint16_t *y, int64_t Dout, const float *dora) {
+    const __m512 g = dora ? _mm512_loadu_ps(dora) : _mm512_setzero_ps();
+    for (int j = 0; j < 16; j++) {
+        __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + j * Dout, 0xffff), _mm512_load_ps(c + 16 * j)));
+        if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), g));
+        _mm256_storeu_si256((__m256i *)(y + j * Dout), v);
+    }
+}
+
+/* C tile TILE = hs (tile 1, or reloaded per rank chunk) . bv for column block I, stored to CB */
+#define EXPAND_AMX_BLOCK(TILE, I, CB)                                                   \
+    do {                                                                                \
+        _tile_zero(TILE);                                                               \
+        for (int64_t rc = 0; rc < RC; rc++) {                                           \
+            if (RC > 1) _tile_loadd(1, hsb + 2 * PC * rc, Rp * 2);                      \
+            _tile_loadd(2, bv + rc * PC * Dout + 16 * (I), Dout * 4);                   \
+            _tile_dpbf16ps(TILE, 1, 2);                                                 \
+        }                                                                               \
+        _tile_stored(TILE, CB, 64);                                                     \
+    } while (0)
+
+/* Rank pairs per tile product: all of them up to rank 32, else 16 (the tile's depth) per chunk. */
+static inline int64_t expand_pairs(int64_t R) { return R <= 32 ? (R + 1) / 2 : 16; }
+
+/* nt % 16 == 0 tokens, Dout % 16 == 0; tiles configured for expand_pairs(R); bv: RC * PC * Dout words,
+ * hsb: 16 * Rp bf16 of scratch (RC chunks of PC pairs, Rp = 2 * PC * RC ranks with zeros past R) */
+static void expand_amx(const uint16_t *h, float scaling, const uint16_t *bt, int64_t nt, int64_t R, int64_t Dout,
+                       const float *dora, uint16_t *y, uint32_t *bv, uint16_t *hsb, float *cbuf) {
+    const int64_t PC = expand_pairs(R), RC = (R + 2 * PC - 1) / (2 * PC), Rp = 2 * PC * RC;
+    for (int64_t p = 0; p < Rp / 2; p++) /* bv[p][d] = (bt[2p][d], bt[2p + 1][d]), zero past R */
+        for (int64_t d = 0; d < Dout; d += 16) {
+            const __m512i lo = 2 * p < R ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bt + 2 * p * Dout + d)))
+                                         : _mm512_setzero_si512();
+            const __m512i hi = 2 * p + 1 < R ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bt + (2 * p + 1) * Dout + d)))
+                                             : _mm512_setzero_si512();
+            _mm512_storeu_si512(bv + p * Dout + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    for (int64_t t = 0; t < nt; t += 16) {
+        for (int j = 0; j < 16; j++) /* hs, rounded to bf16 as the Semantics say; zero past R */
+            for (int64_t r = 0; r < Rp; r += 16) {
+                const __mmask16 m = R - r >= 16 ? 0xffff : R > r ? (__mmask16)((1u << (R - r)) - 1u) : 0;
+                const __mmask16 row = Rp - r >= 16 ? 0xffff : (__mmask16)((1u << (Rp - r)) - 1u);
+                const __m512 v = _mm512_mul_ps(bf16x16_to_f32(h + (t + j) * R + r, m), _mm512_set1_ps(scaling));
+                _mm256_mask_storeu_epi16(hsb + j * Rp + r, row, f32x16_to_bf16(v));
+            }
+        if (RC == 1) _tile_loadd(1, hsb, Rp * 2);
+        /* C tiles 0 and 3 alternate: the tile product of one 16-column block runs while the vector
+         * units finish the previous block (the tile store waits for its product). */
+        const int64_t nb = Dout / 16;
+        for (int64_t i = 0; i < nb; i += 2) {
+            EXPAND_AMX_BLOCK(0, i, cbuf);
+            if (i > 0) expand_amx_epilogue(cbuf + 256, y + t * Dout + 16 * (i - 1), Dout, dora ? dora + 16 * (i - 1) : NULL);
+            if (i + 1 < nb) EXPAND_AMX_BLOCK(3, i + 1, cbuf + 256);
+            expand_amx_epilogue(cbuf, y + t * Dout + 16 * i, Dout, dora ? dora + 16 * i : NULL);
+        }
+        if (nb % 2 == 0) expand_amx_epilogue(cbuf + 256, y + t * Dout + 16 * (nb - 1), Dout, dora ? dora + 16 * (nb - 1) : NULL);
+    }
+}
+#else
+int lora_amx_enable(void) { return 0; }
+#endif
+
+void lora_shrink_bf16(const uint16_t *x, const uint16_t *A, const int64_t *ids, int64_t B, int64_t T, int64_t R,
+                      int64_t K, uint16_t *h) {
+#ifdef HAVE_AMX
+    if (amx_enabled && T >= 16 && K % 32 == 0) {
+        const int64_t blocks = (T + AMX_TOKENS - 1) / AMX_TOKENS, items = B * blocks;
+#pragma omp parallel
+        {
+            tiles_configure(16);
+            uint32_t *av = aligned_alloc(64, (size_t)((R + 15) / 16 * K * 32));
+            _Alignas(64) float cbuf[256];
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < items; i++) {
+                const int64_t b = i / blocks, t0 = (i % blocks) * AMX_TOKENS;
+                const int64_t nt = T - t0 < AMX_TOKENS ? T - t0 : AMX_TOKENS, full = nt & ~(int64_t)15;
+                const uint16_t *xb = x + (b * T + t0) * K, *a = A + ids[b] * R * K;
+                uint16_t *hb = h + (b * T + t0) * R;
+                if (full) shrink_amx(xb, a, full, R, K, hb, av, cbuf);
+                shrink_tokens(xb + full * K, a, nt - full, R, K, hb + full * R);
+            }
+            free(av);
+            _tile_release();
+        }
+        return;
+    }
+#endif
+    const int64_t blocks = (T + TB - 1) / TB, items = B * blocks;
+#pragma omp parallel for schedule(dynamic, 1) if (B * T * R * K >= PARALLEL_MIN_MACS)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t b = i / blocks, t0 = (i % blocks) * TB, nt = T - t0 < TB ? T - t0 : TB;
+        shrink_tokens(x + (b * T + t0) * K, A + ids[b] * R * K, nt, R, K, h + (b * T + t0) * R);
+    }
+}
+
+/* y (nt, Dout) at the tile's first column += hs (nt, R) @ bt (R, Dout) over nd vectors of 16 columns (the
+ * last one masked by `last`), rounded to bf16, then times dora (NULL: no DoRA) and rounded again. */
+static inline __attribute__((always_inline)) void expand_tile(const int nt, const int nd, __mmask16 last,
+                                                              const float *hs, int64_t R, const uint16_t *bt,
+                                                              int64_t Dout, const float *dora, uint16_t *y) {
+    __m512 acc[MT][MD];
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < nd; j++) acc[t][j] = bf16x16_to_f32(y + t * Dout + 16 * j, j == nd - 1 ? last : 0xffff);
+    for (int64_t r = 0; r < R; r++) {
+        __m512 bv[MD];
+        for (int j = 0; j < nd; j++) bv[j] = bf16x16_to_f32(bt + r * Dout + 16 * j, j == nd - 1 ? last : 0xffff);
+        for (int t = 0; t < nt; t++) {
+            const __m512 s = _mm512_set1_ps(hs[t * R + r]);
+            for (int j = 0; j < nd; j++) acc[t][j] = _mm512_fmadd_ps(s, bv[j], acc[t][j]);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < nd; j++) {
+            const __mmask16 m = j == nd - 1 ? last : 0xffff;
+            __m256i v = f32x16_to_bf16(acc[t][j]);
+            if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + 16 * j)));
+            _mm256_mask_storeu_epi16(y + t * Dout + 16 * j, m, v);
+        }
+}
+
+/* Columns d0.. of nt tokens: MT tokens x MD vectors per tile while they last, then single ones. */
+#define EXPAND_COLUMNS(NT)                                                                                     \
+    do {                                                                                                       \
+        int64_t d = 0;                                                                                         \
+        for (; d + 16 * MD <= Dout; d += 16 * MD)                                                              \
+            expand_tile(NT, MD, 0xffff, hs + t * R, R, bt + d, Dout, dora ? dora + d : NULL, y + t * Dout + d); \
+        for (; d < Dout; d += 16) {                                                                            \
+            const __mmask16 last = Dout - d >= 16 ? 0xffff : (__mmask16)((1u << (Dout - d)) - 1u);             \
+            expand_tile(NT, 1, last, hs + t * R, R, bt + d, Dout, dora ? dora + d : NULL, y + t * Dout + d);   \
+        }                                                                                                      \
+    } while (0)
+
+/* One token: acc (Dout,) fp32 in L1 takes one rank row of bt at a time, so the (R, Dout) slot is a single
+ * sequential stream (decode is bound by memory bandwidth). */
+static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t Dout, const float *dora, uint16_t *y,
+                       float *acc) {
+    const int64_t full = Dout & ~(int64_t)15;
+    const __mmask16 last = (__mmask16)((1u << (Dout - full)) - 1u);
+    for (int64_t d = 0; d < Dout; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
+    for (int64_t r = 0; r < R; r++, bt += Dout) {
+        const __m512 s = _mm512_set1_ps(hs[r]);
+        int64_t d = 0;
+        for (; d < full; d += 16)
+            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(s, bf16x16_to_f32(bt + d, 0xffff), _mm512_loadu_ps(acc + d)));
+        if (last) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(s, bf16x16_to_f32(bt + d, last), _mm512_loadu_ps(acc + d)));
+    }
+    for (int64_t d = 0; d < Dout; d += 16) {
+        const __mmask16 m = d < full ? 0xffff : last;
+        __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + d, m), _mm512_loadu_ps(acc + d)));
+        if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + d)));
+        _mm256_mask_storeu_epi16(y + d, m, v);
+    }
+}
+
+static void expand_tokens(const float *hs, const uint16_t *bt, int64_t nt, int64_t R, int64_t Dout,
+                          const float *dora, uint16_t *y, float *acc) {
+    int64_t t = 0;
+    for (; t + MT <= nt; t += MT) EXPAND_COLUMNS(MT);
+    for (; t < nt; t++) expand_one(hs + t * R, bt, R, Dout, dora, y + t * Dout, acc);
+}
+
+/* hs (nt, R) fp32 = bf16(h * scaling): the scaled down-projection, rounded as the Semantics say */
+static void scale_h(const uint16_t *h, float scaling, int64_t n, float *hs) {
+    for (int64_t j = 0; j < n; j++) hs[j] = bf16_to_f32(f32_to_bf16(bf16_to_f32(h[j]) * scaling));
+}
+
+void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const int64_t *ids, const float *scaling,
+                      const float *dora, int64_t B, int64_t T, int64_t R, int64_t Dout) {
+#ifdef HAVE_AMX
+    if (amx_enabled && T >= 16 && Dout % 16 == 0) {
+        const int64_t blocks = (T + AMX_TOKENS - 1) / AMX_TOKENS, items = B * blocks, PC = expand_pairs(R);
+        const int64_t RC = (R + 2 * PC - 1) / (2 * PC);
+#pragma omp parallel
+        {
+            tiles_configure((int)PC);
+            uint32_t *bv = aligned_alloc(64, (size_t)(RC * PC * Dout * 4));
+            _Alignas(64) uint16_t hsb[16 * 32 * 8];
+            uint16_t *hsp = RC <= 8 ? hsb : aligned_alloc(64, (size_t)(RC * 16 * 32 * 2));
+            _Alignas(64) float cbuf[512];
+            float hs[15 * R], acc[Dout + 16];
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < items; i++) {
+                const int64_t b = i / blocks, t0 = (i % blocks) * AMX_TOKENS, n = ids[b];
+                const int64_t nt = T - t0 < AMX_TOKENS ? T - t0 : AMX_TOKENS, full = nt & ~(int64_t)15;
+                const uint16_t *hb = h + (b * T + t0) * R, *bt = BT + n * R * Dout;
+                const float *g = dora ? dora + n * Dout : NULL;
+                uint16_t *yb = y + (b * T + t0) * Dout;
+                if (full) expand_amx(hb, scaling[n], bt, full, R, Dout, g, yb, bv, hsp, cbuf);
+                scale_h(hb + full * R, scaling[n], (nt - full) * R, hs);
+                expand_tokens(hs, bt, nt - full, R, Dout, g, yb + full * Dout, acc);
+            }
+            if (hsp != hsb) free(hsp);
+            free(bv);
+            _tile_release();
+        }
+        return;
+    }
+#endif
+    const int64_t blocks = (T + TB - 1) / TB, items = B * blocks;
+#pragma omp parallel for schedule(dynamic, 1) if (B * T * R * Dout >= PARALLEL_MIN_MACS)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t b = i / blocks, t0 = (i % blocks) * TB, nt = T - t0 < TB ? T - t0 : TB, n = ids[b];
+        float hs[TB * R], acc[Dout + 16];
+        scale_h(h + (b * T + t0) * R, scaling[n], nt * R, hs);
+        expand_tokens(hs, BT + n * R * Dout, nt, R, Dout, dora ? dora + n * Dout : NULL, y + (b * T + t0) * Dout, acc);
+    }
+}
+
+int lora_kernels_available(void) { return 1; }
+#else
+int lora_kernels_available(void) { return 0; }
+int lora_amx_enable(void) { return 0; }
+#endif
