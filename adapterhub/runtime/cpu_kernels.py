@@ -1,7 +1,8 @@
-"""Compiled CPU kernels for NF4: a fused NF4 linear for decode-sized inputs, quantize and dequantize.
+"""Compiled CPU kernels: a fused NF4 linear for decode-sized inputs, NF4 quantize and dequantize, and the
+batched LoRA shrink / expand in bf16 (every row reading its own adapter slot).
 
-The C source (``csrc/nf4_cpu.c``) is compiled on first use with the system C compiler
-(``cc -O3 -march=native -fopenmp -shared -fPIC``, about half a second), cached under
+The C sources (``csrc/nf4_cpu.c``, ``csrc/lora_cpu.c``) are compiled into one library on first use with
+the system C compiler (``cc -O3 -march=native -fopenmp -shared -fPIC``, about a second), cached under
 ``$ADAPTERHUB_HOME/kernels/`` (else ``~/.cache/adapterhub/kernels/``) by a hash of the source, the
 flags, the compiler and the CPU's feature flags, and loaded with ctypes (which releases the GIL during
 the call). There is no torch C++ extension, so nothing needs ninja or the torch headers at run time.
@@ -12,13 +13,16 @@ If there is no compiler, the build fails or the machine is not Linux/x86-64 with
 :func:`available` returns False after one warning and callers keep their torch path. Set
 ``ADAPTERHUB_DISABLE_CPU_KERNELS=1`` to force the torch path.
 
-The weight is exactly the torch path's: ``W = fp32(code * absmax)``, rounded to bf16 when x is bf16
+NF4 linear: the weight is exactly the torch path's, ``W = fp32(code * absmax)``, rounded to bf16 when x is bf16
 (SEMANTICS §1.5); only the order of the fp32 sums differs from ``dequantize`` then ``F.linear``. Paths:
 fp32 x, or bf16 x with 1 row: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup);
 bf16 x with 2 or more rows (N % 32 == 0, K % 128 == 0) on CPUs with AMX: the weight decoded to bf16
 tiles and multiplied by AMX, 32 rows of x per pass over W. fp32 results do not depend on the batch; a
 bf16 row may differ by one bf16 rounding between the two paths. Bound checked by the tests,
 :data:`TOLERANCE`: ``|y - y_torch| <= TOLERANCE[dtype] * (|x| @ |W|^T)``.
+
+LoRA shrink / expand (bf16, AVX-512 BW; AMX for 16+ tokens per row): runtime/kernels.py's Semantics up
+to the order of the fp32 sums, within one bf16 ulp of the exact result (tests/runtime/test_cpu_lora_kernels.py).
 """
 
 from __future__ import annotations

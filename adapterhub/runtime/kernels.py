@@ -3,7 +3,10 @@
 Each op states what it computes in a ``Semantics:`` block (torch notation, per row) with the shape and
 dtype of every argument. On CUDA tensors an op dispatches to ``cuda_ops.<op>`` (same name, same
 arguments in the same order) when ``cuda_ops.available()``; ``tests/gpu`` compares the two with
-:data:`TOLERANCE`. On CPU the LoRA ops pick between two equivalent torch formulations by the shape and
+:data:`TOLERANCE`. On CPU, bf16 LoRA ops go to the compiled kernels (``cpu_kernels.lora_shrink`` /
+``lora_expand``, csrc/lora_cpu.c: each row streams its own slot; AMX tiles for prefill), which follow
+the Semantics up to the order of fp32 sums and make a row's result independent of the batch. Other
+dtypes, or a CPU without the kernels, pick between two equivalent torch formulations by the shape and
 by how many distinct slots the batch uses (ids is a small host tensor there; the CUDA path never looks
 at the values of ids, so it has no host sync). No formulation branches per row.
 
@@ -28,7 +31,7 @@ from adapterhub.runtime import cpu_kernels
 # |y_cuda - y_cpu| <= atol + rtol * |y_cpu| per dtype, for tests comparing implementations of one op.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
-# The CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
+# Without the compiled kernels (fp32 / fp16, or no AVX-512), the CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
 # while rows x slots stays below this (slots: the whole stack, or only those the batch uses when that
 # is under half of it); otherwise they gather each row's A / B and use bmm. Measured with
 # bench/mixed_batch.py (D 1024-2816, R 16): the all-slots form wins at decode (it reads each adapter
@@ -149,8 +152,9 @@ def lora_expand(
     y (B, T, Dout) bf16 | fp16 | fp32, contiguous, updated in place and returned; h (B, T, R) y.dtype;
     B_stack (N, R, Dout) y.dtype, contiguous (lora_B transposed); ids (B,) int64 in [0, N);
     scaling (N,) fp32; dora_scale (N, Dout) fp32 or None (None == all ones: no DoRA adapter loaded).
-    The CPU path rounds the B gathered scale rows to y.dtype before multiplying (an in-place bf16 x fp32
-    multiply is ~20x slower on CPU than bf16 x bf16): one more rounding, within one ulp of the output.
+    The torch CPU path rounds the gathered scale rows to y.dtype before multiplying (an in-place bf16 x fp32
+    multiply is ~20x slower on CPU than bf16 x bf16): one more rounding, within one ulp of the output;
+    the compiled bf16 kernel multiplies by the fp32 scale, as written above.
     """
     ops = _cuda_ops(y)
     if ops is not None:
