@@ -54,6 +54,7 @@ _AMX_MAX_ROWS = 32
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8}
 
 _SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("nf4_cpu.c", "lora_cpu.c"))
+_HEADERS = (Path(__file__).parent / "csrc" / "cpu_common.h",)  # part of the cache key, not compiled alone
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DISABLE_ENV = "ADAPTERHUB_DISABLE_CPU_KERNELS"
 _P = ctypes.c_void_p
@@ -326,7 +327,7 @@ def _build() -> Path:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    source = b"\0".join(path.read_bytes() for path in _SOURCES)
+    source = b"\0".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version, _cpu_flags().encode()]))
     cache = _cache_dir()

@@ -22,6 +22,8 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_common.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
@@ -68,18 +70,6 @@ static inline __m256i f32x16_to_bf16(__m512 v) {
 #else
     return pack_bf16(round_bf16_int(v));
 #endif
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    __m256i r = f32x16_to_bf16(_mm512_set1_ps(f));
-    return (uint16_t)_mm256_extract_epi16(r, 0);
 }
 
 /* acc += x[k:k+32] . a[k:k+32] pairwise into 16 fp32 lanes (only the masked elements are read). */
@@ -145,8 +135,6 @@ static void shrink_tokens(const uint16_t *x, const uint16_t *a, int64_t nt, int6
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <stdlib.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define HAVE_AMX 1
 /* AMX path, for items of 16 tokens or more (prefill): per row, its adapter is laid out once in the
  * pair-interleaved ("VNNI") order the B operand of TDPBF16PS wants, then every 16-token block is a few
@@ -156,14 +144,11 @@ static void shrink_tokens(const uint16_t *x, const uint16_t *a, int64_t nt, int6
 #define AMX_TOKENS 128 /* tokens per work item: the per-row layout pass is amortized over up to this many */
 static int amx_enabled;
 
-int lora_amx_enable(void) { /* Linux hands out the AMX tile state per process on request */
-    amx_enabled = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return amx_enabled;
-}
+int lora_amx_enable(void) { return amx_enabled = amx_request(); }
 
 /* tiles 0 and 3: C (16 x 16 fp32); 1: A (16 rows of `pairs` bf16 pairs); 2: B (`pairs` rows of 16 pairs) */
 static void tiles_configure(int pairs) {
-    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {1};
+    tile_config cfg = {1};
     for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     cfg.colsb[1] = (uint16_t)(4 * pairs), cfg.rows[2] = (uint8_t)pairs;
     _tile_loadconfig(&cfg);

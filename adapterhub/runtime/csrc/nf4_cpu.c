@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -30,20 +32,6 @@ static const float NF4_CODE[16] = {
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN (as torch) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* x row (K,) bf16 or fp32 -> fp32 once per call, each 32 elements as the 16 even then the 16 odd ones:
  * the order in which the high and the low nibbles of 16 packed bytes come out of the decoder. */
@@ -119,8 +107,6 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
 #define HAVE_AMX 1
 /* AMX path (bf16 x, M >= 2, N % 32 == 0, K % 128 == 0): tile C (16 weight rows, 16 rows of x) += A B, where
  * A holds 16 weight rows decoded to bf16 and B the matching x values: up to 32 rows of x per pass over W.
@@ -132,10 +118,7 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
 #define CH 128  /* elements per chunk */
 static int amx_enabled;
 
-int nf4_amx_enable(void) { /* Linux hands out the AMX tile state per process on request */
-    amx_enabled = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return amx_enabled;
-}
+int nf4_amx_enable(void) { return amx_enabled = amx_request(); }
 
 /* 128 elements of one weight row -> group g at out + g * NB * 32 (a row of the g-th A tile) */
 static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) {
@@ -182,7 +165,7 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
                        const float *absmax, uint16_t *y) {
     const int64_t C = K / CH, two = M > 16;
     uint16_t *xb = aligned_alloc(64, (size_t)(2 * C * 4 * 512 * 2));
-    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {1};
+    tile_config cfg = {1};
     for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
 #pragma omp parallel
     {
