@@ -148,7 +148,7 @@ int lora_amx_enable(void) { return amx_enabled = amx_request(); }
 
 /* tiles 0 and 3: C (16 x 16 fp32); 1: A (16 rows of `pairs` bf16 pairs); 2: B (`pairs` rows of 16 pairs) */
 static void tiles_configure(int pairs) {
-    tile_config cfg = {1};
+    tile_config cfg = {.palette = 1};
     for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     cfg.colsb[1] = (uint16_t)(4 * pairs), cfg.rows[2] = (uint8_t)pairs;
     _tile_loadconfig(&cfg);
@@ -339,35 +339,42 @@ static inline __attribute__((always_inline)) void expand_tile(const int nt, cons
         }                                                                                                      \
     } while (0)
 
-/* One token: acc (Dout,) fp32 in L1 takes one rank row of bt at a time, so the (R, Dout) slot is a single
- * sequential stream (decode is bound by memory bandwidth). */
-static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t Dout, const float *dora, uint16_t *y,
-                       float *acc) {
-    const int64_t full = Dout & ~(int64_t)15;
-    const __mmask16 last = (__mmask16)((1u << (Dout - full)) - 1u);
-    for (int64_t d = 0; d < Dout; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
+#define MV 8 /* 16-column vectors per register tile of the one-token expand */
+
+/* One token, nv vectors of 16 columns (the last masked by `last`): the sums stay in registers while the
+ * R rank rows of bt stream past (R sequential streams); then y + sums, rounded, DoRA-scaled, rounded. */
+static inline __attribute__((always_inline)) void expand_cols(const int nv, __mmask16 last, const float *hs,
+                                                              const uint16_t *bt, int64_t R, int64_t Dout,
+                                                              const float *dora, uint16_t *y) {
+    __m512 acc[MV];
+    for (int j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t r = 0; r < R; r++, bt += Dout) {
         const __m512 s = _mm512_set1_ps(hs[r]);
-        int64_t d = 0;
-        for (; d < full; d += 16) {
-            if ((d & 31) == 0) _mm_prefetch((const char *)(bt + d) + PREFETCH_BYTES, _MM_HINT_T0);
-            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(s, bf16x16_to_f32(bt + d, 0xffff), _mm512_loadu_ps(acc + d)));
-        }
-        if (last) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(s, bf16x16_to_f32(bt + d, last), _mm512_loadu_ps(acc + d)));
+        for (int j = 0; j < nv; j += 2) _mm_prefetch((const char *)(bt + 16 * j) + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(s, bf16x16_to_f32(bt + 16 * j, j == nv - 1 ? last : 0xffff), acc[j]);
     }
-    for (int64_t d = 0; d < Dout; d += 16) {
-        const __mmask16 m = d < full ? 0xffff : last;
-        __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + d, m), _mm512_loadu_ps(acc + d)));
-        if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + d)));
-        _mm256_mask_storeu_epi16(y + d, m, v);
+    for (int j = 0; j < nv; j++) {
+        const __mmask16 m = j == nv - 1 ? last : 0xffff;
+        __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + 16 * j, m), acc[j]));
+        if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + 16 * j)));
+        _mm256_mask_storeu_epi16(y + 16 * j, m, v);
+    }
+}
+
+static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t Dout, const float *dora, uint16_t *y) {
+    int64_t d = 0;
+    for (; d + 16 * MV <= Dout; d += 16 * MV) expand_cols(MV, 0xffff, hs, bt + d, R, Dout, dora ? dora + d : NULL, y + d);
+    for (; d < Dout; d += 16) {
+        const __mmask16 last = Dout - d >= 16 ? 0xffff : (__mmask16)((1u << (Dout - d)) - 1u);
+        expand_cols(1, last, hs, bt + d, R, Dout, dora ? dora + d : NULL, y + d);
     }
 }
 
 static void expand_tokens(const float *hs, const uint16_t *bt, int64_t nt, int64_t R, int64_t Dout,
-                          const float *dora, uint16_t *y, float *acc) {
+                          const float *dora, uint16_t *y) {
     int64_t t = 0;
     for (; t + MT <= nt; t += MT) EXPAND_COLUMNS(MT);
-    for (; t < nt; t++) expand_one(hs + t * R, bt, R, Dout, dora, y + t * Dout, acc);
+    for (; t < nt; t++) expand_one(hs + t * R, bt, R, Dout, dora, y + t * Dout);
 }
 
 /* hs (nt, R) fp32 = bf16(h * scaling): the scaled down-projection, rounded as the Semantics say */
@@ -388,7 +395,7 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
             _Alignas(64) uint16_t hsb[16 * 32 * 8];
             uint16_t *hsp = RC <= 8 ? hsb : aligned_alloc(64, (size_t)(RC * 16 * 32 * 2));
             _Alignas(64) float cbuf[512];
-            float hs[15 * R], acc[Dout + 16];
+            float hs[15 * R];
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < items; i++) {
                 const int64_t b = i / blocks, t0 = (i % blocks) * AMX_TOKENS, n = ids[b];
@@ -398,7 +405,7 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
                 uint16_t *yb = y + (b * T + t0) * Dout;
                 if (full) expand_amx(hb, scaling[n], bt, full, R, Dout, g, yb, bv, hsp, cbuf);
                 scale_h(hb + full * R, scaling[n], (nt - full) * R, hs);
-                expand_tokens(hs, bt, nt - full, R, Dout, g, yb + full * Dout, acc);
+                expand_tokens(hs, bt, nt - full, R, Dout, g, yb + full * Dout);
             }
             if (hsp != hsb) free(hsp);
             free(bv);
@@ -411,9 +418,9 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
 #pragma omp parallel for schedule(dynamic, 1) if (B * T * R * Dout >= PARALLEL_MIN_MACS)
     for (int64_t i = 0; i < items; i++) {
         const int64_t b = i / blocks, t0 = (i % blocks) * TB, nt = T - t0 < TB ? T - t0 : TB, n = ids[b];
-        float hs[TB * R], acc[Dout + 16];
+        float hs[TB * R];
         scale_h(h + (b * T + t0) * R, scaling[n], nt * R, hs);
-        expand_tokens(hs, BT + n * R * Dout, nt, R, Dout, dora ? dora + n * Dout : NULL, y + (b * T + t0) * Dout, acc);
+        expand_tokens(hs, BT + n * R * Dout, nt, R, Dout, dora ? dora + n * Dout : NULL, y + (b * T + t0) * Dout);
     }
 }
 

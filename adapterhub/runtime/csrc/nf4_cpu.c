@@ -165,7 +165,7 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
                        const float *absmax, uint16_t *y) {
     const int64_t C = K / CH, two = M > 16;
     uint16_t *xb = aligned_alloc(64, (size_t)(2 * C * 4 * 512 * 2));
-    tile_config cfg = {1};
+    tile_config cfg = {.palette = 1};
     for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
 #pragma omp parallel
     {
