@@ -51,6 +51,11 @@ class QuantizationError(AdapterHubError, ValueError):
     http_status = 400
 
 
+class KernelArgumentError(AdapterHubError, ValueError):
+    """Arguments to a compiled runtime kernel break its contract (dtype, device, layout, shape): a bug in
+    the caller, not in user input, hence http_status 500."""
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 

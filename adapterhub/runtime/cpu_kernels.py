@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from adapterhub.errors import QuantizationError
+from adapterhub.errors import KernelArgumentError, QuantizationError
 
 G = 64  # NF4 quant block size the kernels support (SEMANTICS §1.3)
 # Largest row count (M = B*T) for which the fused linear beats dequantize-into-bf16 + F.linear for bf16
@@ -200,15 +200,20 @@ def lora_available() -> bool:
     return _library() is not None and _state.get("lora", False)
 
 
-def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """kernels.lora_shrink for bf16 on the CPU: each row reads its own slot of the stack, once.
 
-    x (B, T, Din) bf16, A_stack (N, R, Din) bf16, both contiguous; ids (B,) int64 in [0, N), trusted
-    (the pool maps adapters to slots). Returns h (B, T, R) bf16; fp32 sums in another order than torch's.
+    x (B, T, Din) bf16, A_stack (N, R, Din) bf16, both contiguous; ids (B,) int64 in [0, N). Dtypes,
+    devices, layout and shapes are checked unless ``check=False`` (runtime.kernels passes it: the pool
+    builds the stacks contiguous in the compute dtype, and the checks cost ~1 us per tensor, a few
+    percent of a decode step). The range of ids is always trusted (the pool maps adapters to slots).
+    Returns h (B, T, R) bf16; fp32 sums in another order than torch's.
     """
-    lib = _library()
+    lib = _require_lora()
     Bsz, T, Din = x.shape
     R = A_stack.shape[1]
+    if check:
+        _check_lora("lora_shrink", ids, Bsz, x=(x, (Bsz, T, Din)), A_stack=(A_stack, (A_stack.shape[0], R, Din)))
     h = torch.empty(Bsz, T, R, dtype=torch.bfloat16)
     lib.lora_shrink_bf16(x.data_ptr(), A_stack.data_ptr(), ids.data_ptr(), Bsz, T, R, Din, h.data_ptr())
     return h
@@ -221,18 +226,28 @@ def lora_expand(
     ids: torch.Tensor,
     scaling: torch.Tensor,
     dora_scale: torch.Tensor | None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """kernels.lora_expand for bf16 on the CPU, in place, with its Semantics' exact roundings (the DoRA
     scale is applied in fp32, then rounded once).
 
     y (B, T, Dout) bf16, h (B, T, R) bf16, B_stack (N, R, Dout) bf16, scaling (N,) fp32, dora_scale
-    (N, Dout) fp32 or None, all contiguous; ids (B,) int64 in [0, N), trusted. Returns y.
+    (N, Dout) fp32 or None, all contiguous; ids (B,) int64 in [0, N); checked as in :func:`lora_shrink`.
+    Returns y.
     """
-    lib = _library()
+    lib = _require_lora()
     Bsz, T, Dout = y.shape
+    N, R = B_stack.shape[0], h.shape[-1]
+    if check:
+        tensors = {"y": (y, (Bsz, T, Dout)), "h": (h, (Bsz, T, R)), "B_stack": (B_stack, (N, R, Dout)),
+                   "scaling": (scaling, (N,))}
+        if dora_scale is not None:
+            tensors["dora_scale"] = (dora_scale, (N, Dout))
+        _check_lora("lora_expand", ids, Bsz, **tensors)
     dora = None if dora_scale is None else dora_scale.data_ptr()
     lib.lora_expand_bf16(y.data_ptr(), h.data_ptr(), B_stack.data_ptr(), ids.data_ptr(), scaling.data_ptr(), dora,
-                         Bsz, T, h.shape[2], Dout)
+                         Bsz, T, R, Dout)
     return y
 
 
@@ -257,6 +272,24 @@ def _check_weight(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int) ->
         )
     if packed.device.type != "cpu" or absmax.device.type != "cpu":
         raise QuantizationError(f"the CPU NF4 kernels need CPU tensors, got {packed.device} / {absmax.device}")
+
+
+_LORA_DTYPES = {"scaling": torch.float32, "dora_scale": torch.float32}  # every other tensor: bf16
+
+
+def _check_lora(op: str, ids: torch.Tensor, rows: int, **tensors: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """Each name=(tensor, expected shape) is a contiguous CPU tensor of that shape and its dtype; ids (rows,) int64."""
+    for name, (t, shape) in tensors.items():
+        dtype = _LORA_DTYPES.get(name, torch.bfloat16)
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+            raise KernelArgumentError(
+                f"{op}: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, got {tuple(t.shape)} "
+                f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()}); use runtime.kernels.{op}, which "
+                "takes any dtype"
+            )
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous() or tuple(ids.shape) != (rows,):
+        raise KernelArgumentError(f"{op}: ids must be a contiguous CPU int64 tensor of shape ({rows},), got "
+                         f"{tuple(ids.shape)} {ids.dtype} on {ids.device}")
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -286,6 +319,15 @@ def _require():
             "cpu_kernels.available() and use the torch path"
         )
     return lib
+
+
+def _require_lora():
+    if not lora_available():
+        raise RuntimeError(
+            "the compiled CPU LoRA kernels are not available (no AVX-512 BW, or the build failed: see the "
+            "earlier warning); check cpu_kernels.lora_available() and use runtime.kernels' torch path"
+        )
+    return _state["lib"]
 
 
 def _library():

@@ -117,7 +117,7 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> to
     if ops is not None:
         return ops.lora_shrink(x, A_stack, ids)
     if _compiled_lora(x):
-        return cpu_kernels.lora_shrink(x.contiguous(), A_stack, ids)
+        return cpu_kernels.lora_shrink(x.contiguous(), A_stack, ids, check=False)  # stacks: built by the pool
     Bsz, T, Din = x.shape
     plan = _dense_plan(ids, A_stack.shape[0], Bsz * T)
     if plan is not None:
@@ -160,7 +160,7 @@ def lora_expand(
     if ops is not None:
         return ops.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
     if _compiled_lora(y) and y.is_contiguous():
-        return cpu_kernels.lora_expand(y, h.contiguous(), B_stack, ids, scaling, dora_scale)
+        return cpu_kernels.lora_expand(y, h.contiguous(), B_stack, ids, scaling, dora_scale, check=False)
     Bsz, T, R = h.shape
     Dout = B_stack.shape[2]
     hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny

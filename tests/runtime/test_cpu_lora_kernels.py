@@ -115,3 +115,37 @@ def test_roundings_are_torchs_including_nan_and_subnormals():
     y = cpu_kernels.lora_expand(torch.zeros(1, 1, Dout).bfloat16(), tiny, BT, torch.zeros(1, dtype=torch.int64),
                                 torch.ones(1), None)
     assert (y == tiny[0, 0, 0]).all() and y[0, 0, 0].item() != 0.0
+
+
+def _bad(x, A, BT, ids, scaling, dora, y, h, what):
+    """One argument broken as `what` says, the rest valid."""
+    if what == "fp32 x":
+        return "shrink", (x.float(), A, ids), "x must be a contiguous CPU torch.bfloat16 tensor"
+    if what == "transposed x":
+        return "shrink", (x.transpose(0, 1), A, ids), "x must be a contiguous"
+    if what == "A of another Din":
+        return "shrink", (x, A[:, :, :-1].contiguous(), ids), r"A_stack must be .* shape \(4, 8, 64\), got \(4, 8, 63\)"
+    if what == "int32 ids":
+        return "shrink", (x, A, ids.int()), "ids must be a contiguous CPU int64 tensor of shape \\(3,\\)"
+    if what == "too few ids":
+        return "expand", (y, h, BT, ids[:2], scaling, dora), r"ids must be .* shape \(3,\)"
+    if what == "bf16 scaling":
+        return "expand", (y, h, BT, ids, scaling.bfloat16(), dora), "scaling must be a contiguous CPU torch.float32"
+    if what == "dora of another Dout":
+        return "expand", (y, h, BT, ids, scaling, dora[:, :-1].contiguous()), r"dora_scale must be .* shape \(4, 96\)"
+    return "expand", (y, h[..., :-1].contiguous(), BT, ids, scaling, dora), r"B_stack must be .* shape \(4, 7, 96\)"
+
+
+@pytest.mark.parametrize("what", ["fp32 x", "transposed x", "A of another Din", "int32 ids", "too few ids",
+                                  "bf16 scaling", "dora of another Dout", "h of another rank"])
+def test_bad_arguments_raise_and_leave_y_alone(what):
+    from adapterhub.errors import KernelArgumentError
+
+    x, A, BT, ids, scaling, dora, y = _stacks(3, 5, 4, 8, 64, 96)
+    h = cpu_kernels.lora_shrink(x, A, ids)
+    y0 = y.clone()
+    op, args, match = _bad(x, A, BT, ids, scaling, dora, y, h, what)
+    fn = cpu_kernels.lora_shrink if op == "shrink" else cpu_kernels.lora_expand
+    with pytest.raises(KernelArgumentError, match=match):
+        fn(*args)
+    assert torch.equal(y, y0)

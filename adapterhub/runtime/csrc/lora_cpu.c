@@ -37,6 +37,13 @@
 /* Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more. */
 #define PARALLEL_MIN_MACS (1 << 15)
 
+/* Work item i of a call split into `blocks` items per row: row b, tokens [t0, t0 + nt), spans of `span` */
+typedef struct { int64_t b, t0, nt; } work_item;
+static inline work_item item_of(int64_t i, int64_t blocks, int64_t span, int64_t T) {
+    const int64_t b = i / blocks, t0 = (i % blocks) * span;
+    return (work_item){b, t0, T - t0 < span ? T - t0 : span};
+}
+
 static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -139,7 +146,7 @@ static void shrink_tokens(const uint16_t *x, const uint16_t *a, int64_t nt, int6
 /* AMX path, for items of 16 tokens or more (prefill): per row, its adapter is laid out once in the
  * pair-interleaved ("VNNI") order the B operand of TDPBF16PS wants, then every 16-token block is a few
  * tile products: shrink C (16 tokens, 16 ranks) += x (16 tokens, 32 k) . A^T, expand C (16 tokens, 16
- * columns) += hs (16 tokens, 32 ranks, zero-padded) . BT. TDPBF16PS multiplies bf16 pairs exactly and
+ * columns) += hs (16 tokens, up to 32 ranks, padded to even) . BT. TDPBF16PS multiplies bf16 pairs exactly and
  * sums in fp32 (subnormal inputs as zero, as VDPBF16PS); y is added after, in fp32, as the Semantics. */
 #define AMX_TOKENS 128 /* tokens per work item: the per-row layout pass is amortized over up to this many */
 static int amx_enabled;
@@ -281,12 +288,12 @@ void lora_shrink_bf16(const uint16_t *x, const uint16_t *A, const int64_t *ids, 
             _Alignas(64) float cbuf[256];
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < items; i++) {
-                const int64_t b = i / blocks, t0 = (i % blocks) * AMX_TOKENS;
-                const int64_t nt = T - t0 < AMX_TOKENS ? T - t0 : AMX_TOKENS, full = nt & ~(int64_t)15;
-                const uint16_t *xb = x + (b * T + t0) * K, *a = A + ids[b] * R * K;
-                uint16_t *hb = h + (b * T + t0) * R;
+                const work_item w = item_of(i, blocks, AMX_TOKENS, T);
+                const int64_t full = w.nt & ~(int64_t)15; /* whole 16-token blocks go to the tiles */
+                const uint16_t *xb = x + (w.b * T + w.t0) * K, *a = A + ids[w.b] * R * K;
+                uint16_t *hb = h + (w.b * T + w.t0) * R;
                 if (full) shrink_amx(xb, a, full, R, K, hb, av, cbuf);
-                shrink_tokens(xb + full * K, a, nt - full, R, K, hb + full * R);
+                shrink_tokens(xb + full * K, a, w.nt - full, R, K, hb + full * R);
             }
             free(av);
             _tile_release();
@@ -297,19 +304,19 @@ void lora_shrink_bf16(const uint16_t *x, const uint16_t *A, const int64_t *ids, 
     const int64_t blocks = (T + TB - 1) / TB, items = B * blocks;
 #pragma omp parallel for schedule(dynamic, 1) if (B * T * R * K >= PARALLEL_MIN_MACS)
     for (int64_t i = 0; i < items; i++) {
-        const int64_t b = i / blocks, t0 = (i % blocks) * TB, nt = T - t0 < TB ? T - t0 : TB;
-        shrink_tokens(x + (b * T + t0) * K, A + ids[b] * R * K, nt, R, K, h + (b * T + t0) * R);
+        const work_item w = item_of(i, blocks, TB, T);
+        shrink_tokens(x + (w.b * T + w.t0) * K, A + ids[w.b] * R * K, w.nt, R, K, h + (w.b * T + w.t0) * R);
     }
 }
 
-/* y (nt, Dout) at the tile's first column += hs (nt, R) @ bt (R, Dout) over nd vectors of 16 columns (the
- * last one masked by `last`), rounded to bf16, then times dora (NULL: no DoRA) and rounded again. */
+/* y (nt, Dout) at the tile's first column = bf16(y + hs (nt, R) @ bt (R, Dout)) over nd vectors of 16
+ * columns (the last one masked by `last`), then times dora (NULL: no DoRA) and rounded again. */
 static inline __attribute__((always_inline)) void expand_tile(const int nt, const int nd, __mmask16 last,
                                                               const float *hs, int64_t R, const uint16_t *bt,
                                                               int64_t Dout, const float *dora, uint16_t *y) {
     __m512 acc[MT][MD];
     for (int t = 0; t < nt; t++)
-        for (int j = 0; j < nd; j++) acc[t][j] = bf16x16_to_f32(y + t * Dout + 16 * j, j == nd - 1 ? last : 0xffff);
+        for (int j = 0; j < nd; j++) acc[t][j] = _mm512_setzero_ps();
     for (int64_t r = 0; r < R; r++) {
         __m512 bv[MD];
         for (int j = 0; j < nd; j++) bv[j] = bf16x16_to_f32(bt + r * Dout + 16 * j, j == nd - 1 ? last : 0xffff);
@@ -321,7 +328,7 @@ static inline __attribute__((always_inline)) void expand_tile(const int nt, cons
     for (int t = 0; t < nt; t++)
         for (int j = 0; j < nd; j++) {
             const __mmask16 m = j == nd - 1 ? last : 0xffff;
-            __m256i v = f32x16_to_bf16(acc[t][j]);
+            __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + t * Dout + 16 * j, m), acc[t][j]));
             if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + 16 * j)));
             _mm256_mask_storeu_epi16(y + t * Dout + 16 * j, m, v);
         }
@@ -398,14 +405,14 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
             float hs[15 * R];
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < items; i++) {
-                const int64_t b = i / blocks, t0 = (i % blocks) * AMX_TOKENS, n = ids[b];
-                const int64_t nt = T - t0 < AMX_TOKENS ? T - t0 : AMX_TOKENS, full = nt & ~(int64_t)15;
-                const uint16_t *hb = h + (b * T + t0) * R, *bt = BT + n * R * Dout;
+                const work_item w = item_of(i, blocks, AMX_TOKENS, T);
+                const int64_t n = ids[w.b], full = w.nt & ~(int64_t)15; /* whole 16-token blocks: tiles */
+                const uint16_t *hb = h + (w.b * T + w.t0) * R, *bt = BT + n * R * Dout;
                 const float *g = dora ? dora + n * Dout : NULL;
-                uint16_t *yb = y + (b * T + t0) * Dout;
+                uint16_t *yb = y + (w.b * T + w.t0) * Dout;
                 if (full) expand_amx(hb, scaling[n], bt, full, R, Dout, g, yb, bv, hsp, cbuf);
-                scale_h(hb + full * R, scaling[n], (nt - full) * R, hs);
-                expand_tokens(hs, bt, nt - full, R, Dout, g, yb + full * Dout);
+                scale_h(hb + full * R, scaling[n], (w.nt - full) * R, hs);
+                expand_tokens(hs, bt, w.nt - full, R, Dout, g, yb + full * Dout);
             }
             if (hsp != hsb) free(hsp);
             free(bv);
@@ -417,10 +424,11 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
     const int64_t blocks = (T + TB - 1) / TB, items = B * blocks;
 #pragma omp parallel for schedule(dynamic, 1) if (B * T * R * Dout >= PARALLEL_MIN_MACS)
     for (int64_t i = 0; i < items; i++) {
-        const int64_t b = i / blocks, t0 = (i % blocks) * TB, nt = T - t0 < TB ? T - t0 : TB, n = ids[b];
+        const work_item w = item_of(i, blocks, TB, T);
+        const int64_t n = ids[w.b];
         float hs[TB * R];
-        scale_h(h + (b * T + t0) * R, scaling[n], nt * R, hs);
-        expand_tokens(hs, BT + n * R * Dout, nt, R, Dout, dora ? dora + n * Dout : NULL, y + (b * T + t0) * Dout);
+        scale_h(h + (w.b * T + w.t0) * R, scaling[n], w.nt * R, hs);
+        expand_tokens(hs, BT + n * R * Dout, w.nt, R, Dout, dora ? dora + n * Dout : NULL, y + (w.b * T + w.t0) * Dout);
     }
 }
 
