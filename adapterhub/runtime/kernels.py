@@ -31,11 +31,12 @@ from adapterhub.runtime import cpu_kernels
 # |y_cuda - y_cpu| <= atol + rtol * |y_cpu| per dtype, for tests comparing implementations of one op.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
-# Without the compiled kernels (fp32 / fp16, or no AVX-512), the CPU LoRA ops compute every slot for every row (one GEMM over the (N*R, D) stack, then a select)
-# while rows x slots stays below this (slots: the whole stack, or only those the batch uses when that
-# is under half of it); otherwise they gather each row's A / B and use bmm. Measured with
-# bench/mixed_batch.py (D 1024-2816, R 16): the all-slots form wins at decode (it reads each adapter
-# once, no per-row copies), the gathered form at prefill (T = 64) with many distinct adapters.
+# Without the compiled kernels (fp32 / fp16, or no AVX-512), the CPU LoRA ops compute every slot for
+# every row (one GEMM over the (N*R, D) stack, then a select) while rows x slots stays below this
+# (slots: the whole stack, or only those the batch uses when that is under half of it); otherwise they
+# gather each row's A / B and use bmm. Measured with bench/mixed_batch.py (D 1024-2816, R 16): the
+# all-slots form wins at decode (it reads each adapter once, no per-row copies), the gathered form at
+# prefill (T = 64) with many distinct adapters.
 DENSE_MAX_ROWS_X_SLOTS = 8192
 
 _cuda_state: dict[str, object] = {}
