@@ -21,6 +21,7 @@
  * round-to-nearest-even as torch does it, subnormals and NaN included.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_common.h"
@@ -140,26 +141,10 @@ static void shrink_tokens(const uint16_t *x, const uint16_t *a, int64_t nt, int6
 }
 
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <stdlib.h>
-#define HAVE_AMX 1
-/* AMX path, for items of 16 tokens or more (prefill): per row, its adapter is laid out once in the
- * pair-interleaved ("VNNI") order the B operand of TDPBF16PS wants, then every 16-token block is a few
- * tile products: shrink C (16 tokens, 16 ranks) += x (16 tokens, 32 k) . A^T, expand C (16 tokens, 16
- * columns) += hs (16 tokens, up to 32 ranks, padded to even) . BT. TDPBF16PS multiplies bf16 pairs exactly and
- * sums in fp32 (subnormal inputs as zero, as VDPBF16PS); y is added after, in fp32, as the Semantics. */
-#define AMX_TOKENS 128 /* tokens per work item: the per-row layout pass is amortized over up to this many */
-static int amx_enabled;
-
-int lora_amx_enable(void) { return amx_enabled = amx_request(); }
-
-/* tiles 0 and 3: C (16 x 16 fp32); 1: A (16 rows of `pairs` bf16 pairs); 2: B (`pairs` rows of 16 pairs) */
-static void tiles_configure(int pairs) {
-    tile_config cfg = {.palette = 1};
-    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    cfg.colsb[1] = (uint16_t)(4 * pairs), cfg.rows[2] = (uint8_t)pairs;
-    _tile_loadconfig(&cfg);
-}
+#if defined(__AVX512BF16__)
+/* The pair-interleaved ("VNNI") layouts that VDPBF16PS and AMX's TDPBF16PS multiply: 32-bit words each
+ * holding two bf16 of consecutive k (shrink) or consecutive ranks (expand), low half first. A row's
+ * adapter is laid out once per work item, then read by every token of it. */
 
 /* out[i * 16 + j] = in[j * stride + i] for a 16 x 16 block of 32-bit words (rows of `in` past `rows`: 0). */
 static inline void transpose16(const uint32_t *in, int64_t stride, int rows, uint32_t *out) {
@@ -186,6 +171,48 @@ static inline void transpose16(const uint32_t *in, int64_t stride, int rows, uin
     }
 }
 
+/* av (R/16 rounded up, K/2, 16) words: av[g][p][j] = pair p of rank 16 g + j (zero past R); K % 32 == 0 */
+static void shrink_layout(const uint16_t *a, int64_t R, int64_t K, uint32_t *av) {
+    const int64_t P = K / 2, G = (R + 15) / 16;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t p = 0; p < P; p += 16)
+            transpose16((const uint32_t *)(a + g * 16 * K) + p, P, (int)(R - 16 * g < 16 ? R - 16 * g : 16),
+                        av + (g * P + p) * 16);
+}
+
+/* bv (pairs, Dout) words: bv[p][d] = (bt[2p][d], bt[2p + 1][d]), zero past R; pairs >= (R + 1) / 2 */
+static void expand_layout(const uint16_t *bt, int64_t R, int64_t pairs, int64_t Dout, uint32_t *bv) {
+    for (int64_t p = 0; p < pairs; p++)
+        for (int64_t d = 0; d < Dout; d += 16) {
+            const __mmask16 m = Dout - d >= 16 ? 0xffff : (__mmask16)((1u << (Dout - d)) - 1u);
+            const __mmask16 lo = 2 * p < R ? m : 0, hi = 2 * p + 1 < R ? m : 0;
+            const __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lo, bt + 2 * p * Dout + d)),
+                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(hi, bt + (2 * p + 1) * Dout + d)), 16));
+            _mm512_mask_storeu_epi32(bv + p * Dout + d, m, v);
+        }
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+/* AMX path, for items of 16 tokens or more (prefill): per row, its adapter is laid out once in the
+ * pair-interleaved ("VNNI") order the B operand of TDPBF16PS wants, then every 16-token block is a few
+ * tile products: shrink C (16 tokens, 16 ranks) += x (16 tokens, 32 k) . A^T, expand C (16 tokens, 16
+ * columns) += hs (16 tokens, up to 32 ranks, padded to even) . BT. TDPBF16PS multiplies bf16 pairs exactly and
+ * sums in fp32 (subnormal inputs as zero, as VDPBF16PS); y is added after, in fp32, as the Semantics. */
+#define AMX_TOKENS 128 /* tokens per work item: the per-row layout pass is amortized over up to this many */
+static int amx_enabled;
+
+int lora_amx_enable(void) { return amx_enabled = amx_request(); }
+
+/* tiles 0 and 3: C (16 x 16 fp32); 1: A (16 rows of `pairs` bf16 pairs); 2: B (`pairs` rows of 16 pairs) */
+static void tiles_configure(int pairs) {
+    tile_config cfg = {.palette = 1};
+    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    cfg.colsb[1] = (uint16_t)(4 * pairs), cfg.rows[2] = (uint8_t)pairs;
+    _tile_loadconfig(&cfg);
+}
+
 /* 16 tokens x 16 fp32 sums (tile layout) -> bf16 rows of h with `n` valid ranks each */
 static inline void store_h_tile(const float *c, int n, int64_t R, uint16_t *h) {
     const __mmask16 m = (__mmask16)((1u << n) - 1u);
@@ -196,10 +223,7 @@ static inline void store_h_tile(const float *c, int n, int64_t R, uint16_t *h) {
 static void shrink_amx(const uint16_t *x, const uint16_t *a, int64_t nt, int64_t R, int64_t K, uint16_t *h,
                        uint32_t *av, float *cbuf) {
     const int64_t P = K / 2, RT = (R + 15) / 16; /* k pairs, rank tiles */
-    for (int64_t rt = 0; rt < RT; rt++) /* av[rt][p][j] = pair p of rank 16 rt + j */
-        for (int64_t p = 0; p < P; p += 16)
-            transpose16((const uint32_t *)(a + rt * 16 * K) + p, P, (int)(R - 16 * rt < 16 ? R - 16 * rt : 16),
-                        av + (rt * P + p) * 16);
+    shrink_layout(a, R, K, av);
     for (int64_t t = 0; t < nt; t += 16)
         for (int64_t rt = 0; rt < RT; rt++) {
             _tile_zero(0);
@@ -243,14 +267,7 @@ static inline int64_t expand_pairs(int64_t R) { return R <= 32 ? (R + 1) / 2 : 1
 static void expand_amx(const uint16_t *h, float scaling, const uint16_t *bt, int64_t nt, int64_t R, int64_t Dout,
                        const float *dora, uint16_t *y, uint32_t *bv, uint16_t *hsb, float *cbuf) {
     const int64_t PC = expand_pairs(R), RC = (R + 2 * PC - 1) / (2 * PC), Rp = 2 * PC * RC;
-    for (int64_t p = 0; p < Rp / 2; p++) /* bv[p][d] = (bt[2p][d], bt[2p + 1][d]), zero past R */
-        for (int64_t d = 0; d < Dout; d += 16) {
-            const __m512i lo = 2 * p < R ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bt + 2 * p * Dout + d)))
-                                         : _mm512_setzero_si512();
-            const __m512i hi = 2 * p + 1 < R ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bt + (2 * p + 1) * Dout + d)))
-                                             : _mm512_setzero_si512();
-            _mm512_storeu_si512(bv + p * Dout + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
+    expand_layout(bt, R, Rp / 2, Dout, bv);
     for (int64_t t = 0; t < nt; t += 16) {
         for (int j = 0; j < 16; j++) /* hs, rounded to bf16 as the Semantics say; zero past R */
             for (int64_t r = 0; r < Rp; r += 16) {
@@ -276,6 +293,137 @@ static void expand_amx(const uint16_t *h, float scaling, const uint16_t *bt, int
 int lora_amx_enable(void) { return 0; }
 #endif
 
+/* 16 columns of y (the lanes in m) = bf16(y + sums), then times dora (NULL: no DoRA) and rounded again */
+static inline void add_store(__m512 sums, __mmask16 m, const float *dora, uint16_t *y) {
+    __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y, m), sums));
+    if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora)));
+    _mm256_mask_storeu_epi16(y, m, v);
+}
+
+#if defined(__AVX512BF16__)
+/* Prefill without AMX (16+ tokens per row): VDPBF16PS over rank pairs. Per row, its slot of BT is laid out
+ * once as bf16 pairs (bv (P, Dout) u32: ranks 2p and 2p+1 of column d; zero past R), and hs as pairs
+ * (hp (nt, P) u32), so every instruction multiplies two ranks for 16 columns: twice the fp32 FMA path's
+ * work per instruction, with no bf16 -> fp32 widening of BT in the loop. As the AMX path, the products
+ * are exact and summed in fp32, subnormal inputs read as zero. */
+#define PT 4           /* tokens per register tile */
+#define PD 6           /* 16-column vectors per register tile: PT x PD accumulators + PD + 1 operands <= 32 */
+#define PAIR_TOKENS 128 /* tokens per work item: the layout pass is amortized over up to this many */
+
+#define ST 16 /* tokens per register tile of the pair shrink: one accumulator (16 ranks) per token */
+
+/* h (ST tokens, n <= 16 ranks from the group's first) = x (ST, K) . A^T: each step multiplies one k pair
+ * of every token (a broadcast word of x) by that pair of 16 ranks (one vector of av), so the sums land
+ * rank by lane and need no horizontal reduction. */
+static void shrink_pair_tile(const uint16_t *x, int64_t K, const uint32_t *av, int n, int64_t R, uint16_t *h) {
+    __m512 acc[ST];
+    for (int t = 0; t < ST; t++) acc[t] = _mm512_setzero_ps();
+    const uint32_t *xw = (const uint32_t *)x;
+    for (int64_t p = 0; p < K / 2; p++) {
+        const __m512i a = _mm512_load_si512(av + p * 16);
+        for (int t = 0; t < ST; t++) acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32((int)xw[t * K / 2 + p]), (__m512bh)a);
+    }
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    for (int t = 0; t < ST; t++) _mm256_mask_storeu_epi16(h + t * R, m, f32x16_to_bf16(acc[t]));
+}
+
+/* Prefill without AMX (16+ tokens per row, K % 32 == 0): whole ST-token tiles on the pairs, the rest as decode */
+static void lora_shrink_pairs(const uint16_t *x, const uint16_t *A, const int64_t *ids, int64_t B, int64_t T,
+                              int64_t R, int64_t K, uint16_t *h) {
+    const int64_t blocks = (T + PAIR_TOKENS - 1) / PAIR_TOKENS, items = B * blocks, G = (R + 15) / 16;
+#pragma omp parallel
+    {
+        uint32_t *av = aligned_alloc(64, (size_t)(G * K * 32));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            const work_item w = item_of(i, blocks, PAIR_TOKENS, T);
+            const int64_t full = w.nt - w.nt % ST;
+            const uint16_t *xb = x + (w.b * T + w.t0) * K, *a = A + ids[w.b] * R * K;
+            uint16_t *hb = h + (w.b * T + w.t0) * R;
+            shrink_layout(a, R, K, av);
+            for (int64_t t = 0; t < full; t += ST)
+                for (int64_t g = 0; g < G; g++)
+                    shrink_pair_tile(xb + t * K, K, av + g * K * 8, (int)(R - 16 * g < 16 ? R - 16 * g : 16), R, hb + t * R + 16 * g);
+            shrink_tokens(xb + full * K, a, w.nt - full, R, K, hb + full * R);
+        }
+        free(av);
+    }
+}
+
+/* hp (nt, P) = pairs of bf16(h * scaling), the Semantics' rounding (exact in bf16, so the pairs hold it) */
+static void pair_hs(const uint16_t *h, float scaling, int64_t nt, int64_t R, uint32_t *hp) {
+    const int64_t P = (R + 1) / 2;
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t p = 0; p < P; p++) {
+            const uint32_t lo = f32_to_bf16(bf16_to_f32(h[t * R + 2 * p]) * scaling);
+            const uint32_t hi = 2 * p + 1 < R ? f32_to_bf16(bf16_to_f32(h[t * R + 2 * p + 1]) * scaling) : 0u;
+            hp[t * P + p] = lo | hi << 16;
+        }
+}
+
+/* y (nt, Dout) at the tile's first column += hp (nt, P) . bv (P, Dout) over nd vectors (the last masked) */
+static inline __attribute__((always_inline)) void pair_tile(const int nt, const int nd, __mmask16 last,
+                                                            const uint32_t *hp, int64_t P, const uint32_t *bv,
+                                                            int64_t Dout, const float *dora, uint16_t *y) {
+    __m512 acc[PT][PD];
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < nd; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        __m512i b[PD];
+        for (int j = 0; j < nd; j++) b[j] = _mm512_maskz_loadu_epi32(j == nd - 1 ? last : 0xffff, bv + p * Dout + 16 * j);
+        for (int t = 0; t < nt; t++) {
+            const __m512i s = _mm512_set1_epi32((int)hp[t * P + p]);
+            for (int j = 0; j < nd; j++) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], (__m512bh)s, (__m512bh)b[j]);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < nd; j++) add_store(acc[t][j], j == nd - 1 ? last : 0xffff, dora ? dora + 16 * j : NULL, y + t * Dout + 16 * j);
+}
+
+/* nt tokens (constant after inlining) over every column: PD vectors at a time, then one masked at a time */
+static inline __attribute__((always_inline)) void pair_tokens(const int nt, const uint32_t *hp, int64_t P,
+                                                              const uint32_t *bv, int64_t Dout, const float *dora,
+                                                              uint16_t *y) {
+    int64_t d = 0;
+    for (; d + 16 * PD <= Dout; d += 16 * PD) pair_tile(nt, PD, 0xffff, hp, P, bv + d, Dout, dora ? dora + d : NULL, y + d);
+    for (; d < Dout; d += 16) {
+        const __mmask16 last = Dout - d >= 16 ? 0xffff : (__mmask16)((1u << (Dout - d)) - 1u);
+        pair_tile(nt, 1, last, hp, P, bv + d, Dout, dora ? dora + d : NULL, y + d);
+    }
+}
+
+static void expand_pairs_item(const uint32_t *hp, const uint32_t *bv, int64_t nt, int64_t P, int64_t Dout,
+                              const float *dora, uint16_t *y) {
+    int64_t t = 0;
+    for (; t + PT <= nt; t += PT) pair_tokens(PT, hp + t * P, P, bv, Dout, dora, y + t * Dout);
+    switch (nt - t) { /* PT == 4: up to three tokens left */
+    case 3: pair_tokens(3, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
+    case 2: pair_tokens(2, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
+    case 1: pair_tokens(1, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
+    }
+}
+
+static void lora_expand_pairs(uint16_t *y, const uint16_t *h, const uint16_t *BT, const int64_t *ids,
+                              const float *scaling, const float *dora, int64_t B, int64_t T, int64_t R, int64_t Dout) {
+    const int64_t blocks = (T + PAIR_TOKENS - 1) / PAIR_TOKENS, items = B * blocks, P = (R + 1) / 2;
+#pragma omp parallel
+    {
+        uint32_t *bv = aligned_alloc(64, (size_t)((P * Dout * 4 + 63) / 64 * 64));
+        uint32_t *hp = aligned_alloc(64, (size_t)((PAIR_TOKENS * P * 4 + 63) / 64 * 64));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            const work_item w = item_of(i, blocks, PAIR_TOKENS, T);
+            const int64_t n = ids[w.b];
+            expand_layout(BT + n * R * Dout, R, P, Dout, bv);
+            pair_hs(h + (w.b * T + w.t0) * R, scaling[n], w.nt, R, hp);
+            expand_pairs_item(hp, bv, w.nt, P, Dout, dora ? dora + n * Dout : NULL, y + (w.b * T + w.t0) * Dout);
+        }
+        free(hp);
+        free(bv);
+    }
+}
+#endif
+
 void lora_shrink_bf16(const uint16_t *x, const uint16_t *A, const int64_t *ids, int64_t B, int64_t T, int64_t R,
                       int64_t K, uint16_t *h) {
 #ifdef HAVE_AMX
@@ -298,6 +446,12 @@ void lora_shrink_bf16(const uint16_t *x, const uint16_t *A, const int64_t *ids, 
             free(av);
             _tile_release();
         }
+        return;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if (T >= 16 && K % 32 == 0) {
+        lora_shrink_pairs(x, A, ids, B, T, R, K, h);
         return;
     }
 #endif
@@ -326,12 +480,7 @@ static inline __attribute__((always_inline)) void expand_tile(const int nt, cons
         }
     }
     for (int t = 0; t < nt; t++)
-        for (int j = 0; j < nd; j++) {
-            const __mmask16 m = j == nd - 1 ? last : 0xffff;
-            __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + t * Dout + 16 * j, m), acc[t][j]));
-            if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + 16 * j)));
-            _mm256_mask_storeu_epi16(y + t * Dout + 16 * j, m, v);
-        }
+        for (int j = 0; j < nd; j++) add_store(acc[t][j], j == nd - 1 ? last : 0xffff, dora ? dora + 16 * j : NULL, y + t * Dout + 16 * j);
 }
 
 /* Columns d0.. of nt tokens: MT tokens x MD vectors per tile while they last, then single ones. */
@@ -360,12 +509,7 @@ static inline __attribute__((always_inline)) void expand_cols(const int nv, __mm
         for (int j = 0; j < nv; j += 2) _mm_prefetch((const char *)(bt + 16 * j) + PREFETCH_BYTES, _MM_HINT_T0);
         for (int j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(s, bf16x16_to_f32(bt + 16 * j, j == nv - 1 ? last : 0xffff), acc[j]);
     }
-    for (int j = 0; j < nv; j++) {
-        const __mmask16 m = j == nv - 1 ? last : 0xffff;
-        __m256i v = f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(y + 16 * j, m), acc[j]));
-        if (dora) v = f32x16_to_bf16(_mm512_mul_ps(widen_bf16(v), _mm512_maskz_loadu_ps(m, dora + 16 * j)));
-        _mm256_mask_storeu_epi16(y + 16 * j, m, v);
-    }
+    for (int j = 0; j < nv; j++) add_store(acc[j], j == nv - 1 ? last : 0xffff, dora ? dora + 16 * j : NULL, y + 16 * j);
 }
 
 static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t Dout, const float *dora, uint16_t *y) {
@@ -418,6 +562,12 @@ void lora_expand_bf16(uint16_t *y, const uint16_t *h, const uint16_t *BT, const 
             free(bv);
             _tile_release();
         }
+        return;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if (T >= 16) {
+        lora_expand_pairs(y, h, BT, ids, scaling, dora, B, T, R, Dout);
         return;
     }
 #endif
