@@ -15,9 +15,11 @@ from adapterhub.runtime import cpu_kernels, kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.lora_available(), reason="compiled CPU LoRA kernels unavailable")
 
-# (B, T, N, R, Din, Dout): register-tile remainders in every dimension (T % 4, R % 4, Din % 32, Dout % 64,
-# Dout % 16), more tokens than one work item (16), and decode / prefill-sized layers.
+# (B, T, N, R, Din, Dout): register-tile remainders in every dimension (T % 4, T % 16, R % 4, R % 16,
+# Din % 32, Dout % 256, Dout % 96, Dout % 32, Dout % 16), more tokens than one work item, decode (T < 16)
+# and prefill (T >= 16: AMX tiles, or VDPBF16PS rank / k pairs) paths, at toy and real layer sizes.
 SHAPES = [
+    (4, 2, 3, 16, 64, 300),  # one-token expand: a full register tile, one 32-column vector, 12 left
     (5, 3, 6, 8, 48, 40),
     (3, 37, 4, 7, 100, 77),
     (2, 1, 3, 1, 32, 16),
@@ -100,7 +102,8 @@ def test_slot_zero_and_unit_scale_leave_y_untouched():
 
 
 def test_roundings_are_torchs_including_nan_and_subnormals():
-    """bf16 rounding of the sums: ties to even, NaN propagates, subnormal outputs kept (not flushed)."""
+    """bf16 rounding of the sums: ties to even, NaN propagates, subnormal outputs kept (not flushed).
+    (Subnormal *inputs* read as zero where the kernels multiply with VDPBF16PS: the module docstring.)"""
     R, Dout = 1, 48
     BT = torch.ones(1, R, Dout).bfloat16()
     y0 = torch.zeros(1, 1, Dout).bfloat16()
@@ -111,10 +114,12 @@ def test_roundings_are_torchs_including_nan_and_subnormals():
     y = cpu_kernels.lora_expand(y0.clone(), h, BT, torch.zeros(1, dtype=torch.int64), torch.ones(1), None)
     assert torch.isnan(y[0, 0, 0])
     assert y[0, 0, 1].item() == 1.0 and y[0, 0, 2].item() == 1.0 + 2**-6
-    tiny = torch.full((1, 1, R), 2.0**-130).bfloat16()  # a bf16 subnormal
-    y = cpu_kernels.lora_expand(torch.zeros(1, 1, Dout).bfloat16(), tiny, BT, torch.zeros(1, dtype=torch.int64),
-                                torch.ones(1), None)
-    assert (y == tiny[0, 0, 0]).all() and y[0, 0, 0].item() != 0.0
+    # normal y and LoRA term whose sum, 2^-130, is a bf16 subnormal: kept exactly
+    near = torch.full((1, 1, R), -(2.0**-125 - 2.0**-130)).bfloat16()
+    assert near.item() == -(2.0**-125 - 2.0**-130)  # representable: 1.9375 * 2^-126
+    y = cpu_kernels.lora_expand(torch.full((1, 1, Dout), 2.0**-125).bfloat16(), near, BT,
+                                torch.zeros(1, dtype=torch.int64), torch.ones(1), None)
+    assert (y.float() == 2.0**-130).all()
 
 
 def _bad(x, A, BT, ids, scaling, dora, y, h, what):

@@ -16,9 +16,9 @@
  * (Punica's SGMV idea, arXiv 2310.18547, with a row instead of a segment as the unit). A row's result
  * does not depend on the other rows of the batch.
  *
- * Rounding: the sums are fp32 in a different order from torch's; shrink uses VDPBF16PS where the CPU
- * has AVX512-BF16, which treats bf16 subnormal inputs (|v| < 2^-126) as zero. Every rounding to bf16 is
- * round-to-nearest-even as torch does it, subnormals and NaN included.
+ * Rounding: the sums are fp32 in a different order from torch's; where the CPU has AVX512-BF16 the
+ * products come from VDPBF16PS (or AMX's TDPBF16PS), which reads bf16 subnormal inputs (|v| < 2^-126) as
+ * zero. Every rounding to bf16 is round-to-nearest-even as torch does it, subnormals and NaN included.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -495,6 +495,49 @@ static inline __attribute__((always_inline)) void expand_tile(const int nt, cons
         }                                                                                                      \
     } while (0)
 
+#if defined(__AVX512BF16__)
+#define MP 8 /* 32-column vectors per register tile of the one-token expand: 2 MP sums + MP operands */
+
+/* One token, nv vectors of 32 columns (the last masked by `last`): y = bf16(y + hs @ bt), DoRA-scaled and
+ * rounded again. VDPBF16PS multiplies the bf16 of bt as they lie, with no widening: against the pair
+ * (hs[r], 0) it adds hs[r] * bt[r][even column] to the even sums, against (0, hs[r]) the odd columns'
+ * product to the odd sums; the zero product is exact, so each step is one rounding, as an FMA. The sums
+ * stay in registers while the R rank rows stream past; even and odd are re-interleaved once, at the end. */
+static inline __attribute__((always_inline)) void expand_cols(const int nv, __mmask32 last, const float *hs,
+                                                              const uint16_t *bt, int64_t R, int64_t Dout,
+                                                              const float *dora, uint16_t *y) {
+    __m512 ev[MP], od[MP];
+    for (int j = 0; j < nv; j++) ev[j] = od[j] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < R; r++, bt += Dout) {
+        uint32_t w;
+        memcpy(&w, hs + r, 4); /* hs[r] is of bf16 precision: its low 16 bits are zero */
+        const __m512bh se = (__m512bh)_mm512_set1_epi32((int)(w >> 16)), so = (__m512bh)_mm512_set1_epi32((int)w);
+        for (int j = 0; j < nv; j++) _mm_prefetch((const char *)(bt + 32 * j) + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int j = 0; j < nv; j++) {
+            const __m512bh b = (__m512bh)(j == nv - 1 && last != ~0u ? _mm512_maskz_loadu_epi16(last, bt + 32 * j) : _mm512_loadu_si512(bt + 32 * j));
+            ev[j] = _mm512_dpbf16_ps(ev[j], se, b);
+            od[j] = _mm512_dpbf16_ps(od[j], so, b);
+        }
+    }
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int j = 0; j < nv; j++) {
+        const __mmask32 m = j == nv - 1 ? last : ~0u;
+        add_store(_mm512_permutex2var_ps(ev[j], lo, od[j]), (__mmask16)m, dora ? dora + 32 * j : NULL, y + 32 * j);
+        if (m >> 16)
+            add_store(_mm512_permutex2var_ps(ev[j], hi, od[j]), (__mmask16)(m >> 16), dora ? dora + 32 * j + 16 : NULL, y + 32 * j + 16);
+    }
+}
+
+static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t Dout, const float *dora, uint16_t *y) {
+    int64_t d = 0;
+    for (; d + 32 * MP <= Dout; d += 32 * MP) expand_cols(MP, ~0u, hs, bt + d, R, Dout, dora ? dora + d : NULL, y + d);
+    for (; d < Dout; d += 32) {
+        const __mmask32 last = Dout - d >= 32 ? ~0u : (__mmask32)((1u << (Dout - d)) - 1u);
+        expand_cols(1, last, hs, bt + d, R, Dout, dora ? dora + d : NULL, y + d);
+    }
+}
+#else
 #define MV 8 /* 16-column vectors per register tile of the one-token expand */
 
 /* One token, nv vectors of 16 columns (the last masked by `last`): the sums stay in registers while the
@@ -520,6 +563,7 @@ static void expand_one(const float *hs, const uint16_t *bt, int64_t R, int64_t D
         expand_cols(1, last, hs, bt + d, R, Dout, dora ? dora + d : NULL, y + d);
     }
 }
+#endif
 
 static void expand_tokens(const float *hs, const uint16_t *bt, int64_t nt, int64_t R, int64_t Dout,
                           const float *dora, uint16_t *y) {
