@@ -21,8 +21,11 @@ tiles and multiplied by AMX, 32 rows of x per pass over W. fp32 results do not d
 bf16 row may differ by one bf16 rounding between the two paths. Bound checked by the tests,
 :data:`TOLERANCE`: ``|y - y_torch| <= TOLERANCE[dtype] * (|x| @ |W|^T)``.
 
-LoRA shrink / expand (bf16, AVX-512 BW; AMX for 16+ tokens per row): runtime/kernels.py's Semantics up
-to the order of the fp32 sums, within one bf16 ulp of the exact result (tests/runtime/test_cpu_lora_kernels.py).
+LoRA shrink / expand (bf16, AVX-512 BW): runtime/kernels.py's Semantics up to the order of the fp32 sums,
+within one bf16 ulp of the exact result (tests/runtime/test_cpu_lora_kernels.py). Decode (T < 16 tokens per
+row) streams each row's slot once with AVX512-BF16 dot products; prefill (T >= 16) lays each row's slot
+out in bf16 pairs once and multiplies with AMX tiles, or without AMX with VDPBF16PS register tiles.
+Where the CPU has AVX512-BF16, bf16 subnormal inputs read as zero (the instructions' rule).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each op states what it computes in a ``Semantics:`` block (torch notation, per r
 dtype of every argument. On CUDA tensors an op dispatches to ``cuda_ops.<op>`` (same name, same
 arguments in the same order) when ``cuda_ops.available()``; ``tests/gpu`` compares the two with
 :data:`TOLERANCE`. On CPU, bf16 LoRA ops go to the compiled kernels (``cpu_kernels.lora_shrink`` /
-``lora_expand``, csrc/lora_cpu.c: each row streams its own slot; AMX tiles for prefill), which follow
+``lora_expand``, csrc/lora_cpu.c: each row streams its own slot; AMX or VDPBF16PS tiles for prefill), which follow
 the Semantics up to the order of fp32 sums and make a row's result independent of the batch. Other
 dtypes, or a CPU without the kernels, pick between two equivalent torch formulations by the shape and
 by how many distinct slots the batch uses (ids is a small host tensor there; the CUDA path never looks
