@@ -301,16 +301,13 @@ static inline void add_store(__m512 sums, __mmask16 m, const float *dora, uint16
 }
 
 #if defined(__AVX512BF16__)
-/* Prefill without AMX (16+ tokens per row): VDPBF16PS over rank pairs. Per row, its slot of BT is laid out
- * once as bf16 pairs (bv (P, Dout) u32: ranks 2p and 2p+1 of column d; zero past R), and hs as pairs
- * (hp (nt, P) u32), so every instruction multiplies two ranks for 16 columns: twice the fp32 FMA path's
- * work per instruction, with no bf16 -> fp32 widening of BT in the loop. As the AMX path, the products
- * are exact and summed in fp32, subnormal inputs read as zero. */
-#define PT 4           /* tokens per register tile */
-#define PD 6           /* 16-column vectors per register tile: PT x PD accumulators + PD + 1 operands <= 32 */
+/* Prefill without AMX (16+ tokens per row): VDPBF16PS register tiles over the pair layouts above, each
+ * row's slot laid out once per work item. As on the AMX path, the products are exact and summed in fp32,
+ * subnormal inputs read as zero. */
 #define PAIR_TOKENS 128 /* tokens per work item: the layout pass is amortized over up to this many */
-
-#define ST 16 /* tokens per register tile of the pair shrink: one accumulator (16 ranks) per token */
+#define ST 16           /* tokens per register tile of the shrink: one accumulator (16 ranks) per token */
+#define PT 4            /* tokens per register tile of the expand */
+#define PD 6            /* 16-column vectors per expand tile: PT x PD accumulators + PD + 1 operands <= 32 */
 
 /* h (ST tokens, n <= 16 ranks from the group's first) = x (ST, K) . A^T: each step multiplies one k pair
  * of every token (a broadcast word of x) by that pair of 16 ranks (one vector of av), so the sums land
@@ -350,7 +347,9 @@ static void lora_shrink_pairs(const uint16_t *x, const uint16_t *A, const int64_
     }
 }
 
-/* hp (nt, P) = pairs of bf16(h * scaling), the Semantics' rounding (exact in bf16, so the pairs hold it) */
+/* Expand: hs as pairs (hp (nt, P) words) against BT's rank pairs (bv (P, Dout)), so every instruction
+ * multiplies two ranks for 16 columns: twice the fp32 FMA path's work, and no widening of BT in the loop.
+ * hp (nt, P) = pairs of bf16(h * scaling), the Semantics' rounding (exact in bf16, so the pairs hold it) */
 static void pair_hs(const uint16_t *h, float scaling, int64_t nt, int64_t R, uint32_t *hp) {
     const int64_t P = (R + 1) / 2;
     for (int64_t t = 0; t < nt; t++)
@@ -396,7 +395,8 @@ static void expand_pairs_item(const uint32_t *hp, const uint32_t *bv, int64_t nt
                               const float *dora, uint16_t *y) {
     int64_t t = 0;
     for (; t + PT <= nt; t += PT) pair_tokens(PT, hp + t * P, P, bv, Dout, dora, y + t * Dout);
-    switch (nt - t) { /* PT == 4: up to three tokens left */
+    _Static_assert(PT == 4, "the remainder cases below cover PT - 1 tokens");
+    switch (nt - t) { /* constant token counts, so each tile keeps its sums in registers */
     case 3: pair_tokens(3, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
     case 2: pair_tokens(2, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
     case 1: pair_tokens(1, hp + t * P, P, bv, Dout, dora, y + t * Dout); break;
