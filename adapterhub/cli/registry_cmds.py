@@ -71,6 +71,7 @@ def ls(task, as_json, registry):
 
 
 def _entry_json(entry) -> dict:
+    """One version as JSON, for 'ls TASK --json' and 'log --json': the same keys in both, always all of them."""
     return {"ref": str(entry.ref), "version": entry.ref.version, "digest": entry.ref.digest,
             "created": entry.created, "tags": list(entry.tags), "annotations": dict(entry.annotations),
             "bytes": entry.nbytes}
@@ -105,10 +106,20 @@ def show(ref, as_json, registry):
 
 @main.command("log")
 @click.argument("task")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output: the records of 'ls TASK --json'.")
 @registry_option
-def log(task, registry):
-    """History of TASK, newest first."""
-    for e in Registry(registry).log(task):
+def log(task, as_json, registry):
+    """History of TASK, newest first.
+
+    \b
+    adapterhub log sql
+    adapterhub log sql --json | jq '.[0].annotations'
+    """
+    entries = Registry(registry).log(task)
+    if as_json:
+        _echo_json([_entry_json(e) for e in entries])
+        return
+    for e in entries:
         click.echo(f"{e.ref}  {e.created}  {e.ref.digest}" + (f"  ({', '.join(e.tags)})" if e.tags else ""))
         for key, value in sorted(e.annotations.items()):
             click.echo(f"    {key}: {value}")
@@ -156,10 +167,13 @@ def rm(ref, registry):
 @click.option("--dry-run", is_flag=True, help="Print the plan without deleting anything.")
 @registry_option
 def gc(dry_run, registry):
-    """Delete blobs no version or tag references, and temp files of interrupted pushes."""
-    plan = Registry(registry).gc(dry_run=dry_run)
-    click.echo(plan.describe() if dry_run else f"freed {plan.expected_freed_bytes} bytes "
-               f"({len(plan.blobs)} blobs, {len(plan.temp_files)} temp files)")
+    """Delete blobs no version or tag references, and temp files of interrupted pushes.
+
+    \b
+    adapterhub gc --dry-run    # the plan and the bytes it expects to free
+    adapterhub gc              # the bytes actually freed
+    """
+    click.echo(Registry(registry).gc(dry_run=dry_run).describe())
 
 
 @main.command("verify")

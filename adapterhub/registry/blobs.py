@@ -125,5 +125,17 @@ class BlobStore:
             if entry.is_file() and len(entry.name) == 64:
                 yield Digest("sha256:" + entry.name)
 
-    def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
+    def delete(self, digest: str) -> int | None:
+        """Remove the blob file; returns the bytes freed, or None when it was already gone."""
+        return remove_file(self.path(digest))
+
+
+def remove_file(path: str | os.PathLike) -> int | None:
+    """Unlink `path`; its size when this call removed it, None when another process removed it first
+    (so gc never counts bytes someone else freed)."""
+    try:
+        size = os.stat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return size

@@ -1,10 +1,11 @@
 """Garbage collection and verification of a local store.
 
 GC is a frozen plan (hf_hub ``DeleteCacheStrategy`` idea): ``plan_gc`` lists unreferenced blobs and stale
-temp files with ``expected_freed_bytes``; ``--dry-run`` prints it; ``execute`` takes the gc lock
+temp files with ``expected_freed_bytes``; ``--dry-run`` prints it; ``execute_gc`` takes the gc lock
 exclusively (so no push is in flight), recomputes what is referenced, and deletes only plan entries that
 are still unreferenced and not newer than the plan: manifests first, then the blobs they named (the
-reverse of the write order).
+reverse of the write order). Its `GcResult` counts only the files it removed itself, so the bytes it
+reports as freed can be fewer than the plan expected, never more.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import AdapterHubError
+from adapterhub.registry.blobs import remove_file
 from adapterhub.registry.digest import Digest
-from adapterhub.registry.local import LocalStore
 from adapterhub.registry.manifest import Manifest, parse_config_blob
+
+if TYPE_CHECKING:  # local.py imports this module for LocalStore.plan_gc / execute_gc / verify
+    from adapterhub.registry.local import LocalStore
 
 
 def referenced(store: LocalStore) -> tuple[set[Digest], set[Digest]]:
@@ -34,6 +39,8 @@ def referenced(store: LocalStore) -> tuple[set[Digest], set[Digest]]:
 
 @dataclass(frozen=True)
 class GcPlan:
+    """What gc would delete, frozen when planned; `expected_freed_bytes` is a forecast, not a result."""
+
     created: float
     blobs: tuple[tuple[Digest, int], ...]  # (digest, stored bytes)
     temp_files: tuple[tuple[str, int], ...]  # (path, bytes)
@@ -41,35 +48,66 @@ class GcPlan:
 
     def describe(self) -> str:
         lines = [f"gc plan: {len(self.blobs)} unreferenced blobs, {len(self.temp_files)} temp files, "
-                 f"{self.expected_freed_bytes} bytes to free"]
+                 f"{self.expected_freed_bytes} bytes expected to be freed"]
         lines += [f"  delete blob {d} ({n} bytes)" for d, n in self.blobs]
         lines += [f"  delete temp {p} ({n} bytes)" for p, n in self.temp_files]
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class GcResult:
+    """What an executed plan removed. Entries a push re-referenced, files newer than the plan and files
+    another process removed first are not in it, so `freed_bytes` ≤ `plan.expected_freed_bytes`."""
+
+    plan: GcPlan
+    removed_blobs: tuple[Digest, ...]
+    removed_temp_files: tuple[str, ...]
+    freed_bytes: int  # sizes of the files this run unlinked
+
+    @property
+    def skipped(self) -> int:
+        """Planned entries this run did not remove (kept, or already gone)."""
+        planned = len(self.plan.blobs) + len(self.plan.temp_files)
+        return planned - len(self.removed_blobs) - len(self.removed_temp_files)
+
+    def describe(self) -> str:
+        text = (f"freed {self.freed_bytes} bytes ({len(self.removed_blobs)} blobs, "
+                f"{len(self.removed_temp_files)} temp files)")
+        if self.skipped:
+            text += (f"; the plan expected {self.plan.expected_freed_bytes} bytes, {self.skipped} planned entries "
+                     "were re-referenced by a push, newer than the plan, or already removed by another process")
+        return text
+
+
 def plan_gc(store: LocalStore) -> GcPlan:
     created = time.time()
     _, reachable = referenced(store)
-    blobs = tuple((d, store.blobs.stored_size(d)) for d in sorted(store.blobs.digests()) if d not in reachable)
-    temps = tuple((e.path, e.stat().st_size) for e in _scandir(store.blobs.tmp) if e.is_file())
+    blobs = tuple((d, n) for d in sorted(store.blobs.digests()) if d not in reachable
+                  and (n := _size(store.blobs.path(d))) is not None)
+    temps = tuple((e.path, n) for e in _scandir(store.blobs.tmp) if (n := _size(e.path)) is not None)
     return GcPlan(created, blobs, temps, sum(n for _, n in blobs) + sum(n for _, n in temps))
 
 
-def execute_gc(store: LocalStore, plan: GcPlan) -> int:
-    """Apply `plan`; returns the bytes actually freed (≤ expected when a concurrent push re-used a blob)."""
-    freed = 0
+def execute_gc(store: LocalStore, plan: GcPlan) -> GcResult:
+    """Apply `plan`; the result counts the files this call removed and their sizes when removed."""
     with store.refs.lock("gc"):
         _, reachable = referenced(store)
-        doomed = [(d, n) for d, n in plan.blobs if d not in reachable and _older(store.blobs.path(d), plan.created)]
-        doomed.sort(key=lambda item: not _is_manifest(store, item[0]))  # manifests first
-        for path, size in plan.temp_files:
-            if _older(path, plan.created):
-                os.unlink(path)
-                freed += size
-        for digest, size in doomed:
-            store.blobs.delete(digest)
-            freed += size
-    return freed
+        doomed = [d for d, _ in plan.blobs if d not in reachable and _older(store.blobs.path(d), plan.created)]
+        doomed.sort(key=lambda digest: not _is_manifest(store, digest))  # manifests first
+        temps = [(p, remove_file(p)) for p, _ in plan.temp_files if _older(p, plan.created)]
+        blobs = [(d, store.blobs.delete(d)) for d in doomed]
+    removed_temps = tuple(p for p, n in temps if n is not None)  # None: another process removed it first
+    removed_blobs = tuple(d for d, n in blobs if n is not None)
+    freed = sum(n for _, n in temps + blobs if n is not None)
+    return GcResult(plan, removed_blobs, removed_temps, freed)
+
+
+def _size(path) -> int | None:
+    """The file's size, or None when it vanished after being listed (a push renamed its temp file)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def _older(path, created: float) -> bool:
@@ -80,7 +118,7 @@ def _older(path, created: float) -> bool:
 
 
 def _is_manifest(store: LocalStore, digest: Digest) -> bool:
-    try:
+    try:  # a blob another process removed meanwhile is not a manifest: BlobNotFoundError
         Manifest.from_json(store.blobs.get(digest), "")
         return True
     except AdapterHubError:
@@ -88,7 +126,7 @@ def _is_manifest(store: LocalStore, digest: Digest) -> bool:
 
 
 def _scandir(path):
-    return os.scandir(path) if path.is_dir() else iter(())
+    return (e for e in os.scandir(path) if e.is_file()) if path.is_dir() else iter(())
 
 
 @dataclass(frozen=True)

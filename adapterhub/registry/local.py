@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import FormatVersionError, RefNotFoundError, RegistryError
 from adapterhub.fsio import fsync_dir, write_new
+from adapterhub.registry import gc as _gc
 from adapterhub.registry.blobs import BlobStore
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import FORMAT_VERSION, Manifest
 from adapterhub.registry.refs import LATEST, LocalRefs, RefSpec, ResolvedRef
+
+if TYPE_CHECKING:
+    from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
 
 LAYOUT_FILE = "adapterhub-layout"
 
@@ -27,7 +33,10 @@ def now_rfc3339() -> str:
 
 
 class LocalStore:
-    """Blobs, manifests and refs in one directory; the backend `Registry` uses for paths."""
+    """Blobs, manifests and refs in one directory; the backend `Registry` uses for paths.
+
+    Satisfies `backend.MaintainableBackend`: the method contracts are stated there.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -52,7 +61,7 @@ class LocalStore:
             raise FormatVersionError(f"{self.root} has store formatVersion {version!r}; this adapterhub reads "
                                      f"version {FORMAT_VERSION}; upgrade adapterhub or use another ADAPTERHUB_HOME")
 
-    def session(self):
+    def session(self) -> AbstractContextManager:
         """Held for a whole push: a shared hold on the gc lock (gc takes it exclusively)."""
         self.root.mkdir(parents=True, exist_ok=True)
         write_new(self.root / LAYOUT_FILE, json.dumps({"formatVersion": FORMAT_VERSION}).encode() + b"\n",
@@ -96,7 +105,7 @@ class LocalStore:
         return ResolvedRef(spec.task, max(matches), Digest(digest)) if matches else None
 
     def publish(self, task: str, manifest: Manifest | bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:
-        """Manifest blob → version ref → tags, under the task lock.
+        """Manifest blob → version ref → tags, under the task lock (see `Backend.publish`).
 
         A `Manifest` gets the next version, unless its content equals the latest version's (then that
         version is returned: re-pushing adds nothing). Exact `bytes` (a copy) keep their own version number.
@@ -158,3 +167,14 @@ class LocalStore:
                 if target == digest:
                     self.refs.delete_tag(task, tag)
             self.refs.delete_version(task, version)
+
+    # --- maintenance (MaintainableBackend): a remote's server does its own ---
+
+    def verify(self) -> VerifyReport:
+        return _gc.verify_store(self)
+
+    def plan_gc(self) -> GcPlan:
+        return _gc.plan_gc(self)
+
+    def execute_gc(self, plan: GcPlan) -> GcResult:
+        return _gc.execute_gc(self, plan)

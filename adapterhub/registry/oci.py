@@ -14,11 +14,13 @@ on a remote), and removing a tag alone is not part of distribution 2.x.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
 import threading
 from collections import Counter
+from contextlib import AbstractContextManager
 from urllib.parse import urlsplit
 
 import httpx
@@ -39,13 +41,13 @@ class EnvAuth(httpx.Auth):
     def __init__(self, env=os.environ):
         self.token = env.get("ADAPTERHUB_OCI_TOKEN")
         user, password = env.get("ADAPTERHUB_OCI_USERNAME"), env.get("ADAPTERHUB_OCI_PASSWORD")
-        self.basic = httpx.BasicAuth(user, password or "") if user else None
+        self.basic = basic_auth_header(user, password or "") if user else None
 
     def auth_flow(self, request):
         if self.token:
             request.headers["Authorization"] = f"Bearer {self.token}"
         elif self.basic:
-            request.headers["Authorization"] = self.basic._auth_header
+            request.headers["Authorization"] = self.basic
         response = yield request
         challenge = response.headers.get("WWW-Authenticate", "")
         if response.status_code != 401 or not challenge.lower().startswith("bearer"):
@@ -56,7 +58,7 @@ class EnvAuth(httpx.Auth):
             return
         token_request = httpx.Request("GET", realm, params=params)
         if self.basic:
-            token_request.headers["Authorization"] = self.basic._auth_header
+            token_request.headers["Authorization"] = self.basic
         token_response = yield token_request
         token_response.read()
         if token_response.status_code != 200:
@@ -65,6 +67,12 @@ class EnvAuth(httpx.Auth):
         self.token = body.get("token") or body.get("access_token")
         request.headers["Authorization"] = f"Bearer {self.token}"
         yield request
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP Basic (RFC 7617 §2): base64 of "user:password" in UTF-8, the
+    charset RFC 7617 §2.1 names and httpx.BasicAuth uses, so the header is the one httpx would send."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
 
 
 class OciClient:
@@ -160,7 +168,10 @@ def _oci_error(response: httpx.Response) -> str:
 
 
 class OciStore:
-    """The backend `Registry` uses for ``oci://`` locations (same methods as `LocalStore`)."""
+    """The backend `Registry` uses for ``oci://`` locations; satisfies `backend.Backend` (contracts there).
+
+    Not a `MaintainableBackend`: the registry server verifies digests and collects its own garbage.
+    """
 
     def __init__(self, location: str, transport: httpx.BaseTransport | None = None):
         parts = urlsplit(location)
@@ -176,8 +187,8 @@ class OciStore:
     def repo(self, task: str) -> str:
         return f"{self.namespace}/{task}" if self.namespace else task
 
-    def session(self):
-        return contextlib.nullcontext()
+    def session(self) -> AbstractContextManager:
+        return contextlib.nullcontext()  # nothing to hold: no adapterhub gc runs against a remote
 
     def has_blob(self, task: str, digest: str) -> bool:
         return self.client.has_blob(self.repo(task), digest)

@@ -69,7 +69,11 @@ class ResolvedRef:
 
 
 def parse_ref(text: str) -> RefSpec:
-    """"task" (= task:latest), "task@v3", "task:prod" or "task@sha256:<hex>"."""
+    """Parse and validate a ref without resolving it; the one place refs are parsed (serve, cli, registry).
+
+    "task" (= "task:latest"), "task@v3", "task:prod" or "task@sha256:<hex>" → RefSpec(task, kind, value),
+    e.g. parse_ref("sql").task == "sql". Raises InvalidNameError saying which part is wrong.
+    """
     if not isinstance(text, str):
         raise InvalidNameError(f"ref {text!r} must be a string like 'task@v3', 'task:tag' or 'task@sha256:<hex>'")
     if "@" in text:
@@ -80,7 +84,10 @@ def parse_ref(text: str) -> RefSpec:
         if is_digest(rest):
             return RefSpec(check_task(task), "digest", rest)
         raise InvalidNameError(f"ref {text!r}: after '@' expected a version like 'v3' or a digest 'sha256:<64 hex>'")
-    task, _, tag = text.partition(":")
+    task, colon, tag = text.partition(":")
+    if colon and not tag:
+        raise InvalidNameError(f"ref {text!r} ends in ':' with no tag; write '{task}:<tag>', or '{task}' for the "
+                               "latest version")
     return RefSpec(check_task(task), "tag", check_tag(tag or LATEST, user=False))
 
 

@@ -6,20 +6,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, overload
 
 from adapterhub.adapter import Adapter, RawTensor
 from adapterhub.errors import IntegrityError, RefNotFoundError, RegistryError
-from adapterhub.registry import gc as _gc
+from adapterhub.registry.backend import DEFAULT_HOME, Backend, MaintainableBackend, open_backend
 from adapterhub.registry.digest import Digest
-from adapterhub.registry.local import LocalStore
+from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
 from adapterhub.registry.manifest import (
     Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
 )
 from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
 from adapterhub.registry.transfer import copy_version, fetch_blobs, manifest_blobs, send_blobs
 
-DEFAULT_HOME = "~/.cache/adapterhub"
+__all__ = ["AdapterDiff", "DEFAULT_HOME", "LogEntry", "Registry", "open_backend"]
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,11 @@ class AdapterDiff:
         return not (self.config or self.added or self.removed or self.changed)
 
 
-def open_backend(location: str | os.PathLike | None):
-    location = os.fspath(location) if location is not None else os.environ.get("ADAPTERHUB_HOME") or DEFAULT_HOME
-    if location.startswith("oci://"):
-        from adapterhub.registry.oci import OciStore  # httpx only when a remote is used
-        return OciStore(location)
-    return LocalStore(location)
-
-
 class Registry:
     """Content-addressed adapter store: `Registry()` ($ADAPTERHUB_HOME), a path, or "oci://host:port/ns"."""
 
     def __init__(self, location: str | os.PathLike | None = None):
-        self.backend = open_backend(location)
+        self.backend: Backend = open_backend(location)
 
     @property
     def location(self) -> str:
@@ -172,21 +164,29 @@ class Registry:
         return AdapterDiff(config, tuple(sorted(set(tb) - set(ta))), tuple(sorted(set(ta) - set(tb))),
                            tuple((k, ta[k], tb[k]) for k in sorted(set(ta) & set(tb)) if ta[k] != tb[k]))
 
-    # --- maintenance (local stores) ---
+    # --- maintenance (backends that adapterhub itself keeps: the local store) ---
 
-    def verify(self) -> _gc.VerifyReport:
-        return _gc.verify_store(self._local("verify"))
+    def verify(self) -> VerifyReport:
+        return self._maintainable("verify").verify()
 
-    def gc(self, dry_run: bool = True) -> _gc.GcPlan:
-        """The plan; executed unless `dry_run`."""
-        store = self._local("gc")
-        plan = _gc.plan_gc(store)
-        if not dry_run:
-            _gc.execute_gc(store, plan)
-        return plan
+    @overload
+    def gc(self, dry_run: Literal[True] = True) -> GcPlan: ...
 
-    def _local(self, what: str) -> LocalStore:
-        if not isinstance(self.backend, LocalStore):
+    @overload
+    def gc(self, dry_run: Literal[False]) -> GcResult: ...
+
+    @overload
+    def gc(self, dry_run: bool) -> GcPlan | GcResult: ...
+
+    def gc(self, dry_run: bool = True) -> GcPlan | GcResult:
+        """The plan (`expected_freed_bytes`) with `dry_run`; else the executed plan's result (`freed_bytes`:
+        what was actually removed, which a concurrent push or another gc can make smaller)."""
+        store = self._maintainable("gc")
+        plan = store.plan_gc()
+        return plan if dry_run else store.execute_gc(plan)
+
+    def _maintainable(self, what: str) -> MaintainableBackend:
+        if not isinstance(self.backend, MaintainableBackend):
             raise RegistryError(f"'{what}' works on local stores; {self.location} is a remote registry, whose "
                                 "server does its own integrity checks and garbage collection")
         return self.backend

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
+from adapterhub.registry.backend import Backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import WIDTH, Manifest
 from adapterhub.registry.refs import ResolvedRef
@@ -36,7 +37,7 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) if progress else _NoBar()
 
 
-def send_blobs(dst, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: Callable[[Digest], bytes],
+def send_blobs(dst: Backend, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: Callable[[Digest], bytes],
                progress: bool = False, desc: str = "push", workers: int = WORKERS) -> int:
     """Upload each (digest, size, shuffle width) the destination lacks; returns how many moved.
 
@@ -58,7 +59,7 @@ def send_blobs(dst, task: str, blobs: Iterable[tuple[Digest, int, int]], fetch: 
             return sum(pool.map(send, blobs))
 
 
-def fetch_blobs(src, task: str, blobs: Iterable[tuple[Digest, int]], progress: bool = False,
+def fetch_blobs(src: Backend, task: str, blobs: Iterable[tuple[Digest, int]], progress: bool = False,
                 desc: str = "pull", workers: int = WORKERS) -> dict[Digest, bytes]:
     """{digest: raw bytes} of each (digest, size), each verified by the source on read."""
     blobs = list(dict.fromkeys(blobs))
@@ -79,7 +80,7 @@ def manifest_blobs(manifest: Manifest) -> list[tuple[Digest, int, int]]:
         (t.digest, t.size, WIDTH.get(t.dtype, 1)) for t in manifest.tensors]
 
 
-def copy_version(src, dst, ref: ResolvedRef, progress: bool = False) -> tuple[ResolvedRef, int]:
+def copy_version(src: Backend, dst: Backend, ref: ResolvedRef, progress: bool = False) -> tuple[ResolvedRef, int]:
     """Copy one version (same manifest bytes, same version number); returns (ref at dst, blobs moved)."""
     data = src.get_manifest(ref.task, ref.digest)
     manifest = Manifest.from_json(data, f"{ref} manifest")

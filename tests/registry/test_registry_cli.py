@@ -49,11 +49,24 @@ def test_rm_gc_verify_copy(home, tmp_path):
     run("push", make_adapter(1).save_peft_dir(tmp_path / "b"), "chat")
     run("rm", "chat@v1")
     dry = run("gc", "--dry-run")
-    assert dry.startswith("gc plan: 9 unreferenced blobs") and Registry(home).gc().expected_freed_bytes > 0
-    assert "freed" in run("gc") and Registry(home).gc().blobs == ()
+    expected = Registry(home).gc().expected_freed_bytes
+    assert dry.startswith(f"gc plan: 9 unreferenced blobs, 0 temp files, {expected} bytes expected to be freed")
+    assert run("gc") == f"freed {expected} bytes (9 blobs, 0 temp files)\n" and Registry(home).gc().blobs == ()
     assert run("verify").startswith("ok: ")
     assert "chat@v2" in run("copy", "chat", "--to", tmp_path / "other")
     assert Registry(tmp_path / "other").load("chat@v2").tensors == make_adapter(1).tensors
+
+
+def test_log_json_has_the_records_of_ls_json(home, tmp_path):
+    run("push", make_adapter(0).save_peft_dir(tmp_path / "a"), "sql", "--tag", "prod", "-a", "eval.acc=0.9")
+    run("push", make_adapter(1).save_peft_dir(tmp_path / "b"), "sql")
+    records = json.loads(run("log", "sql", "--json"))
+    assert [r["ref"] for r in records] == ["sql@v2", "sql@v1"]
+    assert all(list(r) == ["annotations", "bytes", "created", "digest", "ref", "tags", "version"] for r in records)
+    assert records[1]["tags"] == ["prod"] and records[1]["annotations"] == {"eval.acc": "0.9"}
+    assert records[0]["digest"] == str(Registry(home).resolve("sql@v2").digest) and records[0]["bytes"] > 0
+    assert records == json.loads(run("ls", "sql", "--json"))
+    assert json.loads(run("log", "nothing", "--json")) == []
 
 
 def test_errors_are_one_line_and_non_zero(home, tmp_path):

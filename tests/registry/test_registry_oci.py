@@ -144,8 +144,33 @@ def test_bearer_token_challenge_uses_env_credentials(monkeypatch):
     store = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
     assert store.versions("sql") == {}
     assert seen[0][0] == "registry.example" and seen[0][2].startswith("Basic ")
-    assert seen[1] == ("auth.example", "/token", httpx.BasicAuth("alice", "s3cret")._auth_header)
+    assert seen[1] == ("auth.example", "/token", "Basic YWxpY2U6czNjcmV0")  # base64("alice:s3cret")
     assert seen[2] == ("registry.example", "/v2/ns/sql/tags/list", "Bearer T0K")
+
+
+@pytest.mark.parametrize("user, password, expected", [
+    ("Aladdin", "open sesame", "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),  # RFC 7617 §2
+    ("test", "123\u00a3", "Basic dGVzdDoxMjPCow=="),  # RFC 7617 §2.1: UTF-8 ("£" is C2 A3)
+    ("alice", None, "Basic YWxpY2U6"),  # no password: "alice:"
+])
+def test_basic_credentials_from_env_are_sent_as_rfc_7617_basic(monkeypatch, user, password, expected):
+    monkeypatch.delenv("ADAPTERHUB_OCI_TOKEN", raising=False)
+    monkeypatch.setenv("ADAPTERHUB_OCI_USERNAME", user)
+    if password is None:
+        monkeypatch.delenv("ADAPTERHUB_OCI_PASSWORD", raising=False)
+    else:
+        monkeypatch.setenv("ADAPTERHUB_OCI_PASSWORD", password)
+    headers = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers.append(request.headers.get("Authorization"))
+        return httpx.Response(404)
+
+    store = OciStore("oci://registry.example/ns", transport=httpx.MockTransport(handler))
+    assert store.versions("sql") == {} and headers == [expected]
+    with httpx.Client(auth=(user, password or ""), transport=httpx.MockTransport(handler)) as client:
+        client.get("https://registry.example/v2/")  # what httpx's own BasicAuth sends: the same header
+    assert headers[1] == expected
 
 
 def test_https_unless_loopback_and_unreachable_is_a_clear_error():

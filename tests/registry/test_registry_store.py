@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -177,10 +178,43 @@ def test_gc_frees_only_unreferenced_blobs(tmp_path):
     plan = registry.gc(dry_run=True)
     assert len(plan.blobs) == 9  # 8 tensors + the manifest; the config blob is shared with v2
     assert plan.expected_freed_bytes == sum(_stored(tmp_path, d).stat().st_size for d, _ in plan.blobs)
-    assert "delete blob" in plan.describe()
-    registry.gc(dry_run=False)
+    assert "delete blob" in plan.describe() and "expected to be freed" in plan.describe()
+    result = registry.gc(dry_run=False)
+    assert result.freed_bytes == result.plan.expected_freed_bytes > 0 and result.skipped == 0
+    assert sorted(result.removed_blobs) == sorted(d for d, _ in plan.blobs)
     assert registry.gc(dry_run=True).blobs == () and registry.verify().ok
     assert registry.load("sql").tensors == make_adapter(1).tensors
+    assert registry.backend.execute_gc(result.plan).freed_bytes == 0  # a stale plan frees nothing twice
+
+
+def test_gc_counts_only_the_files_it_removed(tmp_path, monkeypatch):
+    """Blobs another process removed, before gc's checks or between its check and its unlink, are not freed
+    by this gc, so they are not in its result; the plan still shows what it expected."""
+    from adapterhub.registry import gc
+    registry = Registry(tmp_path)
+    registry.push(make_adapter(0), "sql")
+    registry.push(make_adapter(1), "sql")
+    registry.remove("sql@v1")
+    (tmp_path / "tmp" / ".orphan.tmp").write_bytes(b"x" * 100)  # left by a push killed mid-write
+    plan = registry.gc(dry_run=True)
+    (gone, gone_size), (racing, racing_size) = plan.blobs[:2]
+    assert len(plan.blobs) == 9 and plan.temp_files[0][1] == 100
+    _stored(tmp_path, gone).unlink()
+    checked = gc._older
+
+    def removed_after_the_check(path, created):
+        is_older = checked(path, created)
+        if str(path) == str(_stored(tmp_path, racing)):
+            os.unlink(path)
+        return is_older
+
+    monkeypatch.setattr(gc, "_older", removed_after_the_check)
+    result = registry.backend.execute_gc(plan)
+    assert result.freed_bytes == plan.expected_freed_bytes - gone_size - racing_size
+    assert set(result.removed_blobs) == {d for d, _ in plan.blobs} - {gone, racing}
+    assert result.removed_temp_files == (str(tmp_path / "tmp" / ".orphan.tmp"),) and result.skipped == 2
+    assert result.describe().startswith(f"freed {result.freed_bytes} bytes (7 blobs, 1 temp files); the plan "
+                                        f"expected {plan.expected_freed_bytes} bytes")
 
 
 def test_gc_keeps_a_blob_re_referenced_after_the_plan(tmp_path):
