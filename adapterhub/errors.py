@@ -128,6 +128,13 @@ class RequestError(AdapterHubError, ValueError):
     http_status = 400
 
 
+class AuthError(RequestError):
+    """An HTTP request lacks the server's API key (``Authorization: Bearer <ADAPTERHUB_API_KEY>``) or has
+    a wrong one."""
+
+    http_status = 401
+
+
 class MergeError(AdapterHubError, ValueError):
     """Merging or combining adapters failed (non-finite merged weights, bad combine method/density)."""
 

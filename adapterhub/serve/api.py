@@ -23,58 +23,66 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from adapterhub.errors import AdapterHubError, RequestError
+from adapterhub.errors import AdapterHubError, AuthError, RequestError
 from adapterhub.serve.engine import Engine
-from adapterhub.serve.openai import (chunk_json, completion_json, error_json, parse_chat, parse_completion,
-                                     parse_json, usage_chunk_json)
-from adapterhub.serve.requests import Delta, Finished
+from adapterhub.serve.openai import (ParsedRequest, chunk_json, completion_json, error_json, parse_chat,
+                                     parse_completion, parse_json, usage_chunk_json)
+from adapterhub.serve.requests import Delta, Finished, RequestHandle
 
 log = logging.getLogger("adapterhub.serve")
-
-
-class AuthError(RequestError):
-    http_status = 401
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     """``api_key`` None reads ``ADAPTERHUB_API_KEY``; when set, requests need ``Authorization: Bearer <key>``."""
     key = api_key if api_key is not None else os.environ.get("ADAPTERHUB_API_KEY") or None
-    tokenizer = engine.base.tokenizer
+    return Starlette(routes=_Handlers(engine, key).routes(), exception_handlers={HTTPException: _http_error})
 
-    def endpoint(handler, is_open: bool = False):
+
+class _Handlers:
+    """One app's state (the engine, its tokenizer, the API key) and one method per route."""
+
+    def __init__(self, engine: Engine, key: str | None):
+        self.engine = engine
+        self.tokenizer = engine.base.tokenizer
+        self.key = key
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._guard(self.chat_completions), methods=["POST"]),
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/adapters", self._guard(self.load_adapter), methods=["POST"]),
+            Route("/v1/adapters/{ref}", self._guard(self.unload_adapter), methods=["DELETE"]),
+            Route("/health", self._guard(self.health, is_open=True), methods=["GET"]),
+            Route("/metrics", self._guard(self.metrics), methods=["GET"]),
+        ]
+
+    def _guard(self, handler, is_open: bool = False):
+        """Checks the API key (unless `is_open`) and turns every error into a JSON response: the server
+        stays up whatever a handler raises."""
+
         @functools.wraps(handler)
-        async def wrapped(request: Request) -> Response:
+        async def guarded(request: Request) -> Response:
             try:
-                if key and not is_open:
-                    _check_key(request, key)
+                if self.key and not is_open:
+                    _check_key(request, self.key)
                 return await handler(request)
             except AdapterHubError as error:
                 return _error(error, error.http_status)
             except Exception as error:  # keep serving; the client gets a JSON 500
                 log.exception("unhandled error in %s", request.url.path)
                 return _error(error, 500)
-        return wrapped
 
-    async def submit(request: Request, is_chat: bool):
-        """Parses and queues a request; rejections (400/404/422/429) are counted by error class."""
-        try:
-            body = parse_json(await request.body())
-            if is_chat:
-                if not _has_chat_template(tokenizer):
-                    raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
-                parsed = parse_chat(body, tokenizer, engine.max_seq)
-            else:
-                parsed = parse_completion(body, tokenizer)
-            loop = asyncio.get_running_loop()
-            handle = await run_in_threadpool(engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
-                                             parsed.is_stream)
-        except AdapterHubError as error:
-            engine.metrics.count_request(type(error).__name__)
-            raise
-        return parsed, handle
+        return guarded
 
-    async def generate(request: Request, is_chat: bool) -> Response:
-        parsed, handle = await submit(request, is_chat)
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, is_chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, is_chat=True)
+
+    async def _generate(self, request: Request, is_chat: bool) -> Response:
+        parsed, handle = await self._submit(request, is_chat)
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + handle.id.split("-", 1)[1]
         if parsed.is_stream:
             return StreamingResponse(_sse(handle, request_id, is_chat, parsed.has_stream_usage),
@@ -86,13 +94,27 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
             handle.cancel()  # no-op when finished; frees the row if this task was cancelled
         return JSONResponse(completion_json(request_id, handle.model, text, done, is_chat))
 
-    async def completions(request: Request) -> Response:
-        return await generate(request, is_chat=False)
+    async def _submit(self, request: Request, is_chat: bool) -> tuple[ParsedRequest, RequestHandle]:
+        """Parses and queues a request; rejections (400/404/422/429) are counted by error class."""
+        try:
+            parsed = self._parse(parse_json(await request.body()), is_chat)
+            loop = asyncio.get_running_loop()
+            handle = await run_in_threadpool(self.engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
+                                             parsed.is_stream)
+        except AdapterHubError as error:
+            self.engine.metrics.count_request(type(error).__name__)
+            raise
+        return parsed, handle
 
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, is_chat=True)
+    def _parse(self, body: dict, is_chat: bool) -> ParsedRequest:
+        if not is_chat:
+            return parse_completion(body, self.tokenizer)
+        if not _has_chat_template(self.tokenizer):
+            raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
+        return parse_chat(body, self.tokenizer, self.engine.max_seq)
 
-    async def models(request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
+        engine = self.engine
         tasks = await run_in_threadpool(_registry_tasks, engine.source.registry)
         data = [_model_json(engine.base_name, "base")]
         data += [_model_json(name, "adapter", digest=digest, loaded=True)
@@ -100,41 +122,32 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         data += [_model_json(task, "task") for task in tasks]
         return JSONResponse({"object": "list", "data": data})
 
-    async def load_adapter(request: Request) -> Response:
+    async def load_adapter(self, request: Request) -> Response:
         body = parse_json(await request.body())
         ref = body.get("ref")
         if not isinstance(ref, str) or not ref:
             raise RequestError('the body must be {"ref": "<task@vN | task:tag | task>"}')
-        digest = await asyncio.wrap_future(await run_in_threadpool(engine.load_adapter, ref))
+        digest = await asyncio.wrap_future(await run_in_threadpool(self.engine.load_adapter, ref))
         return JSONResponse({"id": ref, "digest": digest, "loaded": True})
 
-    async def unload_adapter(request: Request) -> Response:
+    async def unload_adapter(self, request: Request) -> Response:
         ref = request.path_params["ref"]
-        digest = await asyncio.wrap_future(await run_in_threadpool(engine.unload_adapter, ref))
+        digest = await asyncio.wrap_future(await run_in_threadpool(self.engine.unload_adapter, ref))
         return JSONResponse({"id": ref, "digest": digest, "loaded": False})
 
-    async def health(request: Request) -> Response:
-        stats = engine.metrics.snapshot()
-        return JSONResponse({"status": "ok", "base": engine.base_name,
+    async def health(self, request: Request) -> Response:
+        stats = self.engine.metrics.snapshot()
+        return JSONResponse({"status": "ok", "base": self.engine.base_name,
                              "batch_size": stats["batch_size"], "queue_depth": stats["queue_depth"]})
 
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(engine.metrics.prometheus(len(engine.resident())),
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(self.engine.metrics.prometheus(len(self.engine.resident())),
                                  media_type="text/plain; version=0.0.4")
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(RequestError(f"{request.method} {request.url.path}: {exc.detail}"), exc.status_code)
 
-    routes = [
-        Route("/v1/completions", endpoint(completions), methods=["POST"]),
-        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
-        Route("/v1/models", endpoint(models), methods=["GET"]),
-        Route("/v1/adapters", endpoint(load_adapter), methods=["POST"]),
-        Route("/v1/adapters/{ref}", endpoint(unload_adapter), methods=["DELETE"]),
-        Route("/health", endpoint(health, is_open=True), methods=["GET"]),
-        Route("/metrics", endpoint(metrics), methods=["GET"]),
-    ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404 / 405 in the same JSON error shape as every other error."""
+    return _error(RequestError(f"{request.method} {request.url.path}: {exc.detail}"), exc.status_code)
 
 
 async def _sse(handle, request_id: str, is_chat: bool, has_usage: bool):

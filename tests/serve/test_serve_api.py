@@ -169,3 +169,10 @@ def test_a_failing_decode_step_fails_its_requests_with_500_and_the_server_keeps_
             assert engine.metrics.snapshot()["requests"] == {"RuntimeError": 1, "ok": 1}
     finally:
         engine.close()
+
+
+def test_the_401_error_is_in_the_one_error_hierarchy():
+    from adapterhub import errors
+    from adapterhub.serve import api
+    assert api.AuthError is errors.AuthError and errors.AuthError.http_status == 401
+    assert issubclass(errors.AuthError, errors.RequestError)  # `except RequestError` still catches it
