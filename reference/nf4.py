@@ -27,7 +27,8 @@ from reference import bf16
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # §1.3
 NESTED_BLOCKSIZE = 256  # §2.1
 DTYPES = ("float32", "bfloat16", "float16")
-STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+_STATE_PREFIX = "weight.quant_state.bitsandbytes__"  # + quant_type (§3.1)
+STATE_KEY = _STATE_PREFIX + "nf4"
 ZERO_CODE = 7  # NF4 code of 0.0: odd-n padding nibble, all-zero blocks (§1.3, §1.4)
 _MIN_DIVISOR = np.float32(1e-38)  # bnb divides by absmax.clamp(min=1e-38) (§1.2)
 
@@ -35,7 +36,7 @@ _MIN_DIVISOR = np.float32(1e-38)  # bnb divides by absmax.clamp(min=1e-38) (§1.
 def _table(hex_words, sha256):
     values = np.array([int(h, 16) for h in hex_words.split()], dtype=np.uint32).view(np.float32)
     if hashlib.sha256(values.astype("<f4").tobytes()).hexdigest() != sha256:
-        raise RuntimeError("reference/nf4.py: a hardcoded table does not match its SHA-256 (SEMANTICS §1.1/§2.2)")
+        raise RuntimeError(f"reference: a hardcoded table does not match its SHA-256 {sha256} (SEMANTICS §1.1/§2.2/§11.1)")
     return values
 
 
@@ -96,12 +97,19 @@ def _scaled(blocks, absmax):
     return np.clip(blocks * recip[:, None], np.float32(-1), np.float32(1))
 
 
-def nf4_codes(x, G):
-    """(n,) float32 -> codes uint8 (n,), absmax float32 (B,). Zero blocks give code 7 (§1.3)."""
+def codes_from_midpoints(x, G, midpoints, order=None):
+    """(n,) float32 -> codes uint8 (n,), absmax float32 (B,): code = order[number of `midpoints` (ascending,
+    float32) strictly below s] (§1.2); `order` maps sorted position -> code, None = identity. Shared with FP4."""
     blocks, absmax = _blocks(x, G)
     s = _scaled(blocks, absmax)
-    codes = np.searchsorted(NF4_MIDPOINTS, s.reshape(-1), side="left").astype(np.uint8)
+    pos = np.searchsorted(midpoints, s.reshape(-1), side="left")
+    codes = (pos if order is None else np.asarray(order)[pos]).astype(np.uint8)
     return codes[: x.size], absmax
+
+
+def nf4_codes(x, G):
+    """(n,) float32 -> codes uint8 (n,), absmax float32 (B,). Zero blocks give code 7 (§1.3)."""
+    return codes_from_midpoints(x, G, NF4_MIDPOINTS)
 
 
 def nearest_dynamic_index(s):
@@ -119,11 +127,12 @@ def bnb_cpu_dynamic_index(s):
     return nearest_dynamic_index(centres)[bins]
 
 
-def pack(codes):
-    """(n,) codes 0..15 -> uint8 ((n+1)//2, 1): element 2k in the high nibble, odd n padded with 7 (§1.4)."""
+def pack(codes, pad=ZERO_CODE):
+    """(n,) codes 0..15 -> uint8 ((n+1)//2, 1): element 2k in the high nibble, odd n padded with `pad`,
+    the code of 0.0 (7 for NF4, §1.4)."""
     codes = np.asarray(codes, dtype=np.uint8)
     if codes.size % 2:
-        codes = np.append(codes, np.uint8(ZERO_CODE))
+        codes = np.append(codes, np.uint8(pad))
     return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
 
 
@@ -146,6 +155,12 @@ def double_quantize(absmax, offset=None, index=nearest_dynamic_index):
 def quantize(w, blocksize=64, double_quant=True, dtype="float32", offset=None, index=nearest_dynamic_index):
     """Weight (any shape, n > 0) -> bitsandbytes-keyed state dict (module docstring, §1-§3.1).
     `dtype` names the original dtype; `index` picks the 8-bit index (bnb_cpu_dynamic_index on CPU)."""
+    return quantize_4bit(w, "nf4", NF4_CODE, nf4_codes, ZERO_CODE, blocksize, double_quant, dtype, offset, index)
+
+
+def quantize_4bit(w, quant_type, code, codes_fn, pad, blocksize, double_quant, dtype, offset, index):
+    """The body of `quantize`, shared with reference/fp4.py: codes_fn(x, G) -> codes (n,), absmax (B,);
+    `code` is the stored quant_map (16,), `pad` the odd-n nibble, `quant_type` names the blob and its key."""
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} not in {BLOCKSIZES}")
     if dtype not in DTYPES:
@@ -154,9 +169,9 @@ def quantize(w, blocksize=64, double_quant=True, dtype="float32", offset=None, i
     x = w.astype(np.float32).reshape(-1)  # row-major flatten (§1.3)
     if x.size == 0:
         raise ValueError("cannot quantize an empty weight")
-    codes, absmax = nf4_codes(x, blocksize)
-    sd = {"weight": pack(codes), "weight.quant_map": NF4_CODE.copy()}
-    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": dtype, "shape": list(w.shape)}
+    codes, absmax = codes_fn(x, blocksize)
+    sd = {"weight": pack(codes, pad), "weight.quant_map": code.copy()}
+    state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(w.shape)}
     if double_quant:
         q8, nested_absmax, offset = double_quantize(absmax, offset, index)
         sd["weight.absmax"] = q8
@@ -165,13 +180,14 @@ def quantize(w, blocksize=64, double_quant=True, dtype="float32", offset=None, i
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(offset))
     else:
         sd["weight.absmax"] = absmax
-    sd[STATE_KEY] = np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8).copy()  # §3.1
+    sd[_STATE_PREFIX + quant_type] = np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8).copy()  # §3.1
     return sd
 
 
 def quant_state(sd):
-    """The parsed JSON blob of a state dict (§3.1)."""
-    return json.loads(bytes(np.asarray(sd[STATE_KEY], dtype=np.uint8)).decode("utf-8"))
+    """The parsed JSON blob of a state dict (§3.1): its "weight.quant_state.bitsandbytes__<nf4|fp4>" key."""
+    key = next((k for k in sd if k.startswith(_STATE_PREFIX)), STATE_KEY)
+    return json.loads(bytes(np.asarray(sd[key], dtype=np.uint8)).decode("utf-8"))
 
 
 def dequantize_absmax(sd):
