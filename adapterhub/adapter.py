@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from adapterhub.errors import AdapterFormatError, ConfigError
+from adapterhub.errors import AdapterFormatError, ConfigError, IncompatibleAdapterError
 from adapterhub.fsio import fsync_dir, write_replace
 from adapterhub.safetensors_io import DTYPE_CODES, RawTensor, read_safetensors, write_safetensors
 
@@ -378,6 +378,53 @@ class Adapter:
     def __repr__(self) -> str:
         kind = "DoRA" if self.config.use_dora else "LoRA"
         return f"Adapter({kind}, r={self.config.r}, modules={len(self._parts)}, nbytes={self.nbytes})"
+
+
+
+# --- an adapter against a base, and where an adapter comes from ---------------------------------
+
+
+def check_fits(adapter: Adapter, module_shapes: Mapping[str, tuple[int, int]], name: str) -> dict[str, AdapterModule]:
+    """The one check of an adapter against a base (the runtime's pool and the server both call it): LoRA /
+    DoRA tensors only, and every adapted module exists in the base with the same (Dout, Din).
+    module_shapes: the base's {HF module path: (Dout, Din)}. Returns adapter.modules(); raises
+    IncompatibleAdapterError naming the adapter, the module and both shapes."""
+    config = adapter.config
+    if config.modules_to_save or config.lora_bias or config.bias != "none":
+        raise IncompatibleAdapterError(
+            f"adapter {name!r} uses modules_to_save={config.modules_to_save!r} / lora_bias={config.lora_bias} / "
+            f"bias={config.bias!r}; adapterhub batches LoRA / DoRA tensors only; retrain without them")
+    for module, shape in adapter.module_shapes().items():
+        if module not in module_shapes:
+            known = sorted(module_shapes)
+            raise IncompatibleAdapterError(
+                f"adapter {name!r} targets module {module!r}, which the base model does not have (it has "
+                f"{len(known)} adaptable modules, e.g. {known[:3]}); was the adapter trained on another base?")
+        if tuple(shape) != tuple(module_shapes[module]):
+            raise IncompatibleAdapterError(
+                f"adapter {name!r} module {module!r} has (out, in) = {tuple(shape)} but the base layer is "
+                f"{tuple(module_shapes[module])}; the adapter was trained on a base of another size")
+    return adapter.modules()
+
+
+def adapter_source(source: Adapter | str | os.PathLike) -> Adapter | Path | str:
+    """Which kind of adapter source a user named: an `Adapter` as is, a PEFT directory as a `Path`, or a
+    registry ref as a `str`. One rule for the API and the CLI: a `str` is a ref unless it is clearly a path
+    (starts with "./", "../", "/" or "~", or holds a path separator, which no ref can); a `PathLike` is a
+    path. A bare name that is also an entry in the working directory is ambiguous: an error names both."""
+    if isinstance(source, Adapter):
+        return source
+    if isinstance(source, os.PathLike):
+        return Path(source).expanduser()
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"an adapter source is an Adapter, a PEFT directory or a registry ref, got {source!r}")
+    if source.startswith(("./", "../", "/", "~")) or source in (".", "..") or os.sep in source or "/" in source:
+        return Path(source).expanduser()
+    if os.path.lexists(source):  # an explicit ref ("task:tag", "task@v3") is ambiguous only if that name exists
+        raise ConfigError(
+            f"adapter {source!r} is ambiguous: it is read as a registry ref, but ./{source} also exists here; "
+            f"write './{source}' for the directory or '{source}:latest' (or another tag / @vN) for the registry task")
+    return source
 
 
 def _validate(config: AdapterConfig, tensors: Mapping[str, RawTensor]) -> dict[str, dict[str, np.ndarray]]:

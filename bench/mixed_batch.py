@@ -21,12 +21,12 @@ import time
 import torch
 
 from adapterhub.adapter import random_adapter
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.kv_cache import KVCache
-from adapterhub.runtime.loader import build_model
-from adapterhub.runtime.merge import merge_adapter, unmerge
-from adapterhub.runtime.pool import AdapterPool
-from adapterhub.runtime.tiny import random_weights
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.loader import build_model
+from adapterhub.runtime.adapters.merge import merge_adapter, unmerge
+from adapterhub.runtime.adapters.pool import AdapterPool
+from adapterhub.runtime.model.tiny import random_weights
 from bench.timing import median_seconds
 
 CONFIG = ModelConfig(

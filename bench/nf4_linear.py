@@ -5,14 +5,14 @@
 For each weight shape (out, in) = 4096x4096 and 11008x4096 and each M (rows of x: 1 = decode, 32 = a
 decode batch, 2048 = prefill) it times, interleaved so that they share the machine's noise:
   dense      F.linear(x, W) with a dense bf16 W: the baseline
-  runtime    the runtime's NF4 linear: AdapterLinear (NF4 weight, ids=None) -> kernels.nf4_linear, which
-             takes the fused CPU kernel for M <= cpu_kernels.FUSED_MAX_ROWS, else dequantize into a
-             scratch buffer + F.linear (if the layer cannot be built, the same dispatch spelled out)
-  fused      cpu_kernels.nf4_linear (compiled kernel) for M <= 32, to show the crossover
+  runtime    the runtime's NF4 linear: AdapterLinear (NF4 weight, ids=None) -> its device's Ops.linear_4bit,
+             which takes the fused CPU kernel for M <= fused_4bit_max_rows, else dequantizes into a
+             scratch buffer + F.linear
+  fused      the compiled kernel (kernels/compiled.py nf4_linear) for M <= 32, to show the crossover
   bnb        bitsandbytes Linear4bit (nf4, double quant, bf16 compute, eval, no grad), repacked for its
              CPU kernel by a warm-up forward
-and prints medians in ms with ratios vs dense and vs bnb. Goals (issue 4): runtime <= 1.25x bnb at
-M=1, runtime <= 1.1x dense at M=2048.
+and prints medians in ms with ratios vs dense and vs bnb. Goals: runtime <= 1.25x bnb at M=1,
+runtime <= 1.1x dense at M=2048.
 """
 
 from __future__ import annotations
@@ -25,35 +25,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from adapterhub.runtime import cpu_kernels
+from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.kernels import compiled, ops_for
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out_features, in_features)
 ROWS = [1, 32, 2048]
 
 
-def runtime_linear(w: torch.Tensor):
-    """The runtime's NF4 layer for weight w (N, K) bf16, called with ids=None; None if unavailable."""
-    try:
-        from adapterhub.runtime.linear import AdapterLinear
-
-        layer = AdapterLinear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
-        layer.load_nf4(w)
-    except Exception as exc:  # the runtime's NF4 layer is optional here: report, then bench the kernel alone
-        print(f"# AdapterLinear.load_nf4 failed ({type(exc).__name__}: {exc}); 'runtime' = its dispatch, spelled out")
-        return None, None
-    return (lambda x: layer(x, None)), (layer.nf4_packed, layer.nf4_absmax)
-
-
-def dispatch_linear(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int):
-    """What kernels.nf4_linear does on the CPU: fused for few rows, else dequantize + one GEMM."""
-    scratch = torch.empty(N, K, dtype=torch.bfloat16)
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // K <= cpu_kernels.FUSED_MAX_ROWS:
-            return cpu_kernels.nf4_linear(x, packed, absmax, N, K)
-        return F.linear(x, cpu_kernels.nf4_dequantize(packed, absmax, N, K, out=scratch))
-
-    return linear
+def runtime_linear(w: torch.Tensor) -> AdapterLinear:
+    """The runtime's NF4 layer for weight w (N, K) bf16 (called with ids=None)."""
+    return AdapterLinear.from_dense(w, dtype=torch.bfloat16, quantize="nf4")
 
 
 def bnb_linear(w: torch.Tensor):
@@ -66,13 +47,6 @@ def bnb_linear(w: torch.Tensor):
     layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer = layer.to("cpu").eval()  # quantizes on the move to a device
     return layer
-
-
-def random_packed(N: int, K: int):
-    """Any NF4 bytes time the same; used when the runtime cannot quantize (runtime.nf4 missing)."""
-    g = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8, generator=g)
-    return packed, torch.rand(N * K // 64, generator=g) * 0.05
 
 
 def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -101,25 +75,22 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, cpu_kernels.available()="
-          f"{cpu_kernels.available()}, FUSED_MAX_ROWS={cpu_kernels.FUSED_MAX_ROWS}; medians in ms")
+    lib, ops = compiled.library(), ops_for("cpu")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, ops {ops.name}, "
+          f"fused_4bit_max_rows={ops.fused_4bit_max_rows}; medians in ms")
     header = f"{'out x in':>11} {'M':>5} {'dense':>8} {'runtime':>8} {'fused':>8} {'bnb':>8}  {'rt/dense':>8} {'rt/bnb':>7}"
     print(header)
     for N, K in SHAPES:
-        # Layers are built outside inference mode (they update their buffers in place), run inside it.
         w = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
-        runtime, nf4_tensors = runtime_linear(w)
-        packed, absmax = nf4_tensors if nf4_tensors else random_packed(N, K)
-        if runtime is None and cpu_kernels.available():
-            runtime = dispatch_linear(packed, absmax, N, K)
+        layer = runtime_linear(w)
+        packed, absmax = layer.weight.packed, layer.weight.absmax_f32
         bnb = bnb_linear(w)
         for M in ROWS:
             x = torch.randn(1, M, K, dtype=torch.bfloat16)
             fns = {"dense": lambda: F.linear(x, w)}
-            if runtime is not None:
-                fns["runtime"] = lambda: runtime(x)
-            if cpu_kernels.available() and M <= 32:
-                fns["fused"] = lambda: cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+            fns["runtime"] = lambda: layer(x, None)
+            if lib is not None and M <= 32:
+                fns["fused"] = lambda: lib.nf4_linear(x, packed, absmax, N, K)
             if bnb is not None:
                 fns["bnb"] = lambda: bnb(x)
             with torch.inference_mode():

@@ -4,13 +4,13 @@
     python cuda/bench.py [--quick]        # the same, if another package named `cuda` shadows this one
 
 Sections (bf16, Llama-2-7B shapes: D = 4096, F = 11008, NF4 block 64):
-1. nf4_dequantize into bf16, against the torch path of runtime/kernels.py on the same GPU.
-2. NF4 linear at M = 1 (the fused GEMV) against dense bf16 F.linear (issue 6: >= 3.5x), the torch path
+1. nf4_dequantize into bf16, against the torch Ops (runtime/kernels/ops.py) on the same GPU.
+2. NF4 linear at M = 1 (the fused GEMV) against dense bf16 F.linear (target: >= 3.5x), the torch path
    (dequantize + F.linear) and bitsandbytes' 4-bit GEMV where installed; then a row sweep, GEMV against
    dequantize + GEMM, to place kGemvMaxRows in cuda/csrc/ops.cpp.
 3. lora_shrink / lora_expand at decode: 32 rows, 32 distinct r = 16 adapters (+ slot 0), DoRA scale on.
 4. Batched-LoRA decode overhead: the 7 projections of one Llama-2-7B layer at 32 decode rows, NF4 base,
-   with and without 32 distinct r = 16 adapters (issue 6: <= 10 %). The attention, norms and the rest
+   with and without 32 distinct r = 16 adapters (target: <= 10 %). The attention, norms and the rest
    of a real decode step are not counted, so this overhead is an upper bound for the whole step.
 
 Timing: each op is captured several times in a CUDA graph (no Python or launch overhead, as a decode
@@ -24,14 +24,15 @@ move at least (inputs read once, outputs written once) / time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from adapterhub.runtime import cuda_ops, kernels, nf4
+from adapterhub.runtime.kernels import Ops
+from adapterhub.runtime.kernels import cuda as cuda_ops
+from adapterhub.runtime.quant.nf4 import NF4
 
 D, FF, G, R, ROWS, SLOTS = 4096, 11008, 64, 16, 32, 33
 BF16 = torch.bfloat16
@@ -95,29 +96,19 @@ def median_us(step, calls: int, repeats: int, capture: bool = True) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def torch_path():
-    """Run runtime/kernels.py's torch LoRA code on CUDA tensors (its dispatch caches the cuda_ops module)."""
-    saved = kernels._cuda_state.get("ops")
-    kernels._cuda_state["ops"] = None
-    try:
-        yield
-    finally:
-        kernels._cuda_state["ops"] = saved
+_TORCH: dict[str, Ops] = {}
 
 
-_CODE: dict[torch.device, torch.Tensor] = {}
+def torch_ops() -> Ops:
+    """The torch twin of the CUDA ops on the GPU (kernels/ops.py), built once before any graph capture."""
+    if "ops" not in _TORCH:
+        _TORCH["ops"] = Ops(torch.device("cuda", torch.cuda.current_device()))
+    return _TORCH["ops"]
 
 
 def torch_dequantize(packed, absmax, out):
-    """The torch formulation of runtime/kernels.py::nf4_dequantize (its non-CPU path), run on the GPU.
-    Written out here because kernels.py sends bf16 / block-64 inputs to the CPU kernel on any device."""
-    if out.device not in _CODE:  # copied once, before any graph capture
-        _CODE[out.device] = nf4.NF4_CODE.to(out.device)
-    code = _CODE[out.device]
-    codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).view(-1, G).long()  # (n/G, G)
-    out.view(-1, G).copy_(code[codes] * absmax.view(-1, 1))
-    return out
+    """Ops.dequantize_4bit, the torch formulation, on the GPU."""
+    return torch_ops().dequantize_4bit(packed, absmax, NF4, G, out)
 
 
 def nf4_weights(Dout: int, Din: int, copies: int):
@@ -233,13 +224,12 @@ def bench_lora(repeats, peak_gbs) -> None:
     shrink_bytes, expand_bytes = lora_bytes(D, D, ROWS)
     for name, op, twin, moved in (
         ("lora_shrink", lambda i: cuda_ops.lora_shrink(x, stacks[i][0], ids),
-         lambda i: kernels.lora_shrink(x, stacks[i][0], ids), shrink_bytes),
+         lambda i: torch_ops().lora_shrink(x, stacks[i][0], ids), shrink_bytes),
         ("lora_expand", lambda i: cuda_ops.lora_expand(y, h, stacks[i][1], ids, *stacks[i][2:]),
-         lambda i: kernels.lora_expand(y, h, stacks[i][1], ids, *stacks[i][2:]), expand_bytes),
+         lambda i: torch_ops().lora_expand(y, h, stacks[i][1], ids, *stacks[i][2:]), expand_bytes),
     ):
         us = median_us(op, len(stacks), repeats)
-        with torch_path():  # eager: the torch path reads ids on the host (kernels._dense_over_slots)
-            base = median_us(twin, len(stacks), repeats, capture=False)
+        base = median_us(twin, len(stacks), repeats, capture=False)  # eager: the torch ops read ids on the host
         row(f"{name} {D}->{R}" if name == "lora_shrink" else f"{name} {R}->{D}", us, moved, peak_gbs, base,
             "torch path, eager")
 
@@ -264,7 +254,7 @@ def bench_decode_overhead(repeats, targets_sets) -> None:
     for label, targets in targets_sets.items():
         us = median_us(lambda i: layer_step(i, targets), layers, repeats)
         print(f"{'+ LoRA/DoRA on ' + label:<44} {us:9.1f} us   overhead {100 * (us - base) / base:5.1f} % "
-              "(issue 6 target <= 10 %)")
+              "(target <= 10 %)")
 
 
 def main() -> None:

@@ -4,10 +4,10 @@
    against torch's headers (skipped without nvcc; in CI with nvcc it must pass).
 2. The kernels themselves, run on the CPU: ``cuda/csrc/*.cu`` built with g++ and
    ``cuda/emulator/host_shim.h`` (threads as fibers), called through their raw-pointer launchers and
-   compared with the torch twins in ``runtime/kernels.py`` under ``kernels.TOLERANCE``. This checks
+   compared with the torch twins (``runtime/kernels/ops.py``) under ``kernels/tolerance.py``. This checks
    indexing, nibble order, reductions and roundings, not speed or the GPU memory model
    (``tests/gpu`` does that on a GPU).
-3. ``runtime/cuda_ops``: quiet without CUDA, and its fake implementations agree with the schemas of
+3. ``runtime/kernels/cuda.py``: quiet without CUDA, and its fake implementations agree with the schemas of
    ``ops.cpp`` (``torch.library.opcheck`` against CPU implementations that call the twins).
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub.runtime import cuda_ops, kernels
-from tests.cuda_semantics import dequantize_semantics, expand_semantics
+from adapterhub.runtime.kernels import cuda as cuda_ops
+from adapterhub.runtime.kernels.tolerance import IMPLEMENTATIONS
+from tests.cuda_semantics import twin, dequantize_semantics, expand_semantics
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "cuda"
@@ -78,7 +79,7 @@ def _args(*values):
 
 
 def _assert_close(actual, expected, dtype):
-    atol, rtol = kernels.TOLERANCE[dtype]
+    atol, rtol = IMPLEMENTATIONS[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
 
 
@@ -104,7 +105,7 @@ def test_emulated_nf4_dequantize_is_bit_exact(emulated, dtype, numel, blocksize)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 def test_emulated_nf4_gemv_matches_linear_semantics(emulated, dtype, rows):
-    # Semantics of kernels.nf4_linear: y = (x.float() @ W.float().T).to(x.dtype), W dequantized to x.dtype.
+    # Semantics of Ops.linear_4bit: y = (x.float() @ W.float().T).to(x.dtype), W dequantized to x.dtype.
     N, K, blocksize = 12, 1088, 128  # 34 chunks: lanes 0, 1 take two steps; blocks span rows (1088 % 128 != 0)
     packed, absmax = _random_nf4(N * K, blocksize, seed=rows)
     absmax /= 8
@@ -138,7 +139,7 @@ def test_emulated_lora_shrink_matches_twin(emulated, dtype, R, Din):
     ids = torch.tensor([2, 0, 3])
     h = torch.full((Bsz, T, R), float("nan"), dtype=dtype)
     emulated.launch_lora_shrink(*_args(x, A, ids, Bsz * T, T, Din, R, h, dtype))
-    expected = kernels.lora_shrink(x, A, ids)
+    expected = twin.lora_shrink(x, A, ids)
     assert expected[0].abs().max() > 0.1  # a row with an adapter
     assert torch.all(expected[1] == 0)  # slot 0
     _assert_close(h, expected, dtype)
@@ -157,7 +158,7 @@ def test_emulated_lora_expand_matches_twin(emulated, dtype, Dout, is_dora):
     dora_scale = dora if is_dora else None
     y = y0.clone()
     emulated.launch_lora_expand(*_args(y, h, B, ids, scaling, dora_scale, Bsz * T, T, Dout, R, dtype))
-    expected = kernels.lora_expand(y0.clone(), h, B, ids, scaling, dora_scale)
+    expected = twin.lora_expand(y0.clone(), h, B, ids, scaling, dora_scale)
     assert not torch.equal(expected[0], y0[0])  # the adapter changes its row
     assert torch.equal(expected[1], y0[1])  # slot 0 leaves its row alone
     _assert_close(y, expected, dtype)
@@ -166,7 +167,7 @@ def test_emulated_lora_expand_matches_twin(emulated, dtype, Dout, is_dora):
         assert (y == expand_semantics(y0, h, B, ids, scaling, dora_scale)).float().mean() > 0.95
 
 
-# --- runtime/cuda_ops without CUDA ------------------------------------------------------------------
+# --- runtime/kernels/cuda.py without CUDA ------------------------------------------------------------------
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -177,17 +178,18 @@ def test_cuda_ops_unavailable_quietly_without_cuda():
     assert [p.name for p in cuda_ops.sources()][0] == "ops.cpp"
 
 
-def test_cpu_forward_never_imports_cuda_ops():
-    """On CPU tensors the runtime's ops never touch runtime/cuda_ops (checked in a fresh interpreter)."""
+def test_cpu_forward_never_loads_the_cuda_extension():
+    """A CPU forward never asks for the CUDA extension (checked in a fresh interpreter): ops_for('cpu') resolves
+    without it, and nothing is built or registered under torch.ops.adapterhub."""
     code = (
-        "import sys, torch\n"
-        "from adapterhub.runtime import kernels\n"
-        "x, A, B = torch.randn(2, 1, 64), torch.randn(3, 8, 64), torch.randn(3, 8, 32)\n"
-        "B[0] = 0  # slot 0: no adapter\n"
-        "ids = torch.tensor([2, 0])\n"
-        "y = kernels.lora_expand(torch.zeros(2, 1, 32), kernels.lora_shrink(x, A, ids), B, ids, torch.ones(3))\n"
-        "assert y[0].abs().max() > 0 and y[1].abs().max() == 0\n"
-        "print('cuda_ops imported' if 'adapterhub.runtime.cuda_ops' in sys.modules else 'clean')\n"
+        "import torch\n"
+        "from adapterhub.runtime import load_base\n"
+        "from adapterhub.runtime.kernels import cuda, ops_for\n"
+        "base = load_base('tiny', compute_dtype=torch.float32)\n"
+        "assert base(torch.tensor([[256, 72, 105]])).abs().max() > 0\n"
+        "assert ops_for('cpu').name != 'cuda'\n"
+        "loaded = cuda.available.cache_info().currsize or hasattr(torch.ops.adapterhub, 'lora_shrink')\n"
+        "print('cuda touched' if loaded else 'clean')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
@@ -207,7 +209,7 @@ def schemas_on_cpu():
         library.define(schema)
 
     def lora_expand_cpu(y, h, B_stack, ids, scaling, dora_scale):
-        kernels.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
+        twin.lora_expand(y, h, B_stack, ids, scaling, dora_scale)
 
     def nf4_dequantize_cpu(packed, absmax, blocksize, out):
         out.copy_(dequantize_semantics(packed.view(-1), absmax, blocksize, out.numel()).view_as(out))
@@ -216,7 +218,7 @@ def schemas_on_cpu():
         W = dequantize_semantics(packed.view(-1), absmax, blocksize, out_features * in_features)
         return torch.nn.functional.linear(x, W.to(x.dtype).view(out_features, in_features))
 
-    library.impl("lora_shrink", kernels.lora_shrink, "CPU")
+    library.impl("lora_shrink", twin.lora_shrink, "CPU")
     library.impl("lora_expand", lora_expand_cpu, "CPU")
     library.impl("nf4_dequantize", nf4_dequantize_cpu, "CPU")
     library.impl("nf4_linear", nf4_linear_cpu, "CPU")

@@ -1,37 +1,49 @@
 """`Base`: what `load_base` returns; the one object users and the serving engine hold (docs/runtime.md).
 
 It composes the model, its tokenizer and the adapter pool; the work happens in the modules it
-delegates to (runtime/generate.py for the step API and generation, runtime/pool.py for adapters,
-runtime/merge.py for merging, runtime/loader.py for files).
+delegates to (generate.py for the step API and generation, adapters/ for the pool and merging,
+model/loader.py for files). It never opens a registry: a registry ref is resolved through the
+`registry` the caller passes (any object with ``load(ref) -> Adapter``, e.g. ``adapterhub.Registry``).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
-from adapterhub.adapter import Adapter
+from adapterhub.adapter import Adapter, adapter_source
 from adapterhub.errors import ConfigError, RequestError
 from adapterhub.runtime import generate as gen
-from adapterhub.runtime import loader, merge
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.kv_cache import KVCache
-from adapterhub.runtime.model import Transformer
-from adapterhub.runtime.pool import AdapterPool
-from adapterhub.runtime.tokenizer import Tokenizer
+from adapterhub.runtime.adapters import merge
+from adapterhub.runtime.adapters.pool import AdapterPool
+from adapterhub.runtime.model import loader
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.model import Transformer
+from adapterhub.runtime.model.tokenizer import Tokenizer
+from adapterhub.runtime.quant import formats
+
+
+class AdapterStore(Protocol):
+    """What the runtime needs of a registry: ``adapterhub.Registry`` is one."""
+
+    def load(self, ref: str) -> Adapter: ...
 
 
 def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4",
               compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               max_adapters: int = 16) -> Base:
     """A base model with an adapter pool: "tiny" (embedded), a Hugging Face checkpoint dir, or a hub id
-    found in the local HF cache. quantize="nf4" stores the decoder linears in NF4 (a bitsandbytes 4-bit
-    checkpoint loads as saved whatever `quantize` says); None keeps them in `compute_dtype`."""
+    found in the local HF cache. quantize names the format of the decoder linears (quant/formats.py:
+    "nf4", ...; a bitsandbytes 4-bit checkpoint loads as saved whatever it says); None keeps them dense
+    in `compute_dtype`."""
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise ConfigError(f"compute_dtype must be a floating torch dtype such as torch.bfloat16, got {compute_dtype!r}")
+    formats.format_class(quantize)  # an unknown format fails before anything is read
     config, tokenizer, model = loader.load_parts(path_or_id, quantize, compute_dtype, torch.device(device))
     return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id))
 
@@ -46,21 +58,22 @@ class Base:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(Dout, Din) of every decoder linear, keyed by HF module path."""
-        return {name: (m.out_features, m.in_features) for name, m in self.model.linears().items()}
+        return self.pool.module_shapes()
 
-    def add_adapter(self, source, name: str | None = None, registry=None) -> str:
-        """Loads an `Adapter`, a PEFT dir or a registry ref (resolved in `registry`, default Registry())."""
-        if isinstance(source, Adapter):
-            adapter, default_name = source, "adapter"
-        elif Path(str(source)).is_dir():
-            adapter, default_name = Adapter.from_peft_dir(source), Path(source).name
-        elif isinstance(source, str):
-            from adapterhub.registry import Registry
-
-            registry = registry if isinstance(registry, Registry) else Registry(registry) if registry else Registry()
-            adapter, default_name = registry.load(source), source
+    def add_adapter(self, source: Adapter | str | os.PathLike, name: str | None = None,
+                    registry: AdapterStore | None = None) -> str:
+        """Loads an `Adapter`, a PEFT dir (a `Path`, or a str that is clearly a path: "./x", "/x", "~/x") or a
+        registry ref (any other str, read from `registry`); returns the name it is loaded under."""
+        kind = adapter_source(source)
+        if isinstance(kind, Adapter):
+            adapter, default_name = kind, "adapter"
+        elif isinstance(kind, Path):
+            adapter, default_name = Adapter.from_peft_dir(kind), kind.name
+        elif registry is None:
+            raise ConfigError(f"adapter {source!r} is a registry ref, and no registry was given: pass "
+                              f"registry=adapterhub.Registry(...), or './{source}' for a directory")
         else:
-            raise ConfigError(f"adapter source must be an Adapter, a PEFT dir or a registry ref; got {source!r}")
+            adapter, default_name = registry.load(kind), kind
         name = name or default_name
         self.pool.add(adapter, name)
         return name
@@ -69,7 +82,7 @@ class Base:
         self.pool.remove(name)
 
     def merge(self, name: str):
-        """Folds one adapter into the base weights (runtime/merge.py); returns its MergeReport."""
+        """Folds one adapter into the base weights (adapters/merge.py); returns its MergeReport."""
         return merge.merge_adapter(self.model.linears(), self.pool, name)
 
     def unmerge(self) -> str:
@@ -128,9 +141,7 @@ class Base:
             return gen.decode(self.model, cache, rows, tokens, self._ids(ids))
 
     def save_quantized(self, path: str | Path) -> Path:
-        """Writes the NF4 base as transformers + bitsandbytes save it; load_base(path) then skips quantizing."""
-        if not all(m.is_nf4 for m in self.model.linears().values()):
-            raise ConfigError("save_quantized needs an NF4 base; load it with quantize='nf4' first")
+        """Writes a 4-bit base as transformers + bitsandbytes save it; load_base(path) then skips quantizing."""
         return loader.save_quantized(path, self.config, self.model, self.tokenizer)
 
     # --- internals ------------------------------------------------------------------------------------

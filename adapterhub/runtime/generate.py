@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 from adapterhub.errors import RequestError
-from adapterhub.runtime.kv_cache import KVCache
-from adapterhub.runtime.model import Transformer
+from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.model import Transformer
 
 _M32 = 0xFFFFFFFF
 STOP_CHECK_EVERY = 8  # decode steps between host reads of the `done` flags (stopping needs a sync)

@@ -14,18 +14,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from adapterhub.adapter import random_adapter
+from adapterhub.registry import Registry
+from adapterhub.runtime import load_base
+
 # Same length (20 bytes = 20 tokens): no padding in the batch, so a bf16 row is computed exactly as alone.
 PROMPTS = ["The capital of Chile", "def fibonacci(nums):", "Once upon a time the", "SELECT id FROM users",
            "Translate to French:", "Summarize this news:"]
 
 
 def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
-    import torch
-
-    from adapterhub.adapter import random_adapter
-    from adapterhub.registry import Registry
-    from adapterhub.runtime import load_base
-
     started = time.perf_counter()
     new_tokens, repeats = (8, 1) if is_quick else (24, 3)
     echo("== 1. Base model ==")
@@ -33,7 +33,7 @@ def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
     # their blocking by batch size, so bf16 rows agree with solo runs only to rounding.)
     base = load_base("tiny", compute_dtype=torch.float32)
     c = base.config
-    storage = "NF4" if all(m.is_nf4 for m in base.model.linears().values()) else str(base.model.dtype)
+    storage = ", ".join(sorted({m.weight.format for m in base.model.linears().values()})).upper()
     echo(f"embedded tiny Llama: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
          f"decoder linears in {storage}, compute in {base.model.dtype} (so rows compare bit for bit).")
     echo("Its weights are random, so the text below is gibberish: what matters is that each row follows "
@@ -63,7 +63,7 @@ def run_demo(echo: Callable[[str], None], is_quick: bool = False) -> None:
         echo("== 3. Pull them back and load them into the base (one pool, one slot each) ==")
         for task, ref in refs.items():
             pulled = registry.pull(f"{task}:prod", Path(tmp) / "pulled" / task)
-            base.add_adapter(str(pulled), name=task)
+            base.add_adapter(pulled, name=task)
             echo(f"pulled {task}:prod (= {ref}) as a PEFT dir, loaded into pool slot {base.pool.slot(task)}")
 
     rows = ([None] + list(kinds)) * 2

@@ -12,8 +12,9 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from adapterhub.adapter import Adapter
-from adapterhub.errors import IncompatibleAdapterError, RefNotFoundError
+from adapterhub.adapter import Adapter, check_fits
+from adapterhub.errors import RefNotFoundError
+from adapterhub.registry.refs import parse_ref
 
 
 @dataclass(frozen=True)
@@ -24,33 +25,6 @@ class ResolvedModel:
     digest: str | None  # manifest digest "sha256:…", the pool key
     pinned_ref: str | None  # "task@sha256:…": reads exactly this version
     label: str  # "task@v3" where the registry says, for listings
-
-
-def task_of(ref: str) -> str:
-    """``task@v3`` / ``task:prod`` / ``task@sha256:…`` / ``task`` → ``task``."""
-    return ref.split("@", 1)[0].split(":", 1)[0]
-
-
-def check_compatible(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], ref: str) -> None:
-    """Every adapted module exists in the base with the same (Dout, Din), and the adapter holds LoRA
-    tensors only, as the adapter pool requires (else HTTP 422, before the request is queued)."""
-    config = adapter.config
-    if config.modules_to_save or config.lora_bias or config.bias != "none":
-        raise IncompatibleAdapterError(
-            f"adapter '{ref}' uses modules_to_save={config.modules_to_save!r} / lora_bias={config.lora_bias} / "
-            f"bias={config.bias!r}; the server batches LoRA / DoRA tensors only; retrain without them"
-        )
-    for name, shape in adapter.module_shapes().items():
-        if name not in module_shapes:
-            raise IncompatibleAdapterError(
-                f"adapter '{ref}' targets '{name}' but the base has no such module; it was trained "
-                f"for another base model (see 'adapterhub show {ref}')"
-            )
-        if tuple(shape) != tuple(module_shapes[name]):
-            raise IncompatibleAdapterError(
-                f"adapter '{ref}' module '{name}' has (out, in)={tuple(shape)} but the base has "
-                f"{tuple(module_shapes[name])}; it was trained for another base model"
-            )
 
 
 class AdapterSource:
@@ -71,11 +45,11 @@ class AdapterSource:
                 f"model '{model}' is not the base '{self.base_name}' and this server has no registry; "
                 f"start it with --registry or use model='{self.base_name}'"
             )
-        ref = model if ("@" in model or ":" in model) else f"{model}:latest"
-        resolved = self.registry.resolve(ref)
+        spec = parse_ref(model)  # a bare task means task:latest
+        resolved = self.registry.resolve(str(spec))
         digest = str(getattr(resolved, "digest", resolved))  # a ResolvedRef, or a bare digest
         label = str(resolved) if hasattr(resolved, "version") else model
-        return ResolvedModel(model, digest, f"{task_of(ref)}@{digest}", label)
+        return ResolvedModel(model, digest, f"{spec.task}@{digest}", label)
 
     def load(self, resolved: ResolvedModel) -> Adapter:
         """Reads and validates one adapter version; callers asking for the same digest wait on one read."""
@@ -99,6 +73,6 @@ class AdapterSource:
 
     def _read(self, resolved: ResolvedModel) -> Adapter:
         adapter = self.registry.load(resolved.pinned_ref)  # every blob re-hashed on the way
-        check_compatible(adapter, self._module_shapes, resolved.model)
+        check_fits(adapter, self._module_shapes, resolved.model)  # the pool's check, before the request queues
         return adapter
 

@@ -35,7 +35,7 @@ void launch_nf4_gemv(const void* x, const uint8_t* packed, const float* absmax, 
 void launch_lora_shrink(const void* x, const void* A_stack, const int64_t* ids, int64_t rows, int64_t tokens, int64_t K,
                         int64_t R, void* h, AdapterhubDType dtype, cudaStream_t stream);
 
-// In place, for each row m = b*T + t with slot n = ids[b] (roundings as runtime/kernels.py::lora_expand):
+// In place, for each row m = b*T + t with slot n = ids[b] (roundings as runtime/kernels/ops.py::Ops.lora_expand):
 //   hs = round(h[m] * scaling[n]);  y[m] = round(y[m] + hs @ B_stack[n]);  y[m] = round(y[m] * dora_scale[n])
 // h (B*T, R), B_stack (N, R, Dout) (lora_B transposed), scaling (N,) f32, dora_scale (N, Dout) f32 or null.
 void launch_lora_expand(void* y, const void* h, const void* B_stack, const int64_t* ids, const float* scaling,

@@ -1,6 +1,6 @@
 // lora_expand: the second half of batched LoRA plus the DoRA output scale, in place on the base output.
 //
-// CPU code reference (torch twin: adapterhub/runtime/kernels.py::lora_expand):
+// CPU code reference (torch twin: adapterhub/runtime/kernels/ops.py::Ops.lora_expand):
 //   for b, t:  n = ids[b]
 //              hs = (h[b, t].float() * scaling[n]).to(y.dtype)                       # (R,)
 //              v = (y[b, t].float() + hs.float() @ B_stack[n].float()).to(y.dtype)  # (R,) @ (R, Dout)

@@ -1,6 +1,6 @@
 // lora_shrink: the first half of batched LoRA, each row through its own adapter's A (Punica BGMV).
 //
-// CPU code reference (torch twin: adapterhub/runtime/kernels.py::lora_shrink):
+// CPU code reference (torch twin: adapterhub/runtime/kernels/ops.py::Ops.lora_shrink):
 //   for b, t:  n = ids[b]
 //              h[b, t] = (x[b, t].float() @ A_stack[n].float().T).to(x.dtype)   # (Din,) @ (Din, R) -> (R,)
 // Flattened here to rows m = b * T + t; a row's slot is ids[m / T].

@@ -1,7 +1,7 @@
 // nf4_gemv: y = x @ dequant(W)^T for a few rows of x, reading W in NF4 (decode-time linear); the
 // few-row path of the nf4_linear op (cuda/csrc/ops.cpp).
 //
-// CPU code reference (torch twin: adapterhub/runtime/kernels.py::nf4_linear):
+// CPU code reference (torch twin: adapterhub/runtime/kernels/ops.py::Ops.linear_4bit):
 //   W = nf4_dequantize(packed, absmax, G, empty(N, K, dtype=x.dtype))   # (N, K)
 //   y = (x.float() @ W.float().T).to(x.dtype)                            # (M, K) @ (K, N) -> (M, N)
 // Deviation, by design (allowed by the twin's docstring): W is never rounded to bf16/fp16 here. Each

@@ -3,7 +3,7 @@
 // Each op validates every argument (device, dtype, contiguity, shape, alignment) with a message that
 // names the values, then calls its raw-pointer launcher (launchers.h) on the current CUDA stream of
 // the tensors' device, then checks the launch error. Semantics and shapes: cuda/README.md and the
-// torch twins in adapterhub/runtime/kernels.py; fake (meta) implementations: runtime/cuda_ops.py.
+// torch twins in adapterhub/runtime/kernels/ops.py; fake (meta) implementations: runtime/kernels/cuda.py.
 #include <cstdint>
 #include <optional>
 #include <vector>

@@ -1,7 +1,7 @@
-"""The CUDA ops (runtime/cuda_ops, cuda/csrc) against their torch twins (runtime/kernels) at Llama shapes.
+"""The CUDA ops (runtime/kernels/cuda.py, cuda/csrc) against their torch twins (kernels/ops.py) at Llama shapes.
 
-The twin runs on CPU copies of the inputs (on CUDA tensors kernels.py would dispatch to the op under
-test). Tolerances: kernels.TOLERANCE, the one table. Shapes: Llama-2-7B / Llama-3-8B projections
+The twin runs on CPU copies of the inputs (tests/cuda_semantics.py). Tolerances: kernels/tolerance.py's
+IMPLEMENTATIONS, the one table. Shapes: Llama-2-7B / Llama-3-8B projections
 (D = 4096, F = 11008), 32..128 rows, ranks 8..64, 33 slots (32 adapters + slot 0), bf16 and fp16.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub.runtime import cuda_ops, kernels
-from tests.cuda_semantics import expand_semantics
+from adapterhub.runtime.kernels import cuda as cuda_ops
+from adapterhub.runtime.kernels.tolerance import IMPLEMENTATIONS
+from tests.cuda_semantics import twin, expand_semantics
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +28,7 @@ def built():
 
 
 def _assert_close(actual, expected, dtype):
-    atol, rtol = kernels.TOLERANCE[dtype]
+    atol, rtol = IMPLEMENTATIONS[dtype]
     torch.testing.assert_close(actual.cpu().float(), expected.float(), atol=atol, rtol=rtol)
 
 
@@ -67,7 +68,7 @@ def _cpu(*tensors):
 def test_nf4_dequantize_is_bit_exact(dtype, Dout, Din):
     packed, absmax = _nf4_weight(Dout, Din, seed=Dout + Din)
     out = cuda_ops.nf4_dequantize(packed, absmax, G, torch.empty(Dout, Din, dtype=dtype, device="cuda"))
-    expected = kernels.nf4_dequantize(*_cpu(packed, absmax), G, torch.empty(Dout, Din, dtype=dtype))
+    expected = twin.nf4_dequantize(*_cpu(packed, absmax), G, torch.empty(Dout, Din, dtype=dtype))
     assert torch.equal(out.cpu(), expected)
 
 
@@ -78,7 +79,7 @@ def test_nf4_linear_matches_twin(dtype, rows, Dout, Din):
     packed, absmax = _nf4_weight(Dout, Din, seed=rows)
     x = torch.randn(rows, 1, Din, generator=torch.Generator().manual_seed(rows)).to(dtype).cuda()  # (B, T, Din)
     y = cuda_ops.nf4_linear(x, packed, absmax, G, Dout, Din)
-    expected = kernels.nf4_linear(*_cpu(x, packed, absmax), G, Dout, Din)
+    expected = twin.nf4_linear(*_cpu(x, packed, absmax), G, Dout, Din)
     assert y.shape == (rows, 1, Dout) and expected.abs().max() > 1
     _assert_close(y, expected, dtype)
 
@@ -89,7 +90,7 @@ def test_nf4_linear_accepts_an_offset_view():
     x = torch.randn(1, D + 1, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).cuda()[:, 1:]
     assert x.is_contiguous() and x.data_ptr() % 16 != 0
     y = cuda_ops.nf4_linear(x, packed, absmax, G, D, D)
-    _assert_close(y, kernels.nf4_linear(*_cpu(x.contiguous(), packed, absmax), G, D, D), torch.bfloat16)
+    _assert_close(y, twin.nf4_linear(*_cpu(x.contiguous(), packed, absmax), G, D, D), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,7 +99,7 @@ def test_nf4_gemv_at_any_row_count_matches_twin(dtype, rows):
     packed, absmax = _nf4_weight(F, D, seed=rows)
     x = torch.randn(rows, D, generator=torch.Generator().manual_seed(rows)).to(dtype).cuda()
     y = cuda_ops.nf4_gemv(x, packed, absmax, G, F)
-    expected = kernels.nf4_linear(*_cpu(x, packed, absmax), G, F, D)
+    expected = twin.nf4_linear(*_cpu(x, packed, absmax), G, F, D)
     _assert_close(y, expected, dtype)
 
 
@@ -111,7 +112,7 @@ def test_lora_shrink_matches_twin(dtype, Bsz, T, R, Din):
     x = torch.randn(Bsz, T, Din, generator=torch.Generator().manual_seed(Bsz)).to(dtype).cuda()
     ids = _ids(Bsz, seed=T)
     h = cuda_ops.lora_shrink(x, A, ids)
-    expected = kernels.lora_shrink(*_cpu(x, A, ids))
+    expected = twin.lora_shrink(*_cpu(x, A, ids))
     assert expected[0].abs().max() > 0.1 and torch.all(expected[1] == 0)  # adapter rows act, slot 0 not
     _assert_close(h, expected, dtype)
 
@@ -129,7 +130,7 @@ def test_lora_expand_matches_twin(dtype, Bsz, T, R, Dout, is_dora):
     ids = _ids(Bsz, seed=R)
     dora_scale = dora if is_dora else None
     y = cuda_ops.lora_expand(y0.clone(), h, B, ids, scaling, dora_scale)
-    expected = kernels.lora_expand(*_cpu(y0.clone(), h, B, ids, scaling, dora_scale))
+    expected = twin.lora_expand(*_cpu(y0.clone(), h, B, ids, scaling, dora_scale))
     assert not torch.equal(expected[0], y0[0].cpu()) and torch.equal(expected[1], y0[1].cpu())
     _assert_close(y, expected, dtype)
     # The kernel mirrors every rounding of the Semantics; only the order of the R fp32 products differs.

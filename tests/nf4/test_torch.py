@@ -1,7 +1,7 @@
 """adapterhub.nf4 bit-identical to reference/nf4.py (NumPy), plus state-dict validation.
 
-Every test runs twice: on the compiled CPU kernels (where they build) and on the torch path, forced by
-making cpu_kernels.available() False. tests/runtime/test_cpu_kernels.py compares the two paths directly."""
+Every test runs twice: on the device's ops (the compiled CPU kernels, where they build) and on the torch
+`Ops`, forced by making kernels.ops_for return it. tests/runtime/test_cpu_kernels.py compares the two directly."""
 
 import hashlib
 
@@ -11,8 +11,11 @@ import torch
 
 from adapterhub import nf4
 from adapterhub.errors import QuantizationError
-from adapterhub.runtime import cpu_kernels
-from adapterhub.runtime import nf4 as runtime_nf4
+from adapterhub.runtime import kernels
+from adapterhub.runtime.kernels import Ops, compiled
+from adapterhub.runtime.kernels import ops as ops_module
+from adapterhub.runtime.quant import fourbit, tables
+from adapterhub.runtime.quant.nf4 import NF4
 from reference import nf4 as R
 
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -22,8 +25,8 @@ NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "f
 def path(request, monkeypatch):
     """Which implementation quantize / dequantize_into use on the CPU."""
     if request.param == "torch":
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    elif not cpu_kernels.available():
+        monkeypatch.setattr(kernels, "ops_for", lambda device: Ops(device))
+    elif compiled.library() is None:
         pytest.skip("CPU NF4 kernels unavailable: the torch run covers this test")
     return request.param
 
@@ -44,19 +47,20 @@ def assert_same_state(q: nf4.NF4Weight, ref: dict) -> None:
 
 
 def test_tables_match_the_reference():
-    assert torch.equal(runtime_nf4.NF4_CODE, torch.from_numpy(R.NF4_CODE))
-    assert torch.equal(runtime_nf4.DYNAMIC_CODE, torch.from_numpy(R.DYNAMIC_CODE))
-    assert torch.equal(runtime_nf4.NF4_MIDPOINTS, torch.from_numpy(R.NF4_MIDPOINTS))
-    assert torch.equal(runtime_nf4.DYNAMIC_THRESHOLDS, torch.from_numpy(R.DYNAMIC_THRESHOLDS))
-    digest = hashlib.sha256(runtime_nf4.NF4_CODE.numpy().astype("<f4").tobytes()).hexdigest()
+    assert torch.equal(tables.NF4_CODE, torch.from_numpy(R.NF4_CODE))
+    assert torch.equal(tables.DYNAMIC_CODE, torch.from_numpy(R.DYNAMIC_CODE))
+    assert torch.equal(NF4.thresholds, torch.from_numpy(R.NF4_MIDPOINTS))
+    assert torch.equal(fourbit.DYNAMIC.thresholds, torch.from_numpy(R.DYNAMIC_THRESHOLDS))
+    assert tables.BLOCKSIZES == R.BLOCKSIZES and tables.NESTED_BLOCKSIZE == R.NESTED_BLOCKSIZE
+    digest = hashlib.sha256(tables.NF4_CODE.numpy().astype("<f4").tobytes()).hexdigest()
     assert digest == "8501941daa1b8a90ad1bbfeb632e5101b5dddbc4bb52d6e55abcfd777e60c06a"
 
 
 def test_code_table_on_every_threshold_and_neighbour():
     """The one-lookup coder equals counting thresholds, at and around each of them (ties lower)."""
     for coder, thresholds in [
-        (runtime_nf4._NF4_CODER, R.NF4_MIDPOINTS),
-        (runtime_nf4._DYNAMIC_CODER, R.DYNAMIC_THRESHOLDS),
+        (NF4.coder, R.NF4_MIDPOINTS),
+        (fourbit.DYNAMIC.coder, R.DYNAMIC_THRESHOLDS),
     ]:
         t = thresholds
         s = np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)), [0.0, -0.0, 1.0, -1.0]])
@@ -79,7 +83,7 @@ def test_quantize_and_dequantize_match_reference(shape, dtype):
         ref = reference_of(q, w)
         assert_same_state(q, ref)
         assert q.shape == tuple(shape) and q.dtype == dtype and q.packed.shape == ((w.numel() + 1) // 2, 1)
-        assert torch.equal(q.absmax_float32(), torch.from_numpy(R.dequantize_absmax(ref)))
+        assert torch.equal(q.absmax_f32, torch.from_numpy(R.dequantize_absmax(ref)))
         exact = torch.from_numpy(R.dequantize(ref))
         assert torch.equal(nf4.dequantize(q, torch.float32), exact)
         out = nf4.dequantize(q)  # the original dtype
@@ -90,7 +94,7 @@ def test_quantize_and_dequantize_match_reference(shape, dtype):
         assert (out.float() - w.float()).abs().max() > 0  # lossy: the comparison is not vacuous
 
 
-@pytest.mark.parametrize("blocksize", runtime_nf4.BLOCKSIZES)
+@pytest.mark.parametrize("blocksize", tables.BLOCKSIZES)
 def test_every_blocksize_with_zero_blocks_and_tails(blocksize):
     n = 3 * blocksize + 5
     w = torch.randn(n, generator=torch.Generator().manual_seed(blocksize))
@@ -111,16 +115,16 @@ def test_chunk_boundaries_and_large_weight():
     ref = reference_of(q, w)
     assert_same_state(q, ref)
     out = torch.empty(w.shape, dtype=torch.bfloat16)
-    assert nf4.dequantize_into(q, out, q.absmax_float32()) is out
+    assert nf4.dequantize_into(q, out) is out
     assert torch.equal(out.float(), torch.from_numpy(R.dequantize(ref, "bfloat16")))
 
 
 def test_state_dict_round_trip_and_prefix():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     q = nf4.quantize(w)
-    sd = q.state_dict("model.layers.0.mlp.up_proj.weight")
+    sd = q.state_dict("model.layers.0.mlp.up_proj.")
     sd["model.layers.0.mlp.up_proj.bias"] = torch.zeros(64)
-    back = nf4.NF4Weight.from_state_dict(sd, prefix="model.layers.0.mlp.up_proj.weight")
+    back = nf4.NF4Weight.from_state_dict(sd, prefix="model.layers.0.mlp.up_proj.")
     assert back.shape == (64, 96) and back.dtype == torch.bfloat16 and back.blocksize == 64 and back.double_quant
     assert torch.equal(back.offset, q.offset) and torch.equal(back.absmax, q.absmax)
     assert torch.equal(nf4.dequantize(sd), nf4.dequantize(q))  # prefix inferred from the single blob key
@@ -140,7 +144,7 @@ def _broken(mutate):
         (lambda sd: sd.pop("weight.absmax"), "lacks 'weight.absmax'"),
         (lambda sd: sd.__setitem__("weight.absmax", sd["weight.absmax"].float()), "must be torch.uint8"),
         (lambda sd: sd.__setitem__("weight", sd["weight"][:-1]), "256 elements"),
-        (lambda sd: sd.__setitem__("weight.quant_map", -sd["weight.quant_map"]), "NF4 codebook"),
+        (lambda sd: sd.__setitem__("weight.quant_map", -sd["weight.quant_map"]), "nf4 codebook"),
         (lambda sd: sd.__setitem__("weight.quant_state.bitsandbytes__fp4", sd["weight.quant_state.bitsandbytes__nf4"]), "exactly one"),
         (lambda sd: sd.__setitem__("weight.quant_state.bitsandbytes__nf4", torch.tensor([1, 2], dtype=torch.uint8)), "JSON"),
         (lambda sd: sd.__setitem__("weight.quant_state.bitsandbytes__nf4", torch.frombuffer(bytearray(
@@ -181,10 +185,10 @@ def test_worker_threads_do_not_change_results():
 
 
 def test_one_step_path_equals_chunked(monkeypatch):
-    """Off the CPU the whole weight is one step (_chunk); emulate it here with a huge chunk size."""
+    """Off the CPU the whole weight is one step (Ops.chunk); emulate it here with a huge chunk size."""
     w = torch.randn(300, 1000, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     chunked = nf4.quantize(w)
-    monkeypatch.setattr(runtime_nf4, "_CHUNK", 1 << 22)
+    monkeypatch.setattr(ops_module, "CPU_CHUNK", 1 << 22)
     whole = nf4.quantize(w)
     for key, value in chunked.state_dict().items():
         assert torch.equal(value, whole.state_dict()[key]), key
@@ -196,5 +200,5 @@ def test_parameters_quantize_like_plain_tensors():
     linear = torch.nn.Linear(64, 32)
     q = nf4.quantize(linear.weight)
     assert torch.equal(q.packed, nf4.quantize(linear.weight.detach()).packed)
-    assert not q.absmax_float32().requires_grad and not nf4.dequantize(q).requires_grad
+    assert not q.absmax_f32.requires_grad and not nf4.dequantize(q).requires_grad
 

@@ -2,9 +2,8 @@
 
 import pytest
 
+from adapterhub import adapter
 from reference import lora as ref
-
-adapter = pytest.importorskip("adapterhub.adapter")
 
 MODULES = [
     f"model.layers.{i}.{part}"

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from adapterhub.errors import MergeError  # noqa: E402
-from adapterhub.runtime import lora_math  # noqa: E402
+from adapterhub.runtime.adapters import lora_math  # noqa: E402
 from reference import combine  # noqa: E402
 
 WEIGHTS, SCALINGS, DENSITY = [0.7, -0.4], [2.0, 0.5], 0.5

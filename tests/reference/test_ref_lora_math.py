@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from adapterhub.errors import MergeError  # noqa: E402
-from adapterhub.runtime import lora_math  # noqa: E402
+from adapterhub.runtime.adapters import lora_math  # noqa: E402
 from reference import lora as ref  # noqa: E402
 
 S = 1.75  # alpha / r of a typical adapter, not a power of two

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from adapterhub.adapter import random_adapter
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.linear import AdapterLinear
-from adapterhub.runtime.pool import AdapterPool
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.adapters.pool import AdapterPool
 from reference import lora as ref_lora
 
 # A two-layer Llama-like set of projections with GQA-sized k/v and an MLP: {module: (Dout, Din)}.
@@ -43,11 +43,8 @@ def make_layers(weights, *, bias: bool = False, dtype=torch.float32, nf4: bool =
     g = torch.Generator().manual_seed(seed + 1)
     layers = {}
     for m, w in weights.items():
-        layer = AdapterLinear(w.shape[1], w.shape[0], bias, dtype=dtype)
-        layer.load_nf4(w) if nf4 else layer.load_dense(w)
-        if bias:
-            layer.bias.data = (torch.randn(w.shape[0], generator=g) * 0.1).to(dtype)
-        layers[m] = layer
+        b = torch.randn(w.shape[0], generator=g) * 0.1 if bias else None
+        layers[m] = AdapterLinear.from_dense(w, b, dtype=dtype, quantize="nf4" if nf4 else None)
     return layers
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapterhub.runtime.tiny import random_checkpoint
+from adapterhub.runtime.model.tiny import random_checkpoint
 from model_fixtures import FAMILIES, family_config
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.loader import build_model
-from adapterhub.runtime.tiny import random_checkpoint, random_weights
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.loader import build_model
+from adapterhub.runtime.model.tiny import random_checkpoint, random_weights
 
 # One tiny config.json per family, each exercising different features: GQA + llama3 RoPE scaling + attention
 # bias (Llama), head_dim != hidden/heads and a single KV head (Mistral), q/k/v bias + tied embeddings (Qwen2).

@@ -1,9 +1,9 @@
 """The compiled CPU NF4 kernels against an independent torch computation of the same semantics.
 
-Reference: W[i] = CODE[q_i] * absmax[i // 64] in fp32 (SEMANTICS §1.5), rounded to the compute dtype,
-then F.linear. The test packs its own codes (SEMANTICS §1.4, checked against the golden bytes) so it
-does not depend on the quantizer. The kernels' quantize (and runtime.nf4 on top of the kernels) is
-compared bit for bit with runtime.nf4's torch path, which tests/nf4 checks against reference/nf4.py.
+Reference: W[i] = CODE[q_i] * absmax[i // 64] in fp32 (semantics §1.5), rounded to the compute dtype,
+then F.linear. The test packs its own codes (semantics §1.4, checked against the golden bytes) so it
+does not depend on the quantizer. The kernels' quantize (and NF4Weight on top of the kernels) is compared
+bit for bit with the torch Ops' encoder, which tests/nf4 checks against reference/nf4.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from adapterhub.errors import QuantizationError
-from adapterhub.runtime import cpu_kernels
-from adapterhub.runtime import nf4 as runtime_nf4
+from adapterhub.runtime import kernels
+from adapterhub.runtime.kernels import Ops, blockwise, build, compiled
+from adapterhub.runtime.kernels.tolerance import FUSED_LINEAR
+from adapterhub.runtime.quant.nf4 import NF4, NF4Weight
+from adapterhub.runtime.quant.tables import BLOCKSIZES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# SEMANTICS §1.1, as float32.
+# semantics §1.1, as float32.
 CODE = torch.tensor(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -36,27 +39,32 @@ def _expected_available() -> bool:
     return (
         platform.system() == "Linux"
         and platform.machine() == "x86_64"
-        and "avx512f" in cpu_kernels._cpu_flags()
+        and "avx512f" in build.cpu_flags()
         and shutil.which(os.environ.get("CC", "cc")) is not None
         and os.environ.get("ADAPTERHUB_DISABLE_CPU_KERNELS", "") in ("", "0")
     )
 
 
 def test_builds_where_it_should():
-    # CI on x86-64 Linux with a compiler must not silently fall back to the torch path.
+    # CI on x86-64 Linux with a compiler must not silently fall back to the torch path: NF4 kernels on any
+    # AVX-512 CPU, the LoRA kernels where it has AVX-512 BW, and the CPU's ops are the compiled ones.
     if not _expected_available():
         pytest.skip("no x86-64 Linux / AVX-512 / C compiler here: the torch path is expected")
-    assert cpu_kernels.available()
+    assert compiled.library() is not None
+    assert compiled.library().has_lora == ("avx512bw" in build.cpu_flags().split())
+    ops = kernels.ops_for("cpu")
+    assert ops.name == "cpu-compiled" and ops.has_compiled_lora == compiled.library().has_lora
 
 
 def test_amx_is_used_where_the_cpu_has_it():
     # bf16 decode batches (2..32 rows) run on AMX tiles; a lost AMX permission would silently cost 5-8x.
-    if not (_expected_available() and "amx_bf16" in cpu_kernels._cpu_flags().split()):
+    if not (_expected_available() and "amx_bf16" in build.cpu_flags().split()):
         pytest.skip("no AMX here")
-    assert cpu_kernels.available() and cpu_kernels.FUSED_MAX_ROWS == 32
+    assert LIB.fused_max_rows == 32 and LIB.has_amx_lora and kernels.ops_for("cpu").fused_4bit_max_rows == 32
 
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU NF4 kernels unavailable")
+LIB = compiled.library()
+needs_kernels = pytest.mark.skipif(LIB is None, reason="CPU NF4 kernels unavailable")
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -90,12 +98,12 @@ def test_hand_computed_linear(dtype):
     N, K = 1, 64
     absmax = torch.tensor([0.5, 2.0, 4.0])
     x = torch.ones(1, 64, dtype=dtype)
-    y0 = cpu_kernels.nf4_linear(x, pack(codes[:64]), absmax[:1], N, K)
+    y0 = LIB.nf4_linear(x, pack(codes[:64]), absmax[:1], N, K)
     assert y0.item() == 32.0  # 64 * 1.0 * 0.5
     x2 = torch.ones(1, 128, dtype=dtype)
-    y1 = cpu_kernels.nf4_linear(x2, pack(codes[64:]), absmax[1:], 1, 128)
+    y1 = LIB.nf4_linear(x2, pack(codes[64:]), absmax[1:], 1, 128)
     expected = 4 * CODE.sum().item() * (2.0 + 4.0)  # each code 4 times per block
-    assert abs(y1.item() - expected) <= cpu_kernels.TOLERANCE[dtype] * 4 * CODE.abs().sum().item() * 6.0
+    assert abs(y1.item() - expected) <= FUSED_LINEAR[dtype] * 4 * CODE.abs().sum().item() * 6.0
 
 
 @needs_kernels
@@ -109,9 +117,9 @@ def test_linear_matches_torch_path(N, K, M, dtype):
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
     ref = F.linear(x, W.to(dtype))  # the torch path: weight rounded to the compute dtype, fp32 sums
     assert ref.abs().max() > 0
-    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+    y = LIB.nf4_linear(x, packed, absmax, N, K)
     assert y.shape == (M, N) and y.dtype == dtype
-    bound = cpu_kernels.TOLERANCE[dtype] * (x.float().abs() @ W.abs().T)  # (M, N)
+    bound = FUSED_LINEAR[dtype] * (x.float().abs() @ W.abs().T)  # (M, N)
     err = (y.float() - ref.float()).abs()
     assert (err <= bound).all(), f"max err {err.max().item():.3g}, where bound {bound[err > bound][0].item():.3g}"
 
@@ -122,9 +130,9 @@ def test_fp32_rows_do_not_depend_on_batch():
     N, K, M = 32, 256, 13
     packed, absmax, _ = random_nf4(N, K, seed=1)
     x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(2))
-    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+    y = LIB.nf4_linear(x, packed, absmax, N, K)
     assert y.shape == (2, M, N)
-    alone = torch.stack([cpu_kernels.nf4_linear(x[b, m], packed, absmax, N, K) for b in range(2) for m in range(M)])
+    alone = torch.stack([LIB.nf4_linear(x[b, m], packed, absmax, N, K) for b in range(2) for m in range(M)])
     assert torch.equal(y.reshape(-1, N), alone)
 
 
@@ -134,7 +142,7 @@ def test_linear_writes_into_out():
     packed, absmax, W = random_nf4(N, K, seed=3)
     x = torch.randn(2, K, dtype=torch.bfloat16)
     out = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
-    y = cpu_kernels.nf4_linear(x, packed, absmax, N, K, out=out)
+    y = LIB.nf4_linear(x, packed, absmax, N, K, out=out)
     assert y.data_ptr() == out.data_ptr() and not out.isnan().any()
 
 
@@ -142,7 +150,7 @@ def test_linear_writes_into_out():
 @pytest.mark.parametrize("N, K", [(64, 4096), (3, 192)])
 def test_dequantize_is_bit_identical(N, K):
     packed, absmax, W = random_nf4(N, K, seed=4, tiny_block=True)
-    out = cpu_kernels.nf4_dequantize(packed, absmax, N, K)
+    out = LIB.nf4_dequantize(packed, absmax, N, K)
     expected = W.to(torch.bfloat16)
     assert expected.view(-1)[128:192].abs().max() > 0  # the subnormal block is not flushed to zero
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
@@ -164,26 +172,31 @@ def test_bad_arguments_raise(change, match):
     absmax = torch.ones(max(1, N * K // 64), dtype=change.get("absmax_dtype", torch.float32))
     x = torch.ones(1, K, dtype=change.get("x_dtype", torch.bfloat16))
     with pytest.raises(QuantizationError, match=match):
-        cpu_kernels.nf4_linear(x, packed, absmax, N, K)
+        LIB.nf4_linear(x, packed, absmax, N, K)
 
 
-def test_disable_env_forces_torch_path(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_state", {})
+@pytest.fixture
+def fresh_library():
+    """compiled.library() decides once per process: forget that decision around the test."""
+    compiled.library.cache_clear()
+    yield compiled.library
+    compiled.library.cache_clear()
+
+
+def test_disable_env_turns_off_every_compiled_kernel(monkeypatch, fresh_library):
     monkeypatch.setenv("ADAPTERHUB_DISABLE_CPU_KERNELS", "1")
-    assert not cpu_kernels.available()
-    with pytest.raises(RuntimeError, match="not available"):
-        cpu_kernels.nf4_linear(torch.ones(1, 64), torch.zeros(32, dtype=torch.uint8), torch.ones(1), 1, 64)
+    assert fresh_library() is None  # the NF4 and the LoRA kernels: one library
+    assert type(kernels._resolve.__wrapped__(torch.device("cpu"))) is Ops  # what ops_for would resolve to
 
 
-def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, fresh_library):
     if not _expected_available():
         pytest.skip("no build to break here")
-    monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(UserWarning, match="torch path"):
-        assert not cpu_kernels.available()
-    assert not cpu_kernels.available()  # decided once: no second build, no second warning
+        assert fresh_library() is None
+    assert fresh_library() is None  # decided once: no second build, no second warning
     assert not any(Path(tmp_path, "kernels").glob("*.so"))  # no partial library left behind
 
 
@@ -191,10 +204,10 @@ def test_build_is_cached_by_content(monkeypatch, tmp_path):
     if not _expected_available():
         pytest.skip("no compiler here")
     monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
-    first = cpu_kernels._build()
+    first = build.build()
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert cpu_kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert build.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
 
 
 # --- quantize, and dequantize with any blocksize: against the torch path ---------------------------
@@ -206,7 +219,7 @@ def edge_weight(n: int, G: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     and a huge one (1e30)."""
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
     blocks = [w[i : i + G] for i in range(0, n, G)]
-    mids = torch.cat([torch.tensor([1.0, -1.0]), runtime_nf4.NF4_MIDPOINTS, -runtime_nf4.NF4_MIDPOINTS])
+    mids = torch.cat([torch.tensor([1.0, -1.0]), NF4.thresholds, -NF4.thresholds])
     if n % G:  # the short last block has its own code path in the kernel: ties there too
         blocks[-1].copy_(mids.repeat(G // mids.numel() + 1)[: n % G])
     if len(blocks) >= 5:
@@ -220,13 +233,13 @@ def edge_weight(n: int, G: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("blocksize", runtime_nf4.BLOCKSIZES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_kernel_encode_equals_torch_encode(blocksize, dtype):
     G = blocksize
     for k, n in enumerate([5 * G, 5 * G + 7, 6 * G + G - 1, 1, 3, G + 2, 7 * G + 1]):
         w = edge_weight(n, G, dtype, seed=G + k)
-        packed, absmax = cpu_kernels.nf4_quantize(w, G)
-        want_packed, want_absmax = runtime_nf4._encode(w, G, runtime_nf4._NF4_CODER)
+        packed, absmax = LIB.nf4_quantize(w, G)
+        want_packed, want_absmax = blockwise.encode(Ops("cpu"), w, NF4, G)
         assert torch.equal(absmax, want_absmax), (n, G)
         assert torch.equal(packed, want_packed), (n, G)
         if n >= 5 * G:  # the edge blocks are there: zero block 0x77, ties lower, clamped tiny block
@@ -240,30 +253,30 @@ def test_kernel_encode_equals_torch_encode(blocksize, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_quantize_and_dequantize_equal_torch_path(dtype, monkeypatch):
     cases = []
-    for G in runtime_nf4.BLOCKSIZES:
+    for G in BLOCKSIZES:
         w = edge_weight(5 * G + 3 + G % 3, G, dtype, seed=G).view(-1, 1)
-        cases.append((w, G, runtime_nf4.quantize(w, blocksize=G)))
-    fast = [(q, {t: runtime_nf4.dequantize(q, t) for t in DTYPES}) for _, _, q in cases]
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        cases.append((w, G, NF4Weight.quantize(w, blocksize=G)))
+    fast = [(q, {t: q.dequantize(t) for t in DTYPES}) for _, _, q in cases]
+    monkeypatch.setattr(kernels, "ops_for", lambda device: Ops(device))  # the torch path from here on
     for (w, G, _), (q, outs) in zip(cases, fast):
-        slow = runtime_nf4.quantize(w, blocksize=G)
+        slow = NF4Weight.quantize(w, blocksize=G)
         for key, value in slow.state_dict().items():
             assert torch.equal(q.state_dict()[key], value), (G, key)
         for t, out in outs.items():
-            want = runtime_nf4.dequantize(q, t)
+            want = q.dequantize_into(torch.empty(q.shape, dtype=t), Ops("cpu"))
             assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), (G, t)  # the bits, NaN-free
     assert any(torch.isinf(outs[torch.float16]).any() for _, outs in fast) or dtype == torch.float16
 
 
 @needs_kernels
-@pytest.mark.parametrize("blocksize", cpu_kernels.QUANT_BLOCKSIZES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_dequantize_blocks_is_bit_identical(blocksize):
     G, g = blocksize, torch.Generator().manual_seed(blocksize)
     codes = torch.randint(0, 16, (3 * G,), generator=g, dtype=torch.uint8)
     absmax = torch.tensor([0.37, 2e-40, 1e5])  # a plain block, subnormal products, fp16 overflow to inf
     W = CODE[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (SEMANTICS §1.5)
     for dtype in DTYPES:
-        out = cpu_kernels.nf4_dequantize_blocks(pack(codes), absmax, G, torch.empty(3 * G, dtype=dtype))
+        out = LIB.nf4_dequantize_blocks(pack(codes), absmax, G, torch.empty(3 * G, dtype=dtype))
         assert torch.equal(out.view(torch.uint8), W.to(dtype).view(torch.uint8)), dtype
     assert torch.isinf(W.to(torch.float16)).any() and W[G : 2 * G].abs().max() > 0
 
@@ -272,15 +285,15 @@ def test_dequantize_blocks_is_bit_identical(blocksize):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: cpu_kernels.nf4_quantize(torch.ones(4, 64, dtype=torch.float64), 64), "float16 tensor"),
-        (lambda: cpu_kernels.nf4_quantize(torch.ones(64, 4).t(), 64), "contiguous"),
-        (lambda: cpu_kernels.nf4_quantize(torch.ones(0), 64), "non-empty"),
-        (lambda: cpu_kernels.nf4_quantize(torch.ones(64), 48), "blocksize 48"),
-        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(48, dtype=torch.uint8), torch.ones(2), 64,
+        (lambda: LIB.nf4_quantize(torch.ones(4, 64, dtype=torch.float64), 64), "float16 tensor"),
+        (lambda: LIB.nf4_quantize(torch.ones(64, 4).t(), 64), "contiguous"),
+        (lambda: LIB.nf4_quantize(torch.ones(0), 64), "non-empty"),
+        (lambda: LIB.nf4_quantize(torch.ones(64), 48), "blocksize 48"),
+        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(48, dtype=torch.uint8), torch.ones(2), 64,
                                                    torch.empty(96)), "whole blocks"),
-        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(32, dtype=torch.uint8), torch.ones(2), 64,
+        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(32, dtype=torch.uint8), torch.ones(2), 64,
                                                    torch.empty(128)), "packed must be"),
-        (lambda: cpu_kernels.nf4_dequantize_blocks(torch.zeros(64, dtype=torch.uint8), torch.ones(2).double(), 64,
+        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(64, dtype=torch.uint8), torch.ones(2).double(), 64,
                                                    torch.empty(128)), "absmax_f32 must be"),
     ],
 )

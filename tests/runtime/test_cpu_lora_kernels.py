@@ -1,4 +1,4 @@
-"""The compiled CPU LoRA kernels (csrc/lora_cpu.c) against kernels.py's Semantics, written out in fp64.
+"""The compiled CPU LoRA kernels (csrc/lora_cpu.c) against kernels/ops.py's Semantics, written out in fp64.
 
 The kernels sum in fp32 in another order than any torch formulation, so a bf16 result may differ from
 the exact value rounded once by one rounding: each element must be within one bf16 ulp of the fp64
@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub.runtime import cpu_kernels, kernels
+from adapterhub.runtime.kernels import Ops, compiled
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.lora_available(), reason="compiled CPU LoRA kernels unavailable")
+LIB = compiled.library()
+TORCH = Ops("cpu")
+pytestmark = pytest.mark.skipif(LIB is None or not LIB.has_lora, reason="compiled CPU LoRA kernels unavailable")
 
 # (B, T, N, R, Din, Dout): register-tile remainders in every dimension (T % 4, T % 16, R % 4, R % 16,
 # Din % 32, Dout % 256, Dout % 96, Dout % 32, Dout % 16), more tokens than one work item, decode (T < 16)
@@ -56,7 +58,7 @@ def _within_one_ulp(got: torch.Tensor, exact: torch.Tensor) -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_shrink_is_the_exact_product_rounded_once(shape):
     x, A, _, ids, *_ = _stacks(*shape)
-    h = cpu_kernels.lora_shrink(x, A, ids)
+    h = LIB.lora_shrink(x, A, ids)
     exact = torch.einsum("btk,brk->btr", x.double(), A[ids].double())  # (B, T, R)
     assert h.shape == exact.shape and h.dtype == torch.bfloat16
     _within_one_ulp(h, exact)
@@ -66,14 +68,14 @@ def test_shrink_is_the_exact_product_rounded_once(shape):
 @pytest.mark.parametrize("with_dora", [False, True], ids=["lora", "dora"])
 def test_expand_follows_its_semantics(shape, with_dora):
     x, A, BT, ids, scaling, dora, y0 = _stacks(*shape)
-    h = kernels.lora_shrink(x, A, ids)
-    y = cpu_kernels.lora_expand(y0.clone(), h, BT, ids, scaling, dora if with_dora else None)
+    h = TORCH.lora_shrink(x, A, ids)
+    y = LIB.lora_expand(y0.clone(), h, BT, ids, scaling, dora if with_dora else None)
     hs = (h.float() * scaling[ids].view(-1, 1, 1)).bfloat16()  # rounded as the Semantics say
     v = y0.double() + torch.einsum("btr,bro->bto", hs.double(), BT[ids].double())
     if with_dora:
         # v is rounded to bf16 first; with the sum order free, v itself may be one ulp off, so compare
         # against the scale applied to the kernel's own rounding of v, and check v separately.
-        v_kernel = cpu_kernels.lora_expand(y0.clone(), h, BT, ids, scaling, None)
+        v_kernel = LIB.lora_expand(y0.clone(), h, BT, ids, scaling, None)
         _within_one_ulp(v_kernel, v)
         exact = v_kernel.double() * dora[ids].double().unsqueeze(1)
         torch.testing.assert_close(y, exact.to(torch.bfloat16), atol=0, rtol=0)
@@ -84,11 +86,11 @@ def test_expand_follows_its_semantics(shape, with_dora):
 def test_rows_do_not_depend_on_the_batch():
     """Row b computed in a batch of 32 distinct adapters equals row b computed alone, bit for bit."""
     x, A, BT, ids, scaling, dora, y0 = _stacks(32, 3, 33, 16, 256, 320, seed=5)
-    h = cpu_kernels.lora_shrink(x, A, ids)
-    y = cpu_kernels.lora_expand(y0.clone(), h, BT, ids, scaling, dora)
+    h = LIB.lora_shrink(x, A, ids)
+    y = LIB.lora_expand(y0.clone(), h, BT, ids, scaling, dora)
     for b in (0, 13, 31):
-        hb = cpu_kernels.lora_shrink(x[b : b + 1].clone(), A, ids[b : b + 1].clone())
-        yb = cpu_kernels.lora_expand(y0[b : b + 1].clone(), hb, BT, ids[b : b + 1].clone(), scaling, dora)
+        hb = LIB.lora_shrink(x[b : b + 1].clone(), A, ids[b : b + 1].clone())
+        yb = LIB.lora_expand(y0[b : b + 1].clone(), hb, BT, ids[b : b + 1].clone(), scaling, dora)
         assert torch.equal(h[b : b + 1], hb) and torch.equal(y[b : b + 1], yb)
 
 
@@ -97,7 +99,7 @@ def test_slot_zero_and_unit_scale_leave_y_untouched():
     x, A, BT, _, scaling, dora, y0 = _stacks(3, 5, 4, 8, 64, 96)
     A[0], BT[0], dora[0] = 0, 0, 1
     ids = torch.zeros(3, dtype=torch.int64)
-    y = cpu_kernels.lora_expand(y0.clone(), cpu_kernels.lora_shrink(x, A, ids), BT, ids, scaling, dora)
+    y = LIB.lora_expand(y0.clone(), LIB.lora_shrink(x, A, ids), BT, ids, scaling, dora)
     assert torch.equal(y, y0)
 
 
@@ -111,13 +113,13 @@ def test_roundings_are_torchs_including_nan_and_subnormals():
     y0[0, 0, 1] = 1.0  # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: rounds to even, 1
     y0[0, 0, 2] = 1.0 + 2**-7  # 1 + 2^-7 + 2^-8 ties to 1 + 2^-6
     h = torch.full((1, 1, R), 2.0**-8).bfloat16()
-    y = cpu_kernels.lora_expand(y0.clone(), h, BT, torch.zeros(1, dtype=torch.int64), torch.ones(1), None)
+    y = LIB.lora_expand(y0.clone(), h, BT, torch.zeros(1, dtype=torch.int64), torch.ones(1), None)
     assert torch.isnan(y[0, 0, 0])
     assert y[0, 0, 1].item() == 1.0 and y[0, 0, 2].item() == 1.0 + 2**-6
     # normal y and LoRA term whose sum, 2^-130, is a bf16 subnormal: kept exactly
     near = torch.full((1, 1, R), -(2.0**-125 - 2.0**-130)).bfloat16()
     assert near.item() == -(2.0**-125 - 2.0**-130)  # representable: 1.9375 * 2^-126
-    y = cpu_kernels.lora_expand(torch.full((1, 1, Dout), 2.0**-125).bfloat16(), near, BT,
+    y = LIB.lora_expand(torch.full((1, 1, Dout), 2.0**-125).bfloat16(), near, BT,
                                 torch.zeros(1, dtype=torch.int64), torch.ones(1), None)
     assert (y.float() == 2.0**-130).all()
 
@@ -147,10 +149,10 @@ def test_bad_arguments_raise_and_leave_y_alone(what):
     from adapterhub.errors import KernelArgumentError
 
     x, A, BT, ids, scaling, dora, y = _stacks(3, 5, 4, 8, 64, 96)
-    h = cpu_kernels.lora_shrink(x, A, ids)
+    h = LIB.lora_shrink(x, A, ids)
     y0 = y.clone()
     op, args, match = _bad(x, A, BT, ids, scaling, dora, y, h, what)
-    fn = cpu_kernels.lora_shrink if op == "shrink" else cpu_kernels.lora_expand
+    fn = LIB.lora_shrink if op == "shrink" else LIB.lora_expand
     with pytest.raises(KernelArgumentError, match=match):
         fn(*args)
     assert torch.equal(y, y0)

@@ -9,7 +9,7 @@ import torch
 from adapterhub.errors import RequestError
 from adapterhub.runtime import generate as gen
 from adapterhub.runtime.base import Base
-from adapterhub.runtime.tiny import byte_tokenizer
+from adapterhub.runtime.model.tiny import byte_tokenizer
 from model_fixtures import family_config, fp32_model
 from reference import sampling as ref
 
@@ -201,7 +201,7 @@ def test_mixed_adapter_batch_equals_each_adapter_alone_and_registry_refs_load(tm
     registry = Registry(tmp_path / "registry")
     ref = str(registry.push(dora, "dora-task", tags=("prod",)))
     assert base.add_adapter(lora, name="lora") == "lora"
-    assert base.add_adapter("dora-task:prod", registry=tmp_path / "registry") == "dora-task:prod"
+    assert base.add_adapter("dora-task:prod", registry=registry) == "dora-task:prod"
     names = ["lora", None, "dora-task:prod", "lora"]
     prompts = ["abc", "hello there", "x", "a longer prompt here"]
     mixed = base.generate(prompts, adapters=names, max_new_tokens=8, temperature=0.9, seed=3)

@@ -11,7 +11,7 @@ import torch
 
 from adapterhub.errors import ModelLoadError
 from adapterhub.runtime import load_base
-from adapterhub.runtime.config import ModelConfig
+from adapterhub.runtime.model.config import ModelConfig
 from model_fixtures import FAMILIES, family_weights
 
 
@@ -36,8 +36,8 @@ def test_config_reads_family_defaults():
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'yarn' is not supported"),
     (dict(num_key_value_heads=3), "not a multiple"),
     (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quant_method='gptq'"),
-    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}),
-     "bnb_4bit_quant_type='fp4'"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}),
+     "bnb_4bit_quant_type='int4'"),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}), "load_in_4bit=None"),
 ])
 def test_config_refusals_name_the_problem(change, message):
@@ -71,14 +71,14 @@ def test_sharded_and_single_file_dirs_load_the_written_weights(family, checkpoin
 
 
 def test_bf16_checkpoint_loads_in_any_compute_dtype(checkpoint_dir):
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.tiny import random_checkpoint
     from model_fixtures import family_config
 
     path = random_checkpoint(checkpoint_dir("llama").parent / "bf16", family_config("llama"), seed=0,
                              dtype=torch.bfloat16, std=0.15)
     base = load_base(path, quantize=None, compute_dtype=torch.float32)
     want = family_weights("llama")["model.layers.1.mlp.up_proj.weight"].to(torch.bfloat16).float()
-    assert torch.equal(base.model.get_submodule("model.layers.1.mlp.up_proj").weight, want)
+    assert torch.equal(base.model.get_submodule("model.layers.1.mlp.up_proj").dequantized_weight(), want)
 
 
 def test_missing_and_refused_files(checkpoint_dir, tmp_path):
@@ -147,22 +147,21 @@ NF4_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax
 
 
 def test_quantize_on_load_packs_like_the_reference_and_keeps_the_rest_dense(tmp_path):
-    from adapterhub.runtime.linear import AdapterLinear
+    from adapterhub.runtime.adapters.linear import AdapterLinear
     from reference import nf4 as ref_nf4
 
-    from adapterhub.runtime.tiny import random_checkpoint, random_weights
+    from adapterhub.runtime.model.tiny import random_checkpoint, random_weights
 
     config = ModelConfig.from_hf_json(BNB_CONFIG)
     base = load_base(random_checkpoint(tmp_path, config, seed=4, std=0.15), quantize="nf4", compute_dtype=torch.bfloat16)
     weights = random_weights(config, seed=4, std=0.15)
     for name, linear in base.model.linears().items():
-        assert linear.is_nf4, name
+        assert linear.weight.format == "nf4", name
         w = weights[name + ".weight"].to(torch.bfloat16)
-        sd = linear.nf4_state_dict(name + ".")
+        sd = linear.weight.state_dict(name + ".")
         want = ref_nf4.quantize(w.float().numpy(), 64, True, "bfloat16")
         assert bytes(sd[name + ".weight"].numpy()) == bytes(want["weight"])  # the 4-bit codes, bit for bit
-        alone = AdapterLinear(linear.in_features, linear.out_features, False, dtype=torch.bfloat16)
-        alone.load_nf4(w)
+        alone = AdapterLinear.from_dense(w, dtype=torch.bfloat16, quantize="nf4")
         assert torch.equal(linear.dequantized_weight(), alone.dequantized_weight())
         if linear.bias is not None:  # q/k/v/o biases stay dense
             assert torch.equal(linear.bias, weights[name + ".bias"].to(torch.bfloat16))
@@ -175,10 +174,10 @@ def test_quantize_on_load_packs_like_the_reference_and_keeps_the_rest_dense(tmp_
 def test_save_quantized_round_trip_is_bit_identical_and_skips_quantizing(checkpoint_dir, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from adapterhub.runtime import nf4
-    from adapterhub.runtime.config import QuantConfig
+    from adapterhub.runtime.model.config import QuantConfig
+    from adapterhub.runtime.quant.nf4 import NF4Weight
 
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.tiny import random_checkpoint
 
     qwen2 = ModelConfig.from_hf_json({**FAMILIES["qwen2"], "intermediate_size": 128})
     base = load_base(random_checkpoint(tmp_path / "src", qwen2, seed=3, std=0.15), quantize="nf4")
@@ -195,10 +194,10 @@ def test_save_quantized_round_trip_is_bit_identical_and_skips_quantizing(checkpo
     def refuse(*args, **kwargs):
         raise AssertionError("a saved NF4 base must load without quantizing")
 
-    monkeypatch.setattr(nf4, "quantize", refuse)
+    monkeypatch.setattr(NF4Weight, "quantize", refuse)
     loaded = load_base(path, quantize="nf4")
     for name, linear in base.model.linears().items():
-        a, b = linear.nf4_state_dict(name + "."), loaded.model.get_submodule(name).nf4_state_dict(name + ".")
+        a, b = linear.weight.state_dict(name + "."), loaded.model.get_submodule(name).weight.state_dict(name + ".")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     for name, p in base.model.named_parameters():
         assert torch.equal(p, loaded.model.get_parameter(name)), name
@@ -224,7 +223,7 @@ def _bnb_model(path, transformers):
 def test_transformers_bnb_checkpoint_loads_as_saved(tmp_path):
     transformers = pytest.importorskip("transformers")
     bnb = pytest.importorskip("bitsandbytes")
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.tiny import random_checkpoint
 
     src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=1, std=0.15)
     hf = _bnb_model(src, transformers)
@@ -235,14 +234,14 @@ def test_transformers_bnb_checkpoint_loads_as_saved(tmp_path):
     for name, linear in base.model.linears().items():
         param = hf.get_submodule(name).weight
         want = bnb.functional.dequantize_4bit(param.data, param.quant_state)
-        assert linear.is_nf4 and torch.equal(linear.dequantized_weight(), want), name
+        assert linear.weight.format == "nf4" and torch.equal(linear.dequantized_weight(), want), name
 
 
 @pytest.mark.compat
 def test_save_quantized_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     bnb = pytest.importorskip("bitsandbytes")
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.tiny import random_checkpoint
 
     src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=2, std=0.15)
     base = load_base(src, quantize="nf4")
@@ -269,7 +268,7 @@ def test_generation_config_eos_ids_stop_generation(checkpoint_dir):
 def test_malformed_nf4_checkpoints_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.tiny import random_checkpoint
 
     base = load_base(random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), std=0.15), quantize="nf4")
     path = base.save_quantized(tmp_path / "q")

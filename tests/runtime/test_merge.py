@@ -8,8 +8,9 @@ import torch
 
 from adapterhub.adapter import Adapter, random_adapter
 from adapterhub.errors import MergeError
-from adapterhub.runtime import lora_math
-from adapterhub.runtime.merge import combine, merge_adapter, unmerge
+from adapterhub.runtime.adapters import lora_math
+from adapterhub.runtime.adapters.combine import combine
+from adapterhub.runtime.adapters.merge import merge_adapter, unmerge
 from adapters_fixtures import ALL_LINEAR, SHAPES, adapters_zoo, base_weights, make_layers, make_pool
 
 
@@ -30,7 +31,7 @@ def test_dense_merge_equals_unmerged_forward_and_unmerge_restores(kind, bias):
     pool = make_pool(layers)
     zoo = adapters_zoo(layers)
     pool.add(zoo[kind], kind)
-    original = {m: layer.weight.clone() for m, layer in layers.items()}
+    original = {m: layer.dequantized_weight().clone() for m, layer in layers.items()}
     base = _outputs(layers, pool, None)
     with_adapter = _outputs(layers, pool, kind)
     assert any((with_adapter[m] - base[m]).abs().max() > 1e-3 for m in layers)
@@ -42,7 +43,7 @@ def test_dense_merge_equals_unmerged_forward_and_unmerge_restores(kind, bias):
         torch.testing.assert_close(merged[m], with_adapter[m], atol=1e-5, rtol=1e-5)
     assert unmerge(layers, pool) == kind
     for m, layer in layers.items():
-        torch.testing.assert_close(layer.weight, original[m], atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.dequantized_weight(), original[m], atol=1e-6, rtol=0)
 
 
 def test_while_merged_batches_naming_adapters_and_new_adapters_are_refused():
@@ -121,12 +122,11 @@ def test_combine_dare_is_seeded_and_errors_are_clear():
 
 
 def test_nf4_merge_reports_the_requantization_error_and_unmerge_restores_the_bytes():
-    pytest.importorskip("adapterhub.runtime.nf4")
     layers = make_layers(base_weights(), nf4=True)
     pool = make_pool(layers)
     zoo = adapters_zoo(layers)
     pool.add(zoo["dora"], "dora")
-    original = {m: layer.nf4_state_dict() for m, layer in layers.items()}
+    original = {m: layer.weight.state_dict() for m, layer in layers.items()}
     exact = {m: layer.dequantized_weight() for m, layer in layers.items()}
     with_adapter = _outputs(layers, pool, "dora")
     report = merge_adapter(layers, pool, "dora")
@@ -142,5 +142,5 @@ def test_nf4_merge_reports_the_requantization_error_and_unmerge_restores_the_byt
         assert float((merged[mod] - with_adapter[mod]).abs().max()) < 0.25 * float(with_adapter[mod].abs().max())
     unmerge(layers, pool)
     for mod, layer in layers.items():
-        for key, value in layer.nf4_state_dict().items():
+        for key, value in layer.weight.state_dict().items():
             assert torch.equal(value, original[mod][key]), (mod, key)

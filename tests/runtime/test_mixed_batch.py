@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from adapterhub.adapter import random_adapter
-from adapterhub.runtime import kernels
+from adapterhub.runtime.kernels import Ops
+from adapterhub.runtime.kernels.tolerance import IMPLEMENTATIONS
 from adapterhub.runtime.base import load_base
-from adapterhub.runtime.tiny import random_checkpoint
+from adapterhub.runtime.model.tiny import random_checkpoint
 from adapters_fixtures import ALL_LINEAR, QWEN2, SHAPES, adapters_zoo, base_weights, make_layers, make_pool, reference_output
 from reference import llama as ref_llama
 
@@ -23,9 +24,9 @@ ROWS = ["lora", None, "dora", "rslora", "dora", None, "lora"]
 
 
 @pytest.fixture(params=["dense_over_slots", "gathered"])
-def lora_path(request, monkeypatch):
-    monkeypatch.setattr(kernels, "DENSE_MAX_ROWS_X_SLOTS", 10**9 if request.param == "dense_over_slots" else 0)
-    return request.param
+def lora_path(request) -> Ops:
+    """The torch ops, pinned to one of their two CPU formulations of the LoRA ops."""
+    return Ops("cpu", dense_max_rows_x_slots=10**9 if request.param == "dense_over_slots" else 0)
 
 
 @pytest.fixture(params=[False, True], ids=["no_bias", "bias"])
@@ -44,6 +45,7 @@ def test_each_row_equals_its_adapter_alone_and_the_reference(setup, lora_path, T
     g = torch.Generator().manual_seed(7)
     ids = pool.acquire(ROWS)
     for module, layer in layers.items():
+        layer.use_ops(lora_path)
         x = torch.randn(len(ROWS), T, layer.in_features, generator=g)
         y = layer(x.clone(), ids)
         base = layer(x.clone(), None)
@@ -87,7 +89,7 @@ def test_bf16_mixed_batch_close_to_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slots", [[2, 0, 5, 2, 1], [5, 5, 0, 5, 5]], ids=["most_slots", "few_slots"])
 def test_lora_ops_match_their_semantics(dtype, lora_path, slots):
-    """kernels.lora_shrink / lora_expand against a per-row loop written from their docstrings."""
+    """Ops.lora_shrink / lora_expand against a per-row loop written from their docstrings."""
     g = torch.Generator().manual_seed(3)
     B, T, N, R, Din, Dout = 5, 3, 6, 8, 48, 40
     x = torch.randn(B, T, Din, generator=g).to(dtype)
@@ -97,15 +99,15 @@ def test_lora_ops_match_their_semantics(dtype, lora_path, slots):
     scaling = torch.rand(N, generator=g) + 0.5
     dora = torch.rand(N, Dout, generator=g) + 0.5
     y0 = torch.randn(B, T, Dout, generator=g).to(dtype)
-    h = kernels.lora_shrink(x, A, ids)
-    y = kernels.lora_expand(y0.clone(), h, Bst, ids, scaling, dora)
+    h = lora_path.lora_shrink(x, A, ids)
+    y = lora_path.lora_expand(y0.clone(), h, Bst, ids, scaling, dora)
     for b in range(B):
         n = ids[b]
         h_ref = (x[b].float() @ A[n].float().T).to(dtype)
         hs = (h_ref.float() * scaling[n]).to(dtype)
         v = (y0[b].float() + hs.float() @ Bst[n].float()).to(dtype)
         y_ref = (v.float() * dora[n]).to(dtype)
-        tol = kernels.TOLERANCE[dtype]
+        tol = IMPLEMENTATIONS[dtype]
         torch.testing.assert_close(h[b], h_ref, atol=tol[0], rtol=tol[1])
         torch.testing.assert_close(y[b], y_ref, atol=tol[0] * 10, rtol=tol[1])
 
@@ -116,7 +118,7 @@ def test_full_model_on_an_nf4_base_matches_the_reference_llama(tmp_path):
     path = random_checkpoint(tmp_path / "base", QWEN2, seed=3)
     base = load_base(path, quantize="nf4", compute_dtype=torch.float32)
     linears = base.model.linears()
-    assert all(layer.is_nf4 for layer in linears.values())
+    assert all(layer.weight.format == "nf4" for layer in linears.values())
     weights = {name: p.detach().double().numpy() for name, p in base.model.named_parameters()}
     weights.update({m + ".weight": layer.dequantized_weight().double().numpy() for m, layer in linears.items()})
     shapes = base.module_shapes()

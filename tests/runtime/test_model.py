@@ -10,8 +10,8 @@ import torch
 from adapterhub.adapter import random_adapter
 from adapterhub.runtime import generate as gen
 from adapterhub.runtime.base import Base
-from adapterhub.runtime.kv_cache import KVCache
-from adapterhub.runtime.tiny import byte_tokenizer
+from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.tiny import byte_tokenizer
 from model_fixtures import FAMILIES, family_config, fp32_model
 from reference import llama as ref
 
@@ -145,7 +145,7 @@ def _reference_adapter(adapter):
 @pytest.mark.compat
 def test_logits_match_transformers(family, checkpoint_dir):
     transformers = pytest.importorskip("transformers")
-    from adapterhub.runtime.loader import load_parts
+    from adapterhub.runtime.model.loader import load_parts
 
     path = checkpoint_dir(family)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
@@ -168,9 +168,9 @@ SLIDING = {
 
 @pytest.mark.parametrize("family", list(SLIDING))
 def test_sliding_window_attention_with_cache(family):
-    from adapterhub.runtime.config import ModelConfig
-    from adapterhub.runtime.loader import build_model
-    from adapterhub.runtime.tiny import random_weights
+    from adapterhub.runtime.model.config import ModelConfig
+    from adapterhub.runtime.model.loader import build_model
+    from adapterhub.runtime.model.tiny import random_weights
 
     config = ModelConfig.from_hf_json(SLIDING[family])
     assert config.sliding_window == 4 and config.sliding_layers == {"mistral": (0, 1), "qwen2": (1,)}[family]
@@ -195,9 +195,9 @@ def test_sliding_window_attention_with_cache(family):
 @pytest.mark.parametrize("family", list(SLIDING))
 def test_sliding_window_matches_transformers(family, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from adapterhub.runtime.config import ModelConfig
-    from adapterhub.runtime.loader import load_parts
-    from adapterhub.runtime.tiny import random_checkpoint
+    from adapterhub.runtime.model.config import ModelConfig
+    from adapterhub.runtime.model.loader import load_parts
+    from adapterhub.runtime.model.tiny import random_checkpoint
 
     path = random_checkpoint(tmp_path, ModelConfig.from_hf_json(SLIDING[family]), seed=1, std=0.15)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
@@ -210,8 +210,8 @@ def test_sliding_window_matches_transformers(family, tmp_path):
 def test_nf4_model_equals_reference_on_its_dequantized_weights(tmp_path):
     """An NF4 base (fp32 compute) is the reference model evaluated at the dequantized weights."""
     from adapterhub.runtime import load_base
-    from adapterhub.runtime.config import ModelConfig
-    from adapterhub.runtime.tiny import random_checkpoint, random_weights
+    from adapterhub.runtime.model.config import ModelConfig
+    from adapterhub.runtime.model.tiny import random_checkpoint, random_weights
 
     d = {**FAMILIES["llama"], "intermediate_size": 128}  # whole NF4 blocks per row, as real sizes
     config = ModelConfig.from_hf_json(d)
@@ -219,7 +219,7 @@ def test_nf4_model_equals_reference_on_its_dequantized_weights(tmp_path):
     weights = {k: v.numpy() for k, v in random_weights(config, seed=3, std=0.15).items()}
     dequantized = dict(weights)
     for name, linear in base.model.linears().items():
-        assert linear.is_nf4
+        assert linear.weight.format == "nf4"
         dequantized[name + ".weight"] = linear.dequantized_weight().numpy()
     ids, mask = _ids(259, 3, 9, seed=8), _masks(3, 9)
     got = base(ids, attention_mask=mask).numpy()

@@ -12,7 +12,7 @@ import torch
 
 from adapterhub.adapter import random_adapter
 from adapterhub.runtime.base import load_base
-from adapterhub.runtime.tiny import random_checkpoint
+from adapterhub.runtime.model.tiny import random_checkpoint
 from adapters_fixtures import ALL_LINEAR, LLAMA, QWEN2
 
 pytestmark = pytest.mark.compat
@@ -34,7 +34,7 @@ def test_mixed_batch_logits_match_transformers_and_peft(tmp_path, config):
     peft = pytest.importorskip("peft")
     path = random_checkpoint(tmp_path / "base", config, seed=5)
     base = load_base(path, quantize=None, compute_dtype=torch.float32)
-    weights = {m: layer.weight.numpy() for m, layer in base.model.linears().items()}
+    weights = {m: layer.dequantized_weight().numpy() for m, layer in base.model.linears().items()}
     adapters = _adapters(base, weights)
     for name, adapter in adapters.items():
         adapter.save_peft_dir(tmp_path / name)
@@ -64,7 +64,7 @@ def test_mixed_batch_logits_match_transformers_and_peft(tmp_path, config):
 def test_combine_matches_peft_add_weighted_adapter(tmp_path, method):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from adapterhub.runtime.merge import combine
+    from adapterhub.runtime.adapters.combine import combine
 
     path = random_checkpoint(tmp_path / "base", LLAMA, seed=5)
     base = load_base(path, quantize=None, compute_dtype=torch.float32)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapterhub.runtime import load_base
-from adapterhub.runtime.tiny import TINY_CONFIG, byte_tokenizer, random_checkpoint, tiny_weights
-from adapterhub.runtime.tokenizer import Tokenizer
+from adapterhub.runtime.model.tiny import TINY_CONFIG, byte_tokenizer, random_checkpoint, tiny_weights
+from adapterhub.runtime.model.tokenizer import Tokenizer
 
 
 def test_tiny_builds_fast_and_deterministically():
@@ -82,4 +82,4 @@ def test_checkpoint_of_tiny_loads_to_the_same_model(tmp_path):
     ids = torch.tensor([embedded.tokenizer.encode("same model")])
     torch.testing.assert_close(from_dir(ids), embedded(ids), rtol=0, atol=0)
     w = tiny_weights()["model.layers.3.mlp.down_proj.weight"]
-    assert torch.equal(from_dir.model.get_submodule("model.layers.3.mlp.down_proj").weight, w)
+    assert torch.equal(from_dir.model.get_submodule("model.layers.3.mlp.down_proj").dequantized_weight(), w)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from adapterhub.errors import ModelLoadError
 
+BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit types (runtime/quant/ has a format per type)
 # architecture class name -> model_type; the table of what this runtime implements.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
@@ -31,8 +32,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """bitsandbytes 4-bit NF4 as transformers writes it in `quantization_config` (SEMANTICS §3.2)."""
+    """bitsandbytes 4-bit as transformers writes it in `quantization_config` (semantics §3.2)."""
 
+    quant_type: str = "nf4"  # one of BNB_QUANT_TYPES
     use_double_quant: bool = True
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
@@ -40,7 +42,7 @@ class QuantConfig:
     def to_hf_json(self) -> dict:
         return {
             "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": self.compute_dtype,
-            "bnb_4bit_quant_storage": self.quant_storage, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_quant_storage": self.quant_storage, "bnb_4bit_quant_type": self.quant_type,
             "bnb_4bit_use_double_quant": self.use_double_quant, "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
             "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
@@ -191,17 +193,18 @@ def _sliding(d: dict, model_type: str, layers: int) -> tuple[int | None, tuple[i
 
 
 def _quantization(q: dict | None) -> QuantConfig | None:
-    """Only bitsandbytes 4-bit NF4 is understood; anything else would load as garbage, so refuse it."""
+    """Only bitsandbytes 4-bit is understood; anything else would load as garbage, so refuse it."""
     if not q:
         return None
-    method, quant_type = q.get("quant_method"), q.get("bnb_4bit_quant_type", "fp4")
-    if method != "bitsandbytes" or not q.get("load_in_4bit") or quant_type != "nf4":
+    method, quant_type = q.get("quant_method"), q.get("bnb_4bit_quant_type", "fp4")  # bnb's default is fp4
+    if method != "bitsandbytes" or not q.get("load_in_4bit") or quant_type not in BNB_QUANT_TYPES:
         raise ModelLoadError(
             f"quantization_config (quant_method={method!r}, load_in_4bit={q.get('load_in_4bit')}, "
-            f"bnb_4bit_quant_type={quant_type!r}) is not supported; only bitsandbytes 4-bit 'nf4' checkpoints "
-            "load as saved. Load the unquantized model with quantize='nf4' instead"
+            f"bnb_4bit_quant_type={quant_type!r}) is not supported; only bitsandbytes 4-bit {BNB_QUANT_TYPES} "
+            "checkpoints load as saved. Load the unquantized model with quantize='nf4' instead"
         )
     return QuantConfig(
+        quant_type=quant_type,
         use_double_quant=bool(q.get("bnb_4bit_use_double_quant", False)),
         compute_dtype=str(q.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."),
         quant_storage=str(q.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch."),

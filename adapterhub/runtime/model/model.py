@@ -2,7 +2,9 @@
 
 Module paths equal the HF ones (`model.layers.0.self_attn.q_proj`, `lm_head`, ...), so a PEFT key maps
 to a module by stripping `base_model.model.`. Every decoder projection is an `AdapterLinear`, called
-as `proj(x, ids)`: one batched forward for all rows, each row with its own adapter slot.
+as `proj(x, ids)`: one batched forward for all rows, each row with its own adapter slot. The model is
+built on the meta device with plain `nn.Linear` shape holders there; the loader swaps in an
+`AdapterLinear` holding each real weight (model/loader.py).
 
 Positions are per row. Without a cache they follow the attention mask (cumsum - 1, as HF generate
 builds them for a padded batch); with a cache, row b's new tokens sit at `starts[b] + 0..T-1`.
@@ -16,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.kv_cache import CacheStep, KVCache
-from adapterhub.runtime.linear import AdapterLinear
+from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.kv_cache import CacheStep, KVCache
+
+# The decoder projections of every layer (HF names; what "all-linear" targets, semantics §6.4).
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 class RMSNorm(nn.Module):
@@ -64,10 +70,10 @@ class Attention(nn.Module):
         super().__init__()
         self.H, self.Hkv, self.Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         kw = dict(dtype=dtype, device=device)
-        self.q_proj = AdapterLinear(c.hidden_size, self.H * self.Dh, c.attention_bias, **kw)
-        self.k_proj = AdapterLinear(c.hidden_size, self.Hkv * self.Dh, c.attention_bias, **kw)
-        self.v_proj = AdapterLinear(c.hidden_size, self.Hkv * self.Dh, c.attention_bias, **kw)
-        self.o_proj = AdapterLinear(self.H * self.Dh, c.hidden_size, c.has_o_bias, **kw)
+        self.q_proj = nn.Linear(c.hidden_size, self.H * self.Dh, c.attention_bias, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, self.Hkv * self.Dh, c.attention_bias, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, self.Hkv * self.Dh, c.attention_bias, **kw)
+        self.o_proj = nn.Linear(self.H * self.Dh, c.hidden_size, c.has_o_bias, **kw)
 
     def forward(self, x, ids, rope, mask, cache: KVCache | None, step: CacheStep | None, layer: int):
         B, T, _ = x.shape
@@ -86,9 +92,9 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig, dtype, device):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.gate_proj = AdapterLinear(c.hidden_size, c.intermediate_size, c.mlp_bias, **kw)
-        self.up_proj = AdapterLinear(c.hidden_size, c.intermediate_size, c.mlp_bias, **kw)
-        self.down_proj = AdapterLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, **kw)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, **kw)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, **kw)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, **kw)
 
     def forward(self, x, ids):
         return self.down_proj(F.silu(self.gate_proj(x, ids)) * self.up_proj(x, ids), ids)  # (B, T, D)
@@ -119,7 +125,7 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Build with device="meta"; `runtime.loader` swaps in real modules and weights (no double allocation)."""
+    """Build with device="meta"; model/loader.py swaps in real modules and weights (no double allocation)."""
 
     def __init__(self, config: ModelConfig, dtype=torch.bfloat16, device="meta"):
         super().__init__()
@@ -138,9 +144,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
+    def projections(self) -> dict[str, nn.Module]:
+        """Every decoder projection by HF module path: shape holders before loading, AdapterLinear after."""
+        return {f"model.layers.{i}.{p}": self.get_submodule(f"model.layers.{i}.{p}")
+                for i in range(self.config.num_hidden_layers) for p in PROJECTIONS}
+
     def linears(self) -> dict[str, AdapterLinear]:
-        """Every decoder projection by HF module path (the adapter pool's targets)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, AdapterLinear)}
+        """Every decoder projection of a loaded model by HF module path (the adapter pool's targets)."""
+        return {name: m for name, m in self.projections().items() if isinstance(m, AdapterLinear)}
 
     @property
     def device(self) -> torch.device:

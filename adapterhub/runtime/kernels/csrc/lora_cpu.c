@@ -1,8 +1,8 @@
 /* Batched LoRA "shrink" and "expand" on the CPU, bf16, every row gathering its own adapter: compiled with
- * nf4_cpu.c into one library by adapterhub/runtime/cpu_kernels.py, called through ctypes. The callers
+ * nf4_cpu.c into one library by adapterhub/runtime/kernels/build.py, called through ctypes. The callers
  * validate every argument; these functions trust their inputs.
  *
- * Vocabulary as runtime/kernels.py: B rows of T tokens, N adapter slots of rank R, Din / Dout features;
+ * Vocabulary as runtime/kernels/ops.py: B rows of T tokens, N adapter slots of rank R, Din / Dout features;
  * ids (B,) int64 slot per row. Stacks: A (N, R, Din), BT (N, R, Dout) = lora_B transposed per slot.
  *
  *   lora_shrink_bf16  h[b, t] = bf16(x[b, t] @ A[ids[b]]^T)                       fp32 sums

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from adapterhub.adapter import Adapter
-from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, IncompatibleAdapterError, MergeError
-from adapterhub.runtime.linear import AdapterLinear
+from adapterhub.adapter import Adapter, check_fits
+from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, MergeError
+from adapterhub.runtime.adapters.linear import AdapterLinear
 
 
 class AdapterPool:
@@ -29,9 +29,13 @@ class AdapterPool:
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._adapters: dict[str, Adapter] = {}
         self._pins: dict[int, int] = {}  # slot -> number of batches in flight using it
-        self.merged = None  # runtime/merge.py's MergedState while an adapter is merged into the base
+        self.merged = None  # adapters/merge.py's MergedState while an adapter is merged into the base
 
     # --- queries ----------------------------------------------------------------------------------
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(Dout, Din) of every layer adapters can target, by HF module path."""
+        return {name: (m.out_features, m.in_features) for name, m in self.linears.items()}
 
     def names(self) -> list[str]:
         return list(self._slots)
@@ -87,7 +91,7 @@ class AdapterPool:
         Re-adding a loaded name replaces it in place (it must not be pinned)."""
         if self.merged is not None:
             raise MergeError(f"cannot add adapter {name!r} while {self.merged.name!r} is merged; unmerge() first")
-        modules = self._validate(adapter, name)
+        modules = check_fits(adapter, self.module_shapes(), name)  # before any stack is touched
         if name in self._slots:
             self._check_unpinned(name, "replace")
             slot = self._slots[name]
@@ -112,33 +116,6 @@ class AdapterPool:
         self._evict(name)
 
     # --- internals --------------------------------------------------------------------------------
-
-    def _validate(self, adapter: Adapter, name: str):
-        """Every target module exists and every shape fits, checked before any stack is touched."""
-        config = adapter.config
-        if config.modules_to_save or config.lora_bias or config.bias != "none":
-            raise IncompatibleAdapterError(
-                f"adapter {name!r} uses modules_to_save={config.modules_to_save!r} / lora_bias={config.lora_bias} / "
-                f"bias={config.bias!r}, which the adapter pool does not support (LoRA tensors only); retrain without them")
-        modules = adapter.modules()
-        for module, m in modules.items():
-            linear = self.linears.get(module)
-            if linear is None:
-                known = sorted(self.linears)
-                raise IncompatibleAdapterError(
-                    f"adapter {name!r} targets module {module!r}, which the base model does not have; the base has "
-                    f"{len(known)} adaptable modules, e.g. {known[:4]}; was the adapter trained on another base?")
-            want_a, want_b = (m.rank, linear.in_features), (linear.out_features, m.rank)
-            if m.lora_A.shape != want_a or m.lora_B.shape != want_b:
-                raise IncompatibleAdapterError(
-                    f"adapter {name!r} module {module!r}: lora_A {tuple(m.lora_A.shape)} and lora_B {tuple(m.lora_B.shape)} "
-                    f"do not fit the base layer (out, in) = ({linear.out_features}, {linear.in_features}), which needs "
-                    f"lora_A {want_a} and lora_B {want_b}; the adapter was trained on a base of another size")
-            if m.magnitude is not None and m.magnitude.shape != (linear.out_features,):
-                raise IncompatibleAdapterError(
-                    f"adapter {name!r} module {module!r}: DoRA magnitude {tuple(m.magnitude.shape)} does not fit "
-                    f"out_features={linear.out_features}")
-        return modules
 
     def _free_slot(self, name: str) -> int:
         used = set(self._slots.values())

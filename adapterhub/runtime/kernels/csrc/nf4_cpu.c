@@ -1,4 +1,4 @@
-/* NF4 linear, dequantize and quantize on the CPU: compiled at first use by adapterhub/runtime/cpu_kernels.py
+/* NF4 linear, dequantize and quantize on the CPU: compiled at first use by adapterhub/runtime/kernels/build.py
  * (cc -O3 -march=native -fopenmp -shared -fPIC), called through ctypes. The callers validate every
  * argument; these functions trust their inputs.
  *

@@ -1,8 +1,9 @@
-"""The CUDA path of the hot-path ops: builds and loads the ``cuda/`` extension, wraps ``torch.ops.adapterhub``.
+"""`CudaOps`: the torch ops, with the ``cuda/`` extension's kernels (``torch.ops.adapterhub``) on CUDA tensors.
 
-``runtime/kernels.py`` calls these wrappers (same names, same arguments in the same order, same
-``Semantics:``) for CUDA tensors when :func:`available` is True; its torch functions are the CPU path
-and the reference ``tests/gpu`` compares against. The ops and their shapes: ``cuda/README.md``.
+``kernels.ops_for(device)`` returns a :class:`CudaOps` for a CUDA device when :func:`available` is True.
+It sends the LoRA ops and NF4 dequantize / linear to the extension (the wrappers below: same names and
+arguments as cuda/README.md's ops table) and everything else, and anything autograd must see, to the
+torch ops it inherits (kernels/ops.py), which are also the reference ``tests/gpu`` compares against.
 
 Build: on the first :func:`available` call on a machine where ``torch.cuda.is_available()``, the
 sources in ``cuda/csrc`` are compiled with ``torch.utils.cpp_extension.load`` (nvcc, ninja; about a
@@ -16,27 +17,48 @@ Without CUDA :func:`available` returns False at once, silently, and nothing is c
 
 from __future__ import annotations
 
-import threading
+import functools
 import warnings
 from pathlib import Path
 
 import torch
 
+from adapterhub.runtime.kernels.codebook import Codebook
+from adapterhub.runtime.kernels.ops import Ops
+
 _EXTENSION = "adapterhub_cuda"
-# adapterhub/runtime/cuda_ops.py -> the repository root holds cuda/csrc.
-_CSRC = Path(__file__).resolve().parents[2] / "cuda" / "csrc"
-
-_lock = threading.Lock()
-_state: dict[str, bool] = {}
+# adapterhub/runtime/kernels/cuda.py -> the repository root holds cuda/csrc.
+_CSRC = Path(__file__).resolve().parents[3] / "cuda" / "csrc"
 
 
+class CudaOps(Ops):
+    name = "cuda"
+
+    def lora_shrink(self, x, A_stack, ids):
+        if self.needs_grad(x, A_stack):
+            return super().lora_shrink(x, A_stack, ids)
+        return lora_shrink(x, A_stack, ids)
+
+    def lora_expand(self, y, h, B_stack, ids, scaling, dora_scale=None):
+        if self.needs_grad(y, h, B_stack, dora_scale):
+            return super().lora_expand(y, h, B_stack, ids, scaling, dora_scale)
+        return lora_expand(y, h, B_stack, ids, scaling, dora_scale)
+
+    def dequantize_4bit(self, packed, absmax, codebook: Codebook, blocksize: int, out):
+        if codebook.name != "nf4" or out.numel() % blocksize or out.numel() % 2 or self.needs_grad(absmax):
+            return super().dequantize_4bit(packed, absmax, codebook, blocksize, out)
+        return nf4_dequantize(packed, absmax, blocksize, out)
+
+    def linear_4bit(self, x, packed, absmax, codebook: Codebook, blocksize: int, out_features: int, in_features: int):
+        if codebook.name != "nf4" or self.needs_grad(x) or (out_features * in_features) % blocksize:
+            return super().linear_4bit(x, packed, absmax, codebook, blocksize, out_features, in_features)
+        return nf4_linear(x, packed, absmax, blocksize, out_features, in_features)
+
+
+@functools.cache
 def available() -> bool:
     """True when the CUDA ops are loaded (building them on the first call); False without CUDA."""
-    if "loaded" not in _state:
-        with _lock:
-            if "loaded" not in _state:
-                _state["loaded"] = torch.cuda.is_available() and _load()
-    return _state["loaded"]
+    return torch.cuda.is_available() and _load()
 
 
 def sources() -> list[Path]:
@@ -55,7 +77,7 @@ def _load() -> bool:
             stacklevel=3,
         )
         return False
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # setuptools and friends: only where CUDA is used
 
     try:
         cpp_extension.load(
@@ -108,7 +130,7 @@ FAKES = {
 }
 
 
-# --- the ops (Semantics: runtime/kernels.py; shapes and dtypes: cuda/README.md) ---------------------
+# --- the ops (Semantics: kernels/ops.py; shapes and dtypes: cuda/README.md) ---------------------
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

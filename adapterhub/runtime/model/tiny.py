@@ -16,8 +16,9 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from adapterhub.runtime.config import ModelConfig
-from adapterhub.runtime.tokenizer import Tokenizer
+from adapterhub.runtime.model.checkpoint import write_checkpoint
+from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.tokenizer import Tokenizer
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 TINY_SEED = 7  # picked among a few seeds: its greedy text is varied and printable
@@ -109,8 +110,6 @@ def tiny_weights() -> dict[str, torch.Tensor]:
 def random_checkpoint(path: str | Path, config: ModelConfig = TINY_CONFIG, seed: int = TINY_SEED,
                       max_shard_bytes: int | None = None, dtype=torch.float32, std: float = 0.02) -> Path:
     """Writes a Hugging Face checkpoint dir (config.json, safetensors, tokenizer files) with random weights."""
-    from adapterhub.runtime.loader import write_checkpoint
-
     is_tiny = (config, seed, std) == (TINY_CONFIG, TINY_SEED, 0.02)
     weights = tiny_weights() if is_tiny else random_weights(config, seed, std)
     return write_checkpoint(path, config, {k: v.to(dtype) for k, v in weights.items()}, byte_tokenizer(),

@@ -1,0 +1,94 @@
+"""Merge one adapter into the base weights (zero added latency) and unmerge it.
+
+Merge follows PEFT (semantics §4.4, §5.4) through adapters/lora_math.py:
+- dense base: W' = round(W + s B A) (one rounding), or for DoRA W' = round((m / n) (W + s B A)) with
+  n = ||W + s B A||_row on the unmerged W. Unmerge is arithmetic, as in PEFT: exact within rounding.
+- quantized base (NF4, FP4): dequantize -> merge -> requantize (`BaseWeight.replaced_by`: same block size
+  and double quant). Requantizing is lossy, so the MergeReport gives the error it adds, and unmerge puts
+  the original weight back: the original bytes, exactly (kept while merged: 0.5 byte per parameter).
+While an adapter is merged the pool refuses batches that name adapters (they would apply on top of it)
+and new adapters (their DoRA scales would be computed on the merged weights), as PEFT does (§7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterhub.errors import MergeError
+from adapterhub.runtime.adapters import lora_math
+from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.adapters.pool import AdapterPool
+from adapterhub.runtime.quant.weight import BaseWeight
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did; the errors are those requantization added (0 for a dense base)."""
+
+    name: str
+    modules: int
+    quantized: bool
+    max_abs_error: float
+    mean_abs_error: float
+
+
+@dataclass
+class MergedState:
+    """What unmerge needs: per module the original quantized weight, or the DoRA norm for a dense unmerge."""
+
+    name: str
+    report: MergeReport
+    originals: dict[str, BaseWeight] = field(default_factory=dict)  # module -> the weight before (quantized bases)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (Dout,) fp32 (dense DoRA)
+
+
+def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, name: str) -> MergeReport:
+    """Fold adapter `name` (loaded in `pool`) into the base weights of `base_linears`."""
+    if pool.merged is not None:
+        raise MergeError(f"adapter {pool.merged.name!r} is already merged; call unmerge() before merging {name!r}")
+    adapter = pool.adapter(name)
+    state = MergedState(name, report=None)  # type: ignore[arg-type]
+    max_err, err_sum, count, quantized = 0.0, 0.0, 0, False
+    for module, m in adapter.modules().items():
+        layer = base_linears[module]
+        A, B = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B)  # (R, Din), (Dout, R) fp32
+        W = layer.dequantized_weight()
+        if m.magnitude is None:
+            merged = lora_math.merge_lora(W, A, B, m.scaling)
+        else:
+            merged, state.norms[module] = lora_math.merge_dora(W, A, B, m.scaling, torch.from_numpy(m.magnitude))
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merging {name!r} into {module!r} gives non-finite weights; the adapter is broken")
+        if layer.weight.is_quantized:
+            quantized = True
+            state.originals[module] = layer.weight
+            layer.replace_weight(layer.weight.replaced_by(merged))
+            err = (layer.dequantized_weight().float() - merged.float()).abs()
+            max_err, err_sum, count = max(max_err, float(err.max())), err_sum + float(err.sum()), count + err.numel()
+        else:
+            layer.replace_weight(layer.weight.replaced_by(merged))
+    state.report = MergeReport(name, len(adapter.modules()), quantized, max_err, err_sum / count if count else 0.0)
+    pool.merged = state
+    return state.report
+
+
+def unmerge(base_linears: dict[str, AdapterLinear], pool: AdapterPool) -> str:
+    """Undo merge_adapter; returns the adapter's name. Quantized layers get their original bytes back."""
+    state = pool.merged
+    if state is None:
+        raise MergeError("no adapter is merged; nothing to unmerge")
+    for module, m in pool.adapter(state.name).modules().items():
+        layer = base_linears[module]
+        if module in state.originals:
+            layer.replace_weight(state.originals[module])
+            continue
+        A, B, W = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B), layer.dequantized_weight()
+        if m.magnitude is None:
+            W = lora_math.unmerge_lora(W, A, B, m.scaling)
+        else:
+            W = lora_math.unmerge_dora(W, A, B, m.scaling, torch.from_numpy(m.magnitude), state.norms[module])
+        layer.replace_weight(layer.weight.replaced_by(W))
+    pool.merged = None
+    return state.name

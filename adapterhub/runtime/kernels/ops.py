@@ -1,0 +1,273 @@
+"""`Ops`: the runtime's hot-path ops for one device, in torch — the slow twin every faster one is tested against.
+
+Each op states what it computes in a ``Semantics:`` block (torch notation, per row) with the shape and
+dtype of every argument. Subclasses override an op for the inputs they have a kernel for and defer to
+these methods otherwise: ``CpuOps`` (kernels/cpu.py: the compiled CPU kernels) and ``CudaOps``
+(kernels/cuda.py: the ``cuda/`` extension). ``kernels.ops_for(device)`` picks one per device, once;
+tests compare each override with this class (kernels/tolerance.py). A new device (MPS, ROCm) is one
+subclass plus one line in ``ops_for``.
+
+Every op here is differentiable in its floating inputs (autograd through plain torch ops), so training
+runs on this class: subclasses send inputs that need a gradient here (``needs_grad``).
+
+Vocabulary: B rows, T tokens per row, Din / Dout features, N adapter slots, R rank, G quant block size.
+Adapter stacks: ``A_stack (N, R, Din)`` is lora_A per slot, ``B_stack (N, R, Dout)`` is lora_B
+**transposed** per slot (each slot's rank rows contiguous, so all slots form one ``(N*R, Dout)`` matrix).
+Slot 0 is "no adapter": zero A and B, ``dora_scale`` 1. A 4-bit weight is ``packed`` uint8 (n/2 bytes,
+element 2k in the high nibble, semantics §1.4), ``absmax`` (n/G,) float32 (double quant decoded) and a
+:class:`Codebook` of 16 values (semantics §1.1 for NF4).
+
+State lives on the object and is bounded: a plan cache (LRU), one dequantize scratch buffer per thread
+and weight shape (LRU), and the thread pool of :meth:`run_chunks`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from adapterhub.runtime.kernels import blockwise
+from adapterhub.runtime.kernels.codebook import Codebook
+
+# Without compiled LoRA kernels the ops compute every slot for every row (one GEMM over the (N*R, D)
+# stack, then a select) while rows x slots stays below this (slots: the whole stack, or only those the
+# batch uses when that is under half of it); otherwise they gather each row's A / B and use bmm.
+# bench/mixed_batch.py (D 1024-2816, R 16): the all-slots form wins at decode (each adapter read once,
+# no per-row copies), the gathered form at prefill (T = 64) with many distinct adapters.
+DENSE_MAX_ROWS_X_SLOTS = 8192
+PLAN_CACHE_SIZE = 256  # every layer of a forward sees the same ids: one plan per distinct batch
+SCRATCH_SHAPES = 8  # dequantize buffers kept per thread (a Llama has 4-5 distinct linear shapes)
+CPU_CHUNK = 1 << 15  # run_chunks' step on CPU: under torch's grain size (32768), so ops stay on one thread
+
+
+class Ops:
+    name = "torch"
+    fused_4bit_max_rows = 0  # rows up to which linear_4bit runs a fused kernel (0: never)
+
+    def __init__(self, device: torch.device | str, *, dense_max_rows_x_slots: int = DENSE_MAX_ROWS_X_SLOTS):
+        self.device = torch.device(device)
+        self.dense_max_rows_x_slots = dense_max_rows_x_slots
+        self._plans: OrderedDict = OrderedDict()
+        self._local = threading.local()  # .scratch: OrderedDict per thread
+        self._pools: dict[int, ThreadPoolExecutor] = {}  # by worker count
+        self._tables: dict[str, torch.Tensor] = {}  # codebook name -> byte pairs on this device
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device})"
+
+    @staticmethod
+    def needs_grad(*tensors: torch.Tensor | None) -> bool:
+        """Whether autograd must see this op (then only plain torch ops may run)."""
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    # --- batched LoRA (Punica's shrink / expand) ---------------------------------------------------
+
+    def lora_shrink(self, x: torch.Tensor, A_stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The down-projection of every row through its own adapter.
+
+        Semantics (for every b, t; n = ids[b]):
+            h[b, t] = (x[b, t].float() @ A_stack[n].float().T).to(x.dtype)
+
+        x (B, T, Din) bf16 | fp16 | fp32, contiguous; A_stack (N, R, Din) same dtype, contiguous;
+        ids (B,) int64 in [0, N) (one slot per row; all T tokens of a row use it).
+        Returns h (B, T, R) in x.dtype: fp32 accumulation, rounded once.
+        """
+        Bsz, T, Din = x.shape
+        plan = self._dense_plan(ids, A_stack.shape[0], Bsz * T)
+        if plan is not None:
+            used, local, _ = plan
+            A = A_stack if used is None else A_stack.index_select(0, used)  # (N', R, Din)
+            N, R, _ = A.shape
+            h_all = F.linear(x, A.reshape(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N', R)
+            return h_all.gather(2, local.view(Bsz, 1, 1, 1).expand(Bsz, T, 1, R)).view(Bsz, T, R)
+        A_rows = A_stack.index_select(0, ids)  # (B, R, Din); index_select is ~5x faster than A_stack[ids] here
+        return torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, Din) @ (B, Din, R) -> (B, T, R)
+
+    def lora_expand(self, y: torch.Tensor, h: torch.Tensor, B_stack: torch.Tensor, ids: torch.Tensor,
+                    scaling: torch.Tensor, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Add every row's scaled up-projection to the base output, then apply the row's DoRA scale; in place.
+
+        Semantics (for every b, t; n = ids[b]):
+            hs = (h[b, t].float() * scaling[n]).to(y.dtype)                      # (R,)
+            v = (y[b, t].float() + hs.float() @ B_stack[n].float()).to(y.dtype)  # fp32 accumulation, one rounding
+            y[b, t] = (v.float() * dora_scale[n].float()).to(y.dtype)            # only when dora_scale is given
+        The sum is rounded once, as PEFT on a plain nn.Linear base (semantics §4.1); PEFT's bitsandbytes
+        path rounds the LoRA term before the add, which costs one more pass over y for at most one ulp.
+        DoRA (semantics §5.3): y = g * (x W^T + s B A x) + b with g = dora_scale[n]; the caller computes
+        the base output without bias and adds the bias after this op.
+
+        y (B, T, Dout) bf16 | fp16 | fp32, contiguous, updated in place and returned; h (B, T, R) y.dtype;
+        B_stack (N, R, Dout) y.dtype, contiguous (lora_B transposed); ids (B,) int64 in [0, N);
+        scaling (N,) fp32; dora_scale (N, Dout) fp32 or None (None == all ones: no DoRA adapter loaded).
+        This torch version rounds the gathered scale rows to y.dtype before multiplying (an in-place
+        bf16 x fp32 multiply is ~20x slower on CPU than bf16 x bf16): one more rounding, within one ulp.
+        """
+        Bsz, T, R = h.shape
+        Dout = B_stack.shape[2]
+        hs = (h * scaling.index_select(0, ids).view(Bsz, 1, 1)).to(y.dtype)  # (B, T, R), tiny
+        plan = self._dense_plan(ids, B_stack.shape[0], Bsz * T)
+        if plan is not None:
+            # Place each row's hs in its slot's R columns (zeros elsewhere), then one GEMM over the slots.
+            used, _, onehots = plan
+            Bs = B_stack if used is None else B_stack.index_select(0, used)  # (N', R, Dout)
+            N = Bs.shape[0]
+            h_all = (hs[:, :, None, :] * onehots[y.dtype][:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N'*R)
+            y.view(Bsz * T, Dout).addmm_(h_all, Bs.reshape(N * R, Dout))
+        else:
+            y.baddbmm_(hs, B_stack.index_select(0, ids))  # (B, T, R) @ (B, R, Dout)
+        if dora_scale is not None:
+            y.mul_(dora_scale.index_select(0, ids).to(y.dtype).view(Bsz, 1, Dout))
+        return y
+
+    def _dense_plan(self, ids: torch.Tensor, slots: int, rows: int):
+        """For the all-slots form: (slot subset or None for the whole stack, ids into it, one-hots (B, N') by
+        dtype); None: gather per row. The whole stack when the batch uses at least half its slots (no
+        copy); else only the slots the batch uses, copied once; rows x slots computed stay under the bound.
+        Cached by content (ids is a small host tensor here; every layer of a forward sees the same ids)."""
+        key = (slots, rows, ids.device, tuple(ids.tolist()))
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        used, local = torch.unique(ids, return_inverse=True)
+        if rows * slots <= self.dense_max_rows_x_slots and 2 * used.numel() >= slots:
+            plan = None, ids.clone(), _OneHot(ids.clone(), slots)
+        elif rows * used.numel() > self.dense_max_rows_x_slots:
+            plan = None
+        else:
+            plan = used, local, _OneHot(local, used.numel())
+        with self._lock:
+            self._plans[key] = plan
+            if len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+    # --- 4-bit weights ------------------------------------------------------------------------------
+
+    def dequantize_4bit(self, packed: torch.Tensor, absmax: torch.Tensor, codebook: Codebook, blocksize: int,
+                        out: torch.Tensor) -> torch.Tensor:
+        """Dequantize a 4-bit weight into a preallocated buffer, bit-exact (semantics §1.4-1.5).
+
+        Semantics (i over the flattened, row-major weight; q_i = the high nibble of packed[i // 2] for even
+        i, the low nibble for odd i):
+            out.view(-1)[i] = (codebook.values[q_i] * absmax[i // blocksize]).to(out.dtype)  # fp32 product, RNE
+
+        packed uint8 with ceil(n/2) bytes (any shape); absmax (ceil(n/G),) fp32; out (any shape, n
+        elements) fp32 | bf16 | fp16, contiguous, written and returned. A short last block is allowed.
+        """
+        n, G = out.numel(), blocksize
+        flat, packed = out.view(-1), packed.reshape(-1)
+        table = self._byte_pairs(codebook)
+        full = n - n % G
+
+        def scratch():  # byte indices (C/2,) int32, byte pairs of float32 values (C/2,) int64
+            C = max(G, self.chunk(full))
+            return torch.empty(C // 2, dtype=torch.int32, device=out.device), torch.empty(C // 2, dtype=torch.int64,
+                                                                                          device=out.device)
+
+        def work(i, j, buffers):
+            idx, pairs = (b[: (j - i) // 2] for b in buffers)
+            idx.copy_(packed[i // 2 : j // 2])
+            values = torch.index_select(table, 0, idx, out=pairs).view(torch.float32).view(-1, G)  # (m/G, G)
+            scale = absmax[i // G : j // G, None]  # (m/G, 1)
+            if out.dtype == torch.float32:
+                torch.mul(values, scale, out=flat[i:j].view(-1, G))
+            else:
+                flat[i:j].copy_(values.mul_(scale).view(-1))  # fp32 product, then RNE (semantics §1.5)
+
+        self.run_chunks(full, self.chunk(full), work, scratch)
+        if full < n:
+            values = table[packed[full // 2 :].long()].view(torch.float32)[: n - full]
+            flat[full:].copy_(values * absmax[-1])
+        return out
+
+    def linear_4bit(self, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, codebook: Codebook,
+                    blocksize: int, out_features: int, in_features: int) -> torch.Tensor:
+        """A linear layer over a 4-bit weight, without bias.
+
+        Semantics:
+            W = dequantize_4bit(packed, absmax, codebook, blocksize, empty(out_features, in_features, dtype=x.dtype))
+            y = (x.float() @ W.float().T).to(x.dtype)
+
+        x (..., Din) bf16 | fp16 | fp32, contiguous. Returns y (..., Dout) in x.dtype. Fused kernels (the CPU
+        kernel for few rows, the CUDA GEMV) may use bf16(CODE) * absmax instead of bf16(CODE * absmax) and
+        another summation order: within kernels/tolerance.py. Here: dequantize into a per-thread scratch
+        buffer reused by every layer of that shape, then one GEMM.
+        """
+        W = self.scratch(out_features, in_features, x.dtype)
+        return F.linear(x, self.dequantize_4bit(packed, absmax, codebook, blocksize, W))
+
+    @torch.no_grad()
+    def quantize_blockwise(self, x: torch.Tensor, codebook: Codebook, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blockwise absmax quantization (kernels/blockwise.py has the Semantics), not differentiable.
+
+        x (n,) fp32 | bf16 | fp16, contiguous. Returns (codes uint8: (ceil(n/2),) packed for 16-value
+        codebooks, else (n,); absmax (ceil(n/G),) float32).
+        """
+        return blockwise.encode(self, x, codebook, blocksize)
+
+    def _byte_pairs(self, codebook: Codebook) -> torch.Tensor:
+        table = self._tables.get(codebook.name)
+        if table is None:
+            table = self._tables[codebook.name] = codebook.byte_pairs.to(self.device)
+        return table
+
+    # --- buffers and CPU parallelism ---------------------------------------------------------------
+
+    def scratch(self, Dout: int, Din: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (Dout, Din) buffer of this thread, reused by every 4-bit layer of that shape (one dense copy per
+        shape, not per layer); the least recently used beyond SCRATCH_SHAPES are dropped."""
+        buffers = getattr(self._local, "scratch", None)
+        if buffers is None:
+            buffers = self._local.scratch = OrderedDict()
+        key = (Dout, Din, dtype)
+        buffer = buffers.get(key)
+        if buffer is None:
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                buffer = buffers[key] = torch.empty(Dout, Din, dtype=dtype, device=self.device)
+            if len(buffers) > SCRATCH_SHAPES:
+                buffers.popitem(last=False)
+        buffers.move_to_end(key)
+        return buffer
+
+    def chunk(self, full: int) -> int:
+        """run_chunks' step: CPU_CHUNK on CPU; the whole range elsewhere (one launch per op on a GPU)."""
+        return CPU_CHUNK if self.device.type == "cpu" else max(full, 1)
+
+    def run_chunks(self, full: int, step: int, work, make_scratch) -> None:
+        """work(start, stop, scratch) for the steps of [0, full), on torch.get_num_threads() Python threads,
+        each with its own make_scratch(). Torch releases the GIL inside ops, and CPU ops this small never
+        enter torch's thread pool, whose per-op barrier stalls whenever a core is shared."""
+        starts = range(0, full, step)
+        workers = min(torch.get_num_threads(), len(starts))
+
+        def run(part: int) -> None:
+            scratch = make_scratch()
+            for start in starts[part::workers]:
+                work(start, min(start + step, full), scratch)
+
+        if workers <= 1:
+            for part in range(workers):
+                run(part)
+            return
+        with self._lock:
+            pool = self._pools.get(workers) or self._pools.setdefault(workers, ThreadPoolExecutor(workers, "adapterhub"))
+        list(pool.map(run, range(workers)))  # re-raises a worker's exception
+
+
+class _OneHot(dict):
+    """dtype -> (B, N') one-hot of the local ids, built on first use."""
+
+    def __init__(self, local: torch.Tensor, n: int):
+        super().__init__()
+        self.local, self.n = local, n
+
+    def __missing__(self, dtype):
+        value = self[dtype] = (torch.arange(self.n, device=self.local.device) == self.local[:, None]).to(dtype)
+        return value

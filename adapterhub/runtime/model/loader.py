@@ -1,0 +1,88 @@
+"""Base model weights in: a Hugging Face dir, a hub id from the local HF cache, or the embedded tiny model.
+
+The model is built on the meta device; each decoder projection is then swapped for a real `AdapterLinear`
+holding its loaded weight in the asked format (quant/formats.py), and the rest (embeddings, norms,
+lm_head) get storage once and are filled from the file: every tensor is read once and never held twice
+(the gpt-fast "build, then swap in" order). A transformers + bitsandbytes 4-bit checkpoint (semantics
+§3.1/§3.2) loads as saved; `save_quantized` writes that same format, so the next load skips quantizing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adapterhub.errors import ConfigError
+from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.model import checkpoint, tiny
+from adapterhub.runtime.model.config import ModelConfig, QuantConfig
+from adapterhub.runtime.model.model import Transformer
+from adapterhub.runtime.model.tokenizer import Tokenizer
+from adapterhub.runtime.quant import formats
+
+
+def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, *, quantize: str | None,
+                dtype: torch.dtype, device) -> Transformer:
+    """A Transformer whose weights come from `get(name)`; `names` are the names the source holds."""
+    formats.format_class(quantize)  # an unknown format fails before anything is read
+    names, device = set(names), torch.device(device)
+    model = Transformer(config, dtype=dtype, device="meta")
+    for name, meta in model.projections().items():
+        shape = (meta.out_features, meta.in_features)
+        weight = formats.load_weight(name, get, names, shape, quantize=quantize, dtype=dtype, device=device)
+        bias = checkpoint.checked(get, names, name + ".bias", (meta.out_features,)) if meta.bias is not None else None
+        model.set_submodule(name, AdapterLinear(weight, bias, dtype=dtype))
+    model.materialize(device)
+    projections = set(model.projections())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[0] in projections or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            param.copy_(checkpoint.checked(get, names, name, tuple(param.shape)))
+    return model.eval()
+
+
+def load_parts(path_or_id, quantize: str | None, dtype: torch.dtype, device):
+    """(config, tokenizer, model) for a base name: "tiny", a checkpoint dir or a cached hub id."""
+    if str(path_or_id) == "tiny":
+        weights = tiny.tiny_weights()
+        model = build_model(tiny.TINY_CONFIG, weights.__getitem__, weights, quantize=quantize, dtype=dtype,
+                            device=device)
+        return tiny.TINY_CONFIG, tiny.byte_tokenizer(), model
+    path = checkpoint.resolve_dir(path_or_id)
+    config = checkpoint.read_config(path)
+    tokenizer = Tokenizer.from_dir(path)
+    tensors = checkpoint.TensorFile(path)
+    model = build_model(config, tensors.get, tensors.names(), quantize=quantize, dtype=dtype, device=device)
+    return config, tokenizer, model
+
+
+def quantized_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict transformers + bnb save for a 4-bit model: §3.1 keys for decoder linears, the rest dense."""
+    linears = model.linears()
+    out = {}
+    for name, linear in linears.items():
+        out.update(linear.weight.state_dict(name + "."))
+        if linear.bias is not None:
+            out[name + ".bias"] = linear.bias.detach()
+    is_tied = model.config.tie_word_embeddings
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in linears and not (name == "lm_head.weight" and is_tied):
+            out[name] = param.detach()
+    return out
+
+
+def save_quantized(path: str | Path, config: ModelConfig, model: Transformer, tokenizer: Tokenizer) -> Path:
+    """Writes a 4-bit base as transformers + bitsandbytes would (semantics §3.2)."""
+    kinds = {(w.format, getattr(w, "double_quant", False)) for w in (m.weight for m in model.linears().values())}
+    if len(kinds) != 1 or next(iter(kinds))[0] not in formats.QUANTIZED:
+        raise ConfigError(f"save_quantized needs a base whose linears are all in one 4-bit format, got "
+                          f"{sorted(k[0] for k in kinds)}; load it with quantize='nf4' (or another of "
+                          f"{list(formats.QUANTIZED)}) first")
+    quant_type, double_quant = next(iter(kinds))
+    compute = str(model.dtype).removeprefix("torch.")
+    qconfig = QuantConfig(quant_type=quant_type, use_double_quant=double_quant, compute_dtype=compute)
+    config = ModelConfig(**{**vars(config), "quantization": qconfig})
+    return checkpoint.write_checkpoint(path, config, quantized_state(model), tokenizer)
