@@ -281,5 +281,10 @@ def test_malformed_nf4_checkpoints_are_refused(tmp_path):
         load_base(path)
     fp4 = {(n.replace("bitsandbytes__nf4", "bitsandbytes__fp4") if n.startswith(k) else n): t for n, t in tensors.items()}
     save_file(fp4, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="k_proj is stored as bitsandbytes FP4"):
+    with pytest.raises(ModelLoadError, match="k_proj does not load: .*is not a fp4 quant state"):
+        load_base(path)  # NF4 data relabelled FP4: its JSON still says nf4
+    unknown = {n.replace("bitsandbytes__nf4", "bitsandbytes__int4") if n.startswith(k) else n: t
+               for n, t in tensors.items()}
+    save_file(unknown, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="k_proj is stored as bitsandbytes INT4; this runtime loads NF4, FP4"):
         load_base(path)

@@ -3,7 +3,7 @@
 Semantics (docs/semantics.md §1.2-§1.4, §2.1): the input is flattened row-major and cut into blocks of G
 elements; absmax[k] = max |x| over block k (a short last block takes the max of what it holds); each
 element is scaled s = x * fp32(1 / max(absmax, 1e-38)) (the reciprocal first, as bitsandbytes) and gets
-the code of its codebook (kernels/codebook.py). 16-value codebooks are packed two codes per byte,
+its codebook's code (kernels/codebook.py). 16-value codebooks are packed two codes per byte,
 element 2k in the high nibble, an odd n ending in the code of 0.0; larger ones give one uint8 per element.
 
 Shapes: n elements, G = blocksize, B = ceil(n / G) blocks. Work runs in chunks through per-thread
@@ -61,12 +61,15 @@ def _encode_chunk(src, G, codebook, codes_out, absmax_out, s, key, idx):
     torch.amax(scratch.view(-1, G), dim=1, out=absmax_out)
     recip = torch.div(1.0, absmax_out.clamp(min=MIN_DIVISOR))  # (m/G,) reciprocal first, as bnb (§1.2)
     torch.mul(src.view(-1, G), recip[:, None], out=s.view(-1, G))  # (m/G, G)
-    codes = codebook.coder.codes(s, key, idx)  # (m,) int32
+    codes = codebook.coder.codes(s, key, idx)  # (m,) int32 sorted positions
+    if codebook.order is not None:  # position -> code (FP4 stores its values sign-magnitude)
+        codes = torch.index_select(codebook.order.to(codes.device), 0, codes, out=key)
     if codebook.values.numel() != 16:
         codes_out.copy_(codes)  # int32 -> uint8 keeps the low byte
         return
     # §1.4, element 2k in the high nibble: an int16 pair p = c[2k] + 256 c[2k+1] (little-endian) times
     # 4097 holds 16 c[2k] + c[2k+1] in bits 8..15 (the product only wraps above bit 15)
-    pairs = key.view(torch.uint8)[:m].copy_(codes).view(torch.int16)  # (m/2,)
+    free = idx if codes.data_ptr() == key.data_ptr() else key  # the int32 buffer not holding the codes
+    pairs = free.view(torch.uint8)[:m].copy_(codes).view(torch.int16)  # (m/2,)
     packed = torch.mul(pairs, _PACK, out=s.view(torch.int16)[: m // 2])
     codes_out.copy_(packed.bitwise_right_shift_(_INT8))

@@ -1,8 +1,10 @@
 """`Codebook`: the values of a blockwise format and how a scaled value picks its code, exactly and fast.
 
-A code is the number of `thresholds` strictly below s (so a value on a threshold takes the lower code):
-for NF4 the thresholds are bitsandbytes' float32 midpoints (semantics §1.2); for the double-quant map
-they are the exact midpoints rounded down, which picks the exact nearest entry, ties lower (§2.3).
+A value's sorted position is the number of `thresholds` strictly below s (so a value on a threshold takes
+the lower position), and its code is `order[position]` (the identity when the values are stored sorted):
+for NF4 the thresholds are bitsandbytes' float32 midpoints (semantics §1.2); FP4 stores its values
+sign-magnitude, so they are sorted first (§11); for the double-quant map the thresholds are the exact
+midpoints rounded down, which picks the exact nearest entry, ties lower (§2.3).
 
 How codes are picked fast (exact, no float64, no Python loop over elements): the float32 bit patterns
 of s are cut into buckets by their top bits, each bucket holding at most one threshold (checked when
@@ -33,14 +35,19 @@ class Codebook:
     """A format's code values (index = code) and the thresholds between them, as the ops take it."""
 
     name: str  # "nf4" | "fp4" | "dynamic8": subclasses of Ops have compiled kernels for some names
-    values: torch.Tensor  # (K,) float32, K = 16 for 4-bit formats, 256 for the double-quant map
-    thresholds: torch.Tensor  # (K-1,) float32 ascending: code(s) = #{t : t < s}
+    values: torch.Tensor  # (K,) float32 by code, K = 16 for 4-bit formats, 256 for the double-quant map
+    thresholds: torch.Tensor  # (K-1,) float32 ascending: position(s) = #{t : t < s}
     shift: int  # bucket size 2**shift bit patterns: the largest that puts at most one threshold per bucket
+    order: torch.Tensor | None = None  # (K,) int32: position -> code; None when `values` is sorted
 
     @classmethod
     def by_midpoints(cls, name: str, values: torch.Tensor, shift: int) -> Codebook:
-        """bitsandbytes' rule for 4-bit codes: float32 midpoints, a value on one goes to the lower code (§1.2)."""
-        return cls(name, values, (values[:-1] + values[1:]) / 2, shift)
+        """bitsandbytes' rule for 4-bit codes: the float32 midpoints of the sorted values, a value on one going
+        to the lower (more negative) entry (§1.2, §11); equal values keep their code order (a stable sort)."""
+        order = torch.sort(values, stable=True).indices
+        ranked = values[order]
+        is_sorted = bool(torch.equal(order, torch.arange(values.numel())))
+        return cls(name, values, (ranked[:-1] + ranked[1:]) / 2, shift, None if is_sorted else order.int())
 
     @classmethod
     def exact_nearest(cls, name: str, values: torch.Tensor, shift: int) -> Codebook:

@@ -13,10 +13,11 @@ import torch
 from adapterhub.errors import ModelLoadError, QuantizationError
 from adapterhub.runtime.quant.bnb_state import quant_types
 from adapterhub.runtime.quant.dense import DenseWeight
+from adapterhub.runtime.quant.fp4 import FP4Weight
 from adapterhub.runtime.quant.nf4 import NF4Weight
 from adapterhub.runtime.quant.weight import BaseWeight
 
-FORMATS: dict[str, type] = {"dense": DenseWeight, "nf4": NF4Weight}
+FORMATS: dict[str, type] = {"dense": DenseWeight, "nf4": NF4Weight, "fp4": FP4Weight}
 QUANTIZED = tuple(name for name, cls in FORMATS.items() if cls.is_quantized)
 
 

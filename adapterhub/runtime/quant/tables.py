@@ -53,3 +53,9 @@ DYNAMIC_CODE = float32_table(
     "3f4bcccd 3f4f6666 3f530000 3f56999a 3f5a3333 3f5dcccd 3f616666 3f650000 3f68999a 3f6c3333 3f6fcccd 3f736666 3f770000 3f7a999a 3f7e3333 3f800000",
     "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c",
 )
+# semantics §11.1: the FP4 codebook, index = 4-bit code: bit 3 the sign, bits 2..0 a magnitude (both zeros +0.0).
+FP4_CODE = float32_table(
+    "00000000 3baaaaab 3f2aaaab 3f800000 3eaaaaab 3f000000 3e2aaaab 3e800000 "
+    "00000000 bbaaaaab bf2aaaab bf800000 beaaaaab bf000000 be2aaaab be800000",
+    "b830bcf8857895e5676b8e2ce608a60bb8af9b3ce6270073e9de34814196f09c",
+)
