@@ -1,7 +1,7 @@
 """A PEFT LoRA / rsLoRA / DoRA adapter in memory: config, exact tensors, validation (no torch).
 
 Shared by the registry (which stores the exact on-disk bytes) and the runtime (which wants float32
-arrays per module). The interchange format is what PEFT ``save_pretrained`` writes (SEMANTICS §6):
+arrays per module). The interchange format is what PEFT ``save_pretrained`` writes (semantics §6):
 ``adapter_config.json`` + ``adapter_model.safetensors``. Tensors keep their on-disk dtype and bytes, so
 F32, F16 and BF16 round-trip byte-identically (the codec is ``adapterhub.safetensors_io``; its
 ``RawTensor``, ``read_safetensors`` and ``write_safetensors`` are re-exported here).
@@ -31,10 +31,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-# PEFT on-disk key suffixes (SEMANTICS §6.3): which AdapterModule field each one fills.
+# PEFT on-disk key suffixes (semantics §6.3): which AdapterModule field each one fills.
 KEY_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
 
-# `LoraConfig().to_dict()` of peft 0.21.2 (SEMANTICS §6.2): what random_adapter writes besides its values.
+# `LoraConfig().to_dict()` of peft 0.21.2 (semantics §6.2): what random_adapter writes besides its values.
 PEFT_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
     "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
@@ -47,7 +47,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "target_parameters": None, "task_type": None, "trainable_token_indices": None, "use_bdlora": None,
     "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
 }
-# target_modules=None on a Llama-family model resolves to these (SEMANTICS §6.4).
+# target_modules=None on a Llama-family model resolves to these (semantics §6.4).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # target_modules="all-linear" (any case) resolves to every nn.Linear but the output layer (§6.4); on a
 # Llama-family decoder (llama, mistral, qwen2) that is these 7 projections in every layer, never lm_head.
@@ -95,7 +95,7 @@ def _pattern(value: Any, field_name: str, check_value) -> dict[str, Any]:
 
 
 def _pattern_lookup(pattern: Mapping[str, Any], module: str, default):
-    """First key K (dict order) whose `(.*\\.)?(K)$` fully matches the module name wins (SEMANTICS §4.2)."""
+    """First key K (dict order) whose `(.*\\.)?(K)$` fully matches the module name wins (semantics §4.2)."""
     for key, value in pattern.items():
         if re.fullmatch(rf"(.*\.)?({key})$", module):
             return value
@@ -203,12 +203,12 @@ class AdapterConfig:
         return _pattern_lookup(self.alpha_pattern, module, self.lora_alpha)
 
     def scaling(self, module: str) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA, with the per-module r and alpha (SEMANTICS §4.2)."""
+        """alpha / r, or alpha / sqrt(r) with rsLoRA, with the per-module r and alpha (semantics §4.2)."""
         r = self.rank(module)
         return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
 
     def matches(self, module: str) -> bool:
-        """Whether PEFT would put a LoRA layer on `module` (a full HF module path; SEMANTICS §6.4).
+        """Whether PEFT would put a LoRA layer on `module` (a full HF module path; semantics §6.4).
 
         Follows peft 0.21.2 `check_target_module_exists`: exclude_modules wins; a string is a full-match
         regex; a list entry matches the whole name (then layers_to_transform is not consulted) or a
@@ -292,7 +292,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def peft_key(module: str, part: str) -> str:
-    """(module path, "lora_A" | "lora_B" | "magnitude") -> the PEFT on-disk key (SEMANTICS §6.3)."""
+    """(module path, "lora_A" | "lora_B" | "magnitude") -> the PEFT on-disk key (semantics §6.3)."""
     suffix = {v: k for k, v in KEY_SUFFIXES.items()}[part]
     return KEY_PREFIX + module + suffix
 
@@ -482,7 +482,7 @@ def random_adapter(module_shapes: Mapping[str, tuple[int, int]], r: int = 8, lor
                    dtype: str = "float32") -> Adapter:
     """A realistic PEFT adapter for the targeted modules of `module_shapes` ({module: (Dout, Din)}).
 
-    Initialised like `init_lora_weights=False` (SEMANTICS §4.3): A ~ U(±1/√Din), B ~ U(±1/√R), so the
+    Initialised like `init_lora_weights=False` (semantics §4.3): A ~ U(±1/√Din), B ~ U(±1/√R), so the
     adapter is not a no-op. DoRA magnitude = ‖W + s·B·A‖_row (§5.2) from `base_weights` when given, else
     a positive random vector. `dtype` is the on-disk dtype: "float32", "float16" or "bfloat16".
     """

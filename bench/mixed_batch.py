@@ -101,7 +101,7 @@ def bench_runtime(model, pool, adapters, kind: str, counts, repeats: int, rows_o
 
 def bench_peft(weights, adapters, counts, repeats: int):
     """PEFT mixed batch (adapter_names=) on transformers' Llama, same weights and adapters; LoRA only
-    (PEFT refuses DoRA in mixed batches, SEMANTICS §7). Returns {(n, phase): tokens/s}."""
+    (PEFT refuses DoRA in mixed batches, semantics §7). Returns {(n, phase): tokens/s}."""
     import tempfile
 
     import transformers

@@ -5,7 +5,7 @@ Task tensors t_k (any shape, all alike) with weights w_k:
 - magnitude_prune: keep the int(density * numel) largest |t_k| of each, then linear
 - ties:            magnitude-trim each, elect a sign per entry from the *unweighted* trimmed tensors
                    ("total": sign of their sum, >= 0 -> +; "frequency": sign of the sum of signs), then the
-                   mean of the weighted entries agreeing with it (TIES-Merging, Yadav et al. 2023, §3)
+                   mean of the weighted entries agreeing with it (TIES-Merging, Yadav et al. 2023, Sec. 3)
 - dare:            keep each entry with probability density, rescale by 1/density (DARE, Yu et al. 2023),
                    then linear (dare_linear) or the TIES election + mean (dare_ties). The reference takes the
                    keep-masks as input: the random draw is torch's (see runtime/lora_math.dare).

@@ -64,7 +64,7 @@ def silu(x):
 
 def linear(x, weights, name, adapters):
     """Base linear plus each row's adapter: b + g * (x W^T + s (x A^T) B^T), g = m / ||W + s B A||_row
-    for DoRA (SEMANTICS §5.3), else 1.
+    for DoRA (semantics §5.3), else 1.
 
     # (B, T, Din) -> (B, T, Dout); adapters[b] maps module path -> (A (R, Din), B (Dout, R), s, m | None)
     """

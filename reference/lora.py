@@ -1,4 +1,4 @@
-"""LoRA / rsLoRA / DoRA as PEFT 0.21.2 computes them, in NumPy (SEMANTICS.md §4, §5, §6.4).
+"""LoRA / rsLoRA / DoRA as PEFT 0.21.2 computes them, in NumPy (docs/semantics.md §4, §5, §6.4).
 
 Weights are float32 arrays; a weight stored in bf16/fp16 is passed as its exact float32 values and
 named by `dtype` ("float32" | "bfloat16" | "float16"), and every rounding to that dtype is explicit.
@@ -28,7 +28,7 @@ DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"
 
 
 def scaling(lora_alpha, r, use_rslora=False):
-    """§4.2: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023, §3)."""
+    """§4.2: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023, Sec. 3)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
@@ -115,7 +115,7 @@ def lora_forward(x, W, bias, A, B, s):
     return y if bias is None else y + bias
 
 
-# --- DoRA (Liu et al. 2024, "DoRA", §4) ---------------------------------------------------------
+# --- DoRA (Liu et al. 2024, "DoRA", Sec. 4) -------------------------------------------------------
 
 
 def dora_weight_norm(W, A, B, s):

@@ -1,4 +1,4 @@
-"""NF4 4-bit quantization with double quantization, as bitsandbytes 0.50 stores it (SEMANTICS.md §1-3).
+"""NF4 4-bit quantization with double quantization, as bitsandbytes 0.50 stores it (docs/semantics.md §1-3).
 
 The executable spec: every array is float32 (or uint8) and every rounding is the float32 one the
 format defines. A bf16/fp16 weight is passed as its exact float32 values and named by `dtype`.
@@ -36,7 +36,7 @@ _MIN_DIVISOR = np.float32(1e-38)  # bnb divides by absmax.clamp(min=1e-38) (§1.
 def _table(hex_words, sha256):
     values = np.array([int(h, 16) for h in hex_words.split()], dtype=np.uint32).view(np.float32)
     if hashlib.sha256(values.astype("<f4").tobytes()).hexdigest() != sha256:
-        raise RuntimeError(f"reference: a hardcoded table does not match its SHA-256 {sha256} (SEMANTICS §1.1/§2.2/§11.1)")
+        raise RuntimeError(f"reference: a hardcoded table does not match its SHA-256 {sha256} (semantics §1.1/§2.2/§11.1)")
     return values
 
 

@@ -1,4 +1,4 @@
-"""adapterhub.adapter: PEFT config semantics (SEMANTICS §4.2, §6), exact tensor round trips, validation."""
+"""adapterhub.adapter: PEFT config semantics (semantics §4.2, §6), exact tensor round trips, validation."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from adapterhub.errors import AdapterFormatError, ConfigError
 from reference import lora as ref_lora
 from reference.bf16 import round_to_bf16
 
-# The tiny Llama of SEMANTICS §6.2: hidden 64, 2 layers, 2 KV heads x 16.
+# The tiny Llama of semantics §6.2: hidden 64, 2 layers, 2 KV heads x 16.
 SHAPES = {f"model.layers.{i}.{name}": shape for i in range(2) for name, shape in {
     "self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
     "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
@@ -63,7 +63,7 @@ def test_target_module_resolution():
     assert [m for m in SHAPES if layered.matches(m)] == ["model.layers.1.self_attn.q_proj"]
 
 
-# Target-module matching (SEMANTICS §6.4): (module name, config fields, whether peft 0.21.2 targets it).
+# Target-module matching (semantics §6.4): (module name, config fields, whether peft 0.21.2 targets it).
 # Expectations were checked against peft's check_target_module_exists (and, for None / "all-linear", against
 # get_peft_model on a tiny Llama), see the compat tests below.
 L1 = "model.layers.1.self_attn.q_proj"
@@ -271,7 +271,7 @@ def test_dora_magnitude_is_row_norm_of_merged_weight():
     base = {m: rng.normal(size=s).astype(np.float32) for m, s in SHAPES.items()}
     adapter = random_adapter(SHAPES, use_dora=True, base_weights=base)
     q = adapter.modules()[Q0]
-    # independent float64 computation of ||W + s B A||_row (SEMANTICS §5.2)
+    # independent float64 computation of ||W + s B A||_row (semantics §5.2)
     expected = np.linalg.norm(base[Q0].astype(np.float64) + 2.0 * (q.lora_B.astype(np.float64) @ q.lora_A), axis=1)
     np.testing.assert_allclose(q.magnitude, expected, rtol=1e-5)
 

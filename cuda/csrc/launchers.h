@@ -19,7 +19,7 @@ enum AdapterhubDType : int32_t { kAdapterhubBFloat16 = 0, kAdapterhubFloat16 = 1
 
 extern "C" {
 
-// out (numel,) = code[q] * absmax[j / G], product in fp32, one RNE rounding to `dtype` (SEMANTICS §1.5).
+// out (numel,) = code[q] * absmax[j / G], product in fp32, one RNE rounding to `dtype` (semantics §1.5).
 // packed (numel/2,) uint8, high nibble = even element; absmax (ceil(numel/G),) f32; numel even;
 // G a power of two >= 16 (bitsandbytes' block sizes).
 void launch_nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t numel, int64_t blocksize,

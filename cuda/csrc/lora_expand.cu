@@ -12,7 +12,7 @@
 // One thread per Vec<T>::kSize consecutive outputs of one row (8 for bf16 / fp16, 4 for fp32): for
 // each rank it reads B_stack[n, r, o:o+8] with one 128-bit load (consecutive threads, consecutive
 // addresses) and h[m, r] (one address for the whole warp: a broadcast). DoRA's m / ||W + s B A|| is
-// per slot and independent of x (SEMANTICS §5.3), so it costs one multiply; slot 0 has zero B and
+// per slot and independent of x (semantics §5.3), so it costs one multiply; slot 0 has zero B and
 // takes the same path (no per-row branch).
 #include "common.cuh"
 

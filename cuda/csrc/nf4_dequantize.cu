@@ -1,6 +1,6 @@
 // nf4_dequantize: NF4 codes + float32 block absmax -> bf16 / fp16 / fp32 weight.
 //
-// CPU code reference (SEMANTICS §1.4-1.5; torch twin: adapterhub/runtime/kernels/ops.py::Ops.dequantize_4bit):
+// CPU code reference (semantics §1.4-1.5; torch twin: adapterhub/runtime/kernels/ops.py::Ops.dequantize_4bit):
 //   for j in range(numel):
 //       byte = packed[j // 2]
 //       q = byte >> 4 if j % 2 == 0 else byte & 0xF      # high nibble first (bitsandbytes order)

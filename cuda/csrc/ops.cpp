@@ -75,7 +75,7 @@ void check_nf4_state(const at::Tensor& packed, const at::Tensor& absmax, int64_t
   CHECK_ALIGNED(packed, 16);
 }
 
-// out (any shape, numel n) of bf16 / fp16 / fp32 <- NF4 (packed (n/2,), absmax (n/G,)): SEMANTICS §1.5.
+// out (any shape, numel n) of bf16 / fp16 / fp32 <- NF4 (packed (n/2,), absmax (n/G,)): semantics §1.5.
 void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, at::Tensor& out) {
   CHECK_INPUT(out);
   CHECK_SAME_DEVICE(packed, out);

@@ -62,7 +62,7 @@ def test_reference_emulates_the_bnb_cpu_table_bit_for_bit(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bnb_cpu_dequantize_surprise_on_rows_without_whole_blocks(dtype):
-    """SEMANTICS §1.5 quirk 1: for a last dim that is a multiple of 16 but not of the blocksize, bnb's
+    """semantics §1.5 quirk 1: for a last dim that is a multiple of 16 but not of the blocksize, bnb's
     native CPU kernel indexes absmax per row (row * (K // G) + col // G). Ours stays correct."""
     w = torch.randn(128, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
     packed, state = bnb_quantize(w, double_quant=False)

@@ -1,4 +1,4 @@
-"""reference/nf4.py against the golden values of SEMANTICS.md §1-§3 and independent computations."""
+"""reference/nf4.py against the golden values of docs/semantics.md §1-§3 and independent computations."""
 
 import hashlib
 import json
@@ -9,7 +9,7 @@ import pytest
 from reference import bf16
 from reference import nf4 as R
 
-# SEMANTICS §1.2, copied as decimal literals (independent of the hex table in reference/nf4.py).
+# semantics §1.2, copied as decimal literals (independent of the hex table in reference/nf4.py).
 MIDPOINTS = [
     -0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
     -0.23460739850997925, -0.13791173696517944, -0.045525018125772476, 0.03979014977812767,

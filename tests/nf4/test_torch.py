@@ -27,7 +27,7 @@ def path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(kernels, "ops_for", lambda device: Ops(device))
     elif compiled.library() is None:
-        pytest.skip("CPU NF4 kernels unavailable: the torch run covers this test")
+        pytest.skip("compiled CPU kernels unavailable: the torch run covers this test")
     return request.param
 
 

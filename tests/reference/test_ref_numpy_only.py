@@ -1,4 +1,4 @@
-"""The NumPy reference on its own (no torch / peft): SEMANTICS golden values and internal consistency."""
+"""The NumPy reference on its own (no torch / peft): golden values of docs/semantics.md and internal consistency."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Helpers for the registry tests: tiny Llama-shaped adapters (SEMANTICS §6.3 example shapes)."""
+"""Helpers for the registry tests: tiny Llama-shaped adapters (semantics §6.3 example shapes)."""
 
 from __future__ import annotations
 

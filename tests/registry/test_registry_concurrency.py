@@ -1,4 +1,4 @@
-"""Concurrent pushes and kill -9 at random points of a push (issue 3 "Done when")."""
+"""Concurrent pushes and kill -9 at random points of a push."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local store: exact PEFT round trips, dedup, refs, integrity, gc (issue 3 "Done when")."""
+"""Local store: exact PEFT round trips, dedup, refs, integrity, gc."""
 
 from __future__ import annotations
 

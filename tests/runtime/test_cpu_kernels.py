@@ -64,11 +64,11 @@ def test_amx_is_used_where_the_cpu_has_it():
 
 
 LIB = compiled.library()
-needs_kernels = pytest.mark.skipif(LIB is None, reason="CPU NF4 kernels unavailable")
+needs_kernels = pytest.mark.skipif(LIB is None, reason="compiled CPU kernels unavailable")
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
-    """codes (n,) uint8 in [0, 16) -> (n/2, 1) bytes, element 2k in the high nibble (SEMANTICS §1.4)."""
+    """codes (n,) uint8 in [0, 16) -> (n/2, 1) bytes, element 2k in the high nibble (semantics §1.4)."""
     return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
 
 
@@ -80,7 +80,7 @@ def random_nf4(N: int, K: int, seed: int, tiny_block: bool = False):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (N * K,), generator=g, dtype=torch.uint8)
     absmax = torch.rand(N * K // 64, generator=g) * 0.2 + 0.01
-    absmax[1] = 0.0  # an all-zero block stores absmax 0 (SEMANTICS §1.3)
+    absmax[1] = 0.0  # an all-zero block stores absmax 0 (semantics §1.3)
     if tiny_block:
         absmax[2] = 1e-38  # products below the bf16 normal range
     return pack(codes), absmax, weight(codes, absmax, N, K)
@@ -274,7 +274,7 @@ def test_dequantize_blocks_is_bit_identical(blocksize):
     G, g = blocksize, torch.Generator().manual_seed(blocksize)
     codes = torch.randint(0, 16, (3 * G,), generator=g, dtype=torch.uint8)
     absmax = torch.tensor([0.37, 2e-40, 1e5])  # a plain block, subnormal products, fp16 overflow to inf
-    W = CODE[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (SEMANTICS §1.5)
+    W = CODE[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (semantics §1.5)
     for dtype in DTYPES:
         out = LIB.nf4_dequantize_blocks(pack(codes), absmax, G, torch.empty(3 * G, dtype=dtype))
         assert torch.equal(out.view(torch.uint8), W.to(dtype).view(torch.uint8)), dtype

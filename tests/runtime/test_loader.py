@@ -140,7 +140,7 @@ def test_hub_id_resolves_from_the_local_cache_only(checkpoint_dir, tmp_path, mon
 # --- NF4: quantize on load, save_quantized, bitsandbytes checkpoints ----------------------------------------
 
 # NF4 tests use 64-aligned in_features, as every real Llama-family size is: whole NF4 blocks per row (the CPU
-# kernel's requirement, and bitsandbytes' CPU dequantize is wrong otherwise, SEMANTICS §1.5).
+# kernel's requirement, and bitsandbytes' CPU dequantize is wrong otherwise, semantics §1.5).
 BNB_CONFIG = {**FAMILIES["llama"], "intermediate_size": 128}
 NF4_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
             "weight.quant_state.bitsandbytes__nf4")
@@ -183,7 +183,7 @@ def test_save_quantized_round_trip_is_bit_identical_and_skips_quantizing(checkpo
     base = load_base(random_checkpoint(tmp_path / "src", qwen2, seed=3, std=0.15), quantize="nf4")
     path = base.save_quantized(tmp_path / "q")
     config = json.loads((path / "config.json").read_text())
-    assert config["quantization_config"] == QuantConfig().to_hf_json()  # SEMANTICS §3.2
+    assert config["quantization_config"] == QuantConfig().to_hf_json()  # semantics §3.2
     with safe_open(path / "model.safetensors", framework="pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
     assert metadata == {"format": "pt"}
@@ -227,7 +227,7 @@ def test_transformers_bnb_checkpoint_loads_as_saved(tmp_path):
 
     src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=1, std=0.15)
     hf = _bnb_model(src, transformers)
-    hf.save_pretrained(tmp_path / "bnb")  # before any eval forward (SEMANTICS §3.4)
+    hf.save_pretrained(tmp_path / "bnb")  # before any eval forward (semantics §3.4)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, tmp_path / "bnb" / name)
     base = load_base(tmp_path / "bnb", quantize=None)  # as saved: NF4 whatever `quantize` says
@@ -238,18 +238,24 @@ def test_transformers_bnb_checkpoint_loads_as_saved(tmp_path):
 
 
 @pytest.mark.compat
-def test_save_quantized_loads_in_transformers(tmp_path):
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_save_quantized_loads_in_transformers_and_back(tmp_path, fmt):
     transformers = pytest.importorskip("transformers")
     bnb = pytest.importorskip("bitsandbytes")
     from adapterhub.runtime.model.tiny import random_checkpoint
 
     src = random_checkpoint(tmp_path / "src", ModelConfig.from_hf_json(BNB_CONFIG), seed=2, std=0.15)
-    base = load_base(src, quantize="nf4")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base.save_quantized(tmp_path / "q"), device_map="cpu")
+    base = load_base(src, quantize=fmt)
+    path = base.save_quantized(tmp_path / "q")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == fmt
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    again = load_base(path, quantize=None)  # as saved
     for name, linear in base.model.linears().items():
         param = hf.get_submodule(name).weight
-        assert isinstance(param, bnb.nn.Params4bit), name
+        assert isinstance(param, bnb.nn.Params4bit) and param.quant_state.quant_type == fmt, name
         assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state), linear.dequantized_weight())
+        reloaded = again.model.get_submodule(name).weight
+        assert reloaded.format == fmt and torch.equal(reloaded.packed, linear.weight.packed), name
 
 
 def test_generation_config_eos_ids_stop_generation(checkpoint_dir):

@@ -1,7 +1,7 @@
 """Full-model logits with PEFT adapters: adapterhub's one mixed batch vs transformers + PEFT, one adapter at a time.
 
 fp32, within 1e-4: LoRA, rsLoRA, DoRA, all-linear targets, GQA, Qwen2's qkv bias. PEFT runs each
-adapter alone (its mixed batch refuses DoRA, SEMANTICS §7); adapterhub runs every row in one forward.
+adapter alone (its mixed batch refuses DoRA, semantics §7); adapterhub runs every row in one forward.
 """
 
 from __future__ import annotations

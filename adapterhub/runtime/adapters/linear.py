@@ -3,7 +3,7 @@
 Semantics (per row b with slot n = ids[b]; slot 0 = no adapter: zero A/B, dora_scale 1):
     y[b] = dora_scale[n] * (x[b] W^T + scaling[n] * (x[b] A[n]^T) B[n]^T) + bias
 DoRA's scale m / ||W + s B A||_row does not depend on x, so it is computed once per slot when the
-pool installs the adapter (SEMANTICS §5.3); the forward multiplies by it, before adding the bias.
+pool installs the adapter (semantics §5.3); the forward multiplies by it, before adding the bias.
 The ops and their rounding are documented in kernels/ops.py (the sum base + LoRA is rounded once);
 the layer runs them through `self.ops`, its device's (kernels.ops_for).
 
@@ -113,7 +113,7 @@ class AdapterLinear(nn.Module):
     @torch.inference_mode(False)
     def install(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor | None) -> None:
         """Write one adapter into pool slot `slot`. A (R, Din), B (Dout, R), magnitude (Dout,) | None, float32.
-        The DoRA scale comes from dequantized_weight() (SEMANTICS §5.2-5.3: for NF4 the dequantized W)."""
+        The DoRA scale comes from dequantized_weight() (semantics §5.2-5.3: for NF4 the dequantized W)."""
         self.uninstall(slot)
         group = self.rank_groups.get(A.shape[0]) or self._new_group(A.shape[0])
         local = group.free_local()

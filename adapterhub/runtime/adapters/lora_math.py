@@ -1,4 +1,4 @@
-"""LoRA / rsLoRA / DoRA math in torch, matching PEFT 0.21.2 and `reference/lora.py` (SEMANTICS.md §4, §5).
+"""LoRA / rsLoRA / DoRA math in torch, matching PEFT 0.21.2 and `reference/lora.py` (docs/semantics.md §4, §5).
 
 Shapes: A (R, Din) = lora_A, B (Dout, R) = lora_B, W (Dout, Din), magnitude (Dout,).
 
@@ -49,7 +49,7 @@ def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
 def dora_scale(
     W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
 ) -> torch.Tensor:
-    """Semantics: magnitude.float() / dora_weight_norm(W, A, B, scaling)  (DoRA paper §4.3; SEMANTICS §5.3).
+    """Semantics: magnitude.float() / dora_weight_norm(W, A, B, scaling)  (DoRA paper, Sec. 4.3; semantics §5.3).
 
     The per-output factor g of y = b + g * (W x + s B A x); it does not depend on x, so the runtime
     computes it once per adapter. -> (Dout,) float32

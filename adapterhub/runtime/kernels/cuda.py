@@ -152,7 +152,7 @@ def lora_expand(
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
-    """out <- CODE[q] * absmax[i // blocksize] in out.dtype (SEMANTICS §1.5), bit-exact; returns out."""
+    """out <- CODE[q] * absmax[i // blocksize] in out.dtype (semantics §1.5), bit-exact; returns out."""
     torch.ops.adapterhub.nf4_dequantize(packed, absmax, blocksize, out)
     return out
 

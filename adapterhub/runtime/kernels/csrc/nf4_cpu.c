@@ -2,7 +2,7 @@
  * (cc -O3 -march=native -fopenmp -shared -fPIC), called through ctypes. The callers validate every
  * argument; these functions trust their inputs.
  *
- * Storage (SEMANTICS §1.3-1.4): the (N, K) weight flattened row-major, two 4-bit codes per byte with
+ * Storage (semantics §1.3-1.4): the (N, K) weight flattened row-major, two 4-bit codes per byte with
  * element 2k in the HIGH nibble, blocks of G = 64 consecutive elements, absmax (N*K/G,) float32 with the
  * double quantization already decoded. K % G == 0, so a block never crosses a row.
  *
@@ -11,7 +11,7 @@
  *   nf4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
  *   nf4_quantize, nf4_dequantize: any blocksize and dtype, see their sections at the end
  *
- * W is exactly the torch path's weight (SEMANTICS §1.5: product in fp32, then RNE to the compute dtype);
+ * W is exactly the torch path's weight (semantics §1.5: product in fp32, then RNE to the compute dtype);
  * only the order of the fp32 sums differs from dequantize + F.linear.
  */
 #include <math.h>
@@ -270,7 +270,7 @@ void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, con
 }
 
 /* W (n,) bf16 = bf16(code[q] * absmax): the product in fp32, then round to nearest even, exactly as the
- * torch path (SEMANTICS §1.5). n % G == 0. Per block, the 16 possible products form a bf16 table. */
+ * torch path (semantics §1.5). n % G == 0. Per block, the 16 possible products form a bf16 table. */
 void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint16_t *out) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512BF16__)
     /* Output word 2k and 2k+1 of a half block both get packed byte k; shifting them right by 4 and 0
@@ -306,14 +306,14 @@ void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint1
     }
 }
 
-/* --- quantize (SEMANTICS §1.2-1.4) ---------------------------------------------------------------
+/* --- quantize (semantics §1.2-1.4) ---------------------------------------------------------------
  * nf4_quantize  x (n,) fp32 / bf16 / fp16 (kind 0 / 1 / 2), blocks of G (any allowed blocksize, even)
  *               -> absmax (ceil(n/G),) fp32, packed (ceil(n/2),) bytes
  * Exactly the torch path: a = max |x| over the block (a short last block is zero-padded, which changes
  * no max), s = x * fp32(1 / max(a, 1e-38)) in fp32, code = number of the 15 fp32 midpoints strictly
  * below s, element 2k in the high nibble; a padded element codes 0.0 as 7, so odd n ends in nibble 7. */
 
-#define MAX_BLOCKSIZE 4096 /* the largest allowed blocksize (SEMANTICS §1.3), checked by the caller */
+#define MAX_BLOCKSIZE 4096 /* the largest allowed blocksize (semantics §1.3), checked by the caller */
 
 static inline float f16_to_f32(uint16_t h) { /* exact widening, subnormals and inf/nan included */
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
@@ -413,7 +413,7 @@ void nf4_quantize(const void *x, int kind, int64_t n, int64_t G_, float *absmax,
     }
 }
 
-/* --- dequantize into fp32 / bf16 / fp16 (SEMANTICS §1.5) -----------------------------------------
+/* --- dequantize into fp32 / bf16 / fp16 (semantics §1.5) -----------------------------------------
  * nf4_dequantize  packed, absmax (n/G,) fp32 -> out (n,) of kind 0 / 1 / 2 (fp32 / bf16 / fp16),
  *                 out = kind(fp32(code[q] * absmax)) rounded to nearest even; n % G == 0, any even G >= 32.
  * Per block the 16 possible values are rounded once into a table of dwords, then looked up per nibble. */
