@@ -172,7 +172,7 @@ def main() -> None:
             print("(peft / transformers not installed: no PEFT comparison)")
     print(f"threads={torch.get_num_threads()} rows={ROWS} prompt={PROMPT} r={RANK} all linears, bf16, repeats={repeats}")
     # What one decode step must read (bf16): why decode is bound by memory bandwidth at large N.
-    base_mb = (sum(layer.weight.numel() for layer in pool.linears.values()) + model.lm_head.weight.numel()) * 2 / 1e6
+    base_mb = (sum(layer.weight.nbytes for layer in pool.linears.values()) + model.lm_head.weight.numel() * 2) / 1e6
     per_adapter_mb = sum(RANK * (i + o) for o, i in shapes.values()) * 2 / 1e6
     print(f"decode step reads {base_mb:.0f} MB of base weights (decoder linears + lm_head) and {per_adapter_mb:.1f} MB "
           f"per distinct adapter ({max(counts) * per_adapter_mb:.0f} MB at N={max(counts)})")

@@ -8,7 +8,7 @@ decode batch, 2048 = prefill) it times, interleaved so that they share the machi
   runtime    the runtime's NF4 linear: AdapterLinear (NF4 weight, ids=None) -> its device's Ops.linear_4bit,
              which takes the fused CPU kernel for M <= fused_4bit_max_rows, else dequantizes into a
              scratch buffer + F.linear
-  fused      the compiled kernel (kernels/compiled.py nf4_linear) for M <= 32, to show the crossover
+  fused      the compiled kernel (kernels/compiled.py linear_4bit) for M <= 32, to show the crossover
   bnb        bitsandbytes Linear4bit (nf4, double quant, bf16 compute, eval, no grad), repacked for its
              CPU kernel by a warm-up forward
 and prints medians in ms with ratios vs dense and vs bnb. Goals: runtime <= 1.25x bnb at M=1,
@@ -90,7 +90,7 @@ def main() -> None:
             fns = {"dense": lambda: F.linear(x, w)}
             fns["runtime"] = lambda: layer(x, None)
             if lib is not None and M <= 32:
-                fns["fused"] = lambda: lib.nf4_linear(x, packed, absmax, N, K)
+                fns["fused"] = lambda: lib.linear_4bit(x, packed, absmax, layer.weight.codebook.values, N, K)
             if bnb is not None:
                 fns["bnb"] = lambda: bnb(x)
             with torch.inference_mode():

@@ -8,6 +8,7 @@ import torch
 
 from adapterhub import nf4
 from reference import nf4 as R
+from tests.bnb_checkpoints import tiny_llama_4bit
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -77,31 +78,11 @@ def test_bnb_cpu_dequantize_surprise_on_rows_without_whole_blocks(dtype):
     assert not torch.equal(buggy, correct)  # the two differ: this shape does exercise the bug
 
 
-def _tiny_llama_4bit_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    dense = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    dense.save_pretrained(tmp_path / "dense")
-    quant = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path / "dense", quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
-    )
-    model.train()  # §3.4: no eval-mode forward before saving, or CPU repacking changes the saved stats
-    model.save_pretrained(tmp_path / "nf4")
-    return dense.state_dict(), tmp_path / "nf4" / "model.safetensors"
-
-
 def test_transformers_checkpoint_dequantizes_like_bitsandbytes(tmp_path):
     from safetensors.torch import load_file
 
-    dense, path = _tiny_llama_4bit_checkpoint(tmp_path)
+    dense, path = tiny_llama_4bit(tmp_path, "nf4", compute_dtype=torch.bfloat16)
+    path = path / "model.safetensors"
     sd = load_file(path)
     prefixes = sorted(k[: -len(".weight.quant_state.bitsandbytes__nf4")] for k in sd if k.endswith("bitsandbytes__nf4"))
     assert len(prefixes) == 2 * 7  # q/k/v/o/gate/up/down in each layer; lm_head and embeddings stay bf16 (§3.2)

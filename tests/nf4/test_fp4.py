@@ -17,6 +17,7 @@ from adapterhub.runtime.model.tiny import byte_tokenizer
 from adapterhub.runtime.quant import tables
 from adapterhub.runtime.quant.fp4 import FP4, FP4Weight
 from reference import fp4 as R
+from tests.bnb_checkpoints import tiny_llama_4bit
 
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SHAPES = [(3, 10), (1, 65), (128, 96), (2, 64), (7,), (33, 31), (300, 257)]
@@ -100,25 +101,14 @@ def test_matches_bitsandbytes(shape, dtype):
 def test_a_transformers_fp4_checkpoint_loads_as_saved(tmp_path):
     """transformers + bitsandbytes save a tiny Llama in FP4 (train mode, §3.4); load_base adopts the stored
     weights without quantizing: each equals bitsandbytes' own dequantize of it, bit for bit."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
     F = pytest.importorskip("bitsandbytes.functional")
     from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quant,
-                                                          dtype=torch.bfloat16, device_map="cpu")
-    model.train()
-    model.save_pretrained(tmp_path / "fp4")
-    byte_tokenizer().save(tmp_path / "fp4")  # transformers saved no tokenizer for a model built from a config
+    _, path = tiny_llama_4bit(tmp_path, "fp4", double_quant=True, compute_dtype=torch.bfloat16)
+    byte_tokenizer().save(path)  # transformers saved no tokenizer for a model built from a config
 
-    sd = load_file(tmp_path / "fp4" / "model.safetensors")
-    base = load_base(tmp_path / "fp4", quantize=None, compute_dtype=torch.bfloat16)  # loads as saved
+    sd = load_file(path / "model.safetensors")
+    base = load_base(path, quantize=None, compute_dtype=torch.bfloat16)  # loads as saved
     linears = base.model.linears()
     assert {m.weight.format for m in linears.values()} == {"fp4"} and len(linears) == 2 * 7
     for name, layer in linears.items():

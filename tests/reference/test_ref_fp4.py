@@ -13,6 +13,7 @@ import pytest
 
 from reference import fp4 as R
 from reference import nf4
+from tests.bnb_checkpoints import tiny_llama_4bit
 
 FP4_SHA256 = "b830bcf8857895e5676b8e2ce608a60bb8af9b3ce6270073e9de34814196f09c"
 # §11.1, independently: bnb divides 0, .0625, 8, 12, 4, 6, 2, 3 (and negatives) by 12 in float32.
@@ -277,32 +278,6 @@ def test_bnb_codebook_and_cpu_dequantize_quirks():
     assert not torch.equal(buggy, correct)
 
 
-def _tiny_llama_fp4_checkpoint(tmp_path, double_quant, eval_forward=False):
-    torch = _torch()
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    dense = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    dense.save_pretrained(tmp_path / "dense")
-    quant = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=double_quant
-    )  # compute dtype left at its default (float32): it does not enter the file
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path / "dense", quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
-    )
-    model.train()  # §3.4: no eval-mode forward before saving, or CPU repacking changes the saved stats
-    model.save_pretrained(tmp_path / "fp4")
-    if eval_forward:  # §11.8: the pitfall, on purpose
-        with torch.no_grad():
-            model.eval()(torch.randint(0, 128, (1, 8)))
-        model.save_pretrained(tmp_path / "fp4_after_eval")
-    return dense.state_dict(), tmp_path / "fp4"
-
-
 @pytest.mark.compat
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_transformers_fp4_checkpoint(tmp_path, double_quant):
@@ -311,7 +286,7 @@ def test_transformers_fp4_checkpoint(tmp_path, double_quant):
     torch, F = _torch(), _bnb()
     from safetensors.torch import load_file
 
-    dense, path = _tiny_llama_fp4_checkpoint(tmp_path, double_quant)
+    dense, path = tiny_llama_4bit(tmp_path, "fp4", double_quant)
     sd = load_file(path / "model.safetensors")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["bnb_4bit_quant_type"] == "fp4" and qc["bnb_4bit_use_double_quant"] is double_quant
@@ -346,7 +321,7 @@ def test_eval_forward_then_save_writes_a_transposed_bf16_absmax(tmp_path):
         pytest.skip("the CPU repacking only happens with AVX512-BF16")
     from safetensors.torch import load_file
 
-    _, path = _tiny_llama_fp4_checkpoint(tmp_path, double_quant=False, eval_forward=True)
+    _, path = tiny_llama_4bit(tmp_path, "fp4", double_quant=False, eval_forward=True)
     good, bad = load_file(path / "model.safetensors"), load_file(path.parent / "fp4_after_eval" / "model.safetensors")
     key = "model.layers.0.mlp.down_proj.weight"  # (64, 128): in / G = 2 blocks per row
     assert good[key + ".absmax"].dtype == torch.float32 and good[key + ".absmax"].shape == (128,)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from adapterhub.runtime import kernels
 from adapterhub.runtime.kernels import Ops, blockwise, build, compiled
 from adapterhub.runtime.kernels.tolerance import FUSED_LINEAR
 from adapterhub.runtime.quant.nf4 import NF4, NF4Weight
-from adapterhub.runtime.quant.tables import BLOCKSIZES
+from adapterhub.runtime.quant.tables import BLOCKSIZES, FP4_CODE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # semantics §1.1, as float32.
@@ -72,18 +73,22 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
 
 
-def weight(codes: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    return (CODE[codes.long()] * absmax.repeat_interleave(64)).reshape(N, K)  # (N, K) fp32
+# The kernels take any 16-value codebook: NF4's (semantics §1.1) and FP4's (§11.1, not sorted, two zeros).
+CODEBOOKS = {"nf4": CODE, "fp4": FP4_CODE}
 
 
-def random_nf4(N: int, K: int, seed: int, tiny_block: bool = False):
+def weight(codes: torch.Tensor, absmax: torch.Tensor, N: int, K: int, code=CODE) -> torch.Tensor:
+    return (code[codes.long()] * absmax.repeat_interleave(64)).reshape(N, K)  # (N, K) fp32
+
+
+def random_4bit(N: int, K: int, seed: int, tiny_block: bool = False, code=CODE):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (N * K,), generator=g, dtype=torch.uint8)
     absmax = torch.rand(N * K // 64, generator=g) * 0.2 + 0.01
     absmax[1] = 0.0  # an all-zero block stores absmax 0 (semantics §1.3)
     if tiny_block:
         absmax[2] = 1e-38  # products below the bf16 normal range
-    return pack(codes), absmax, weight(codes, absmax, N, K)
+    return pack(codes), absmax, weight(codes, absmax, N, K, code)
 
 
 def test_pack_matches_semantics_golden_bytes():
@@ -98,10 +103,10 @@ def test_hand_computed_linear(dtype):
     N, K = 1, 64
     absmax = torch.tensor([0.5, 2.0, 4.0])
     x = torch.ones(1, 64, dtype=dtype)
-    y0 = LIB.nf4_linear(x, pack(codes[:64]), absmax[:1], N, K)
+    y0 = LIB.linear_4bit(x, pack(codes[:64]), absmax[:1], CODE, N, K)
     assert y0.item() == 32.0  # 64 * 1.0 * 0.5
     x2 = torch.ones(1, 128, dtype=dtype)
-    y1 = LIB.nf4_linear(x2, pack(codes[64:]), absmax[1:], 1, 128)
+    y1 = LIB.linear_4bit(x2, pack(codes[64:]), absmax[1:], CODE, 1, 128)
     expected = 4 * CODE.sum().item() * (2.0 + 4.0)  # each code 4 times per block
     assert abs(y1.item() - expected) <= FUSED_LINEAR[dtype] * 4 * CODE.abs().sum().item() * 6.0
 
@@ -112,12 +117,13 @@ def test_hand_computed_linear(dtype):
 # (4096, 128) and (64, 4096) take the AMX path for bf16 with M >= 2 where the CPU has AMX; the others,
 # and every fp32 case, take the FMA path (K % 128 == 64 exercises its last half chunk).
 @pytest.mark.parametrize("N, K", [(64, 4096), (4096, 128), (40, 4096), (37, 192), (5, 4160)])
-def test_linear_matches_torch_path(N, K, M, dtype):
-    packed, absmax, W = random_nf4(N, K, seed=N + K + M)
+@pytest.mark.parametrize("fmt", list(CODEBOOKS))
+def test_linear_matches_torch_path(N, K, M, dtype, fmt):
+    packed, absmax, W = random_4bit(N, K, seed=N + K + M, code=CODEBOOKS[fmt])
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
     ref = F.linear(x, W.to(dtype))  # the torch path: weight rounded to the compute dtype, fp32 sums
     assert ref.abs().max() > 0
-    y = LIB.nf4_linear(x, packed, absmax, N, K)
+    y = LIB.linear_4bit(x, packed, absmax, CODEBOOKS[fmt], N, K)
     assert y.shape == (M, N) and y.dtype == dtype
     bound = FUSED_LINEAR[dtype] * (x.float().abs() @ W.abs().T)  # (M, N)
     err = (y.float() - ref.float()).abs()
@@ -128,29 +134,30 @@ def test_linear_matches_torch_path(N, K, M, dtype):
 def test_fp32_rows_do_not_depend_on_batch():
     # fp32 row m of a batched call is bit-identical to row m alone: batch composition never changes it.
     N, K, M = 32, 256, 13
-    packed, absmax, _ = random_nf4(N, K, seed=1)
+    packed, absmax, _ = random_4bit(N, K, seed=1)
     x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(2))
-    y = LIB.nf4_linear(x, packed, absmax, N, K)
+    y = LIB.linear_4bit(x, packed, absmax, CODE, N, K)
     assert y.shape == (2, M, N)
-    alone = torch.stack([LIB.nf4_linear(x[b, m], packed, absmax, N, K) for b in range(2) for m in range(M)])
+    alone = torch.stack([LIB.linear_4bit(x[b, m], packed, absmax, CODE, N, K) for b in range(2) for m in range(M)])
     assert torch.equal(y.reshape(-1, N), alone)
 
 
 @needs_kernels
 def test_linear_writes_into_out():
     N, K = 16, 256
-    packed, absmax, W = random_nf4(N, K, seed=3)
+    packed, absmax, W = random_4bit(N, K, seed=3)
     x = torch.randn(2, K, dtype=torch.bfloat16)
     out = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
-    y = LIB.nf4_linear(x, packed, absmax, N, K, out=out)
+    y = LIB.linear_4bit(x, packed, absmax, CODE, N, K, out=out)
     assert y.data_ptr() == out.data_ptr() and not out.isnan().any()
 
 
 @needs_kernels
 @pytest.mark.parametrize("N, K", [(64, 4096), (3, 192)])
-def test_dequantize_is_bit_identical(N, K):
-    packed, absmax, W = random_nf4(N, K, seed=4, tiny_block=True)
-    out = LIB.nf4_dequantize(packed, absmax, N, K)
+@pytest.mark.parametrize("fmt", list(CODEBOOKS))
+def test_dequantize_is_bit_identical(N, K, fmt):
+    packed, absmax, W = random_4bit(N, K, seed=4, tiny_block=True, code=CODEBOOKS[fmt])
+    out = LIB.dequantize_4bit_bf16(packed, absmax, CODEBOOKS[fmt], N, K)
     expected = W.to(torch.bfloat16)
     assert expected.view(-1)[128:192].abs().max() > 0  # the subnormal block is not flushed to zero
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
@@ -164,6 +171,7 @@ def test_dequantize_is_bit_identical(N, K):
         (dict(x_dtype=torch.float16), "bf16 or float32"),
         (dict(absmax_dtype=torch.bfloat16), "float32"),
         (dict(packed_bytes=-1), "uint8"),
+        (dict(code=CODE[:15]), "16 float32 values"),
     ],
 )
 def test_bad_arguments_raise(change, match):
@@ -172,7 +180,7 @@ def test_bad_arguments_raise(change, match):
     absmax = torch.ones(max(1, N * K // 64), dtype=change.get("absmax_dtype", torch.float32))
     x = torch.ones(1, K, dtype=change.get("x_dtype", torch.bfloat16))
     with pytest.raises(QuantizationError, match=match):
-        LIB.nf4_linear(x, packed, absmax, N, K)
+        LIB.linear_4bit(x, packed, absmax, change.get("code", CODE), N, K)
 
 
 @pytest.fixture
@@ -192,22 +200,41 @@ def test_disable_env_turns_off_every_compiled_kernel(monkeypatch, fresh_library)
 def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, fresh_library):
     if not _expected_available():
         pytest.skip("no build to break here")
-    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(UserWarning, match="torch path"):
         assert fresh_library() is None
     assert fresh_library() is None  # decided once: no second build, no second warning
-    assert not any(Path(tmp_path, "kernels").glob("*.so"))  # no partial library left behind
+    assert not any(Path(tmp_path, "adapterhub-kernels").iterdir())  # no partial library left behind
 
 
-def test_build_is_cached_by_content(monkeypatch, tmp_path):
+def test_build_is_cached_by_content_in_a_private_per_user_directory(monkeypatch, tmp_path):
     if not _expected_available():
         pytest.skip("no compiler here")
-    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "registry"))  # never where the kernels go
     first = build.build()
-    assert first.parent == tmp_path / "kernels" and first.exists()
+    assert first.parent == tmp_path / "cache" / "adapterhub-kernels" and first.exists()
+    assert stat.S_IMODE(first.parent.stat().st_mode) == 0o700 and not (tmp_path / "registry").exists()
     mtime = first.stat().st_mtime_ns
     assert build.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_a_cached_library_others_can_write_is_refused_not_loaded(monkeypatch, tmp_path, fresh_library):
+    """Whoever can write the cache could run code in every process that loads it: refuse such a file."""
+    if not _expected_available():
+        pytest.skip("no compiler here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library = build.build()
+    library.chmod(0o757)  # world-writable
+    with pytest.raises(build.BuildError, match="writable by nobody else"):
+        build.build()
+    with pytest.warns(UserWarning, match="torch path"):
+        assert fresh_library() is None  # the process keeps the torch ops
+    library.chmod(0o755)
+    library.parent.chmod(0o777)
+    with pytest.raises(build.BuildError, match="refusing .*adapterhub-kernels"):
+        build.build()
 
 
 # --- quantize, and dequantize with any blocksize: against the torch path ---------------------------
@@ -270,13 +297,14 @@ def test_kernel_quantize_and_dequantize_equal_torch_path(dtype, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_dequantize_blocks_is_bit_identical(blocksize):
-    G, g = blocksize, torch.Generator().manual_seed(blocksize)
+@pytest.mark.parametrize("fmt", list(CODEBOOKS))
+def test_dequantize_blocks_is_bit_identical(blocksize, fmt):
+    G, g, code = blocksize, torch.Generator().manual_seed(blocksize), CODEBOOKS[fmt]
     codes = torch.randint(0, 16, (3 * G,), generator=g, dtype=torch.uint8)
     absmax = torch.tensor([0.37, 2e-40, 1e5])  # a plain block, subnormal products, fp16 overflow to inf
-    W = CODE[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (semantics §1.5)
+    W = code[codes.long()] * absmax.repeat_interleave(G)  # fp32 products (semantics §1.5)
     for dtype in DTYPES:
-        out = LIB.nf4_dequantize_blocks(pack(codes), absmax, G, torch.empty(3 * G, dtype=dtype))
+        out = LIB.dequantize_4bit(pack(codes), absmax, code, G, torch.empty(3 * G, dtype=dtype))
         assert torch.equal(out.view(torch.uint8), W.to(dtype).view(torch.uint8)), dtype
     assert torch.isinf(W.to(torch.float16)).any() and W[G : 2 * G].abs().max() > 0
 
@@ -289,11 +317,11 @@ def test_dequantize_blocks_is_bit_identical(blocksize):
         (lambda: LIB.nf4_quantize(torch.ones(64, 4).t(), 64), "contiguous"),
         (lambda: LIB.nf4_quantize(torch.ones(0), 64), "non-empty"),
         (lambda: LIB.nf4_quantize(torch.ones(64), 48), "blocksize 48"),
-        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(48, dtype=torch.uint8), torch.ones(2), 64,
+        (lambda: LIB.dequantize_4bit(torch.zeros(48, dtype=torch.uint8), torch.ones(2), CODE, 64,
                                                    torch.empty(96)), "whole blocks"),
-        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(32, dtype=torch.uint8), torch.ones(2), 64,
+        (lambda: LIB.dequantize_4bit(torch.zeros(32, dtype=torch.uint8), torch.ones(2), CODE, 64,
                                                    torch.empty(128)), "packed must be"),
-        (lambda: LIB.nf4_dequantize_blocks(torch.zeros(64, dtype=torch.uint8), torch.ones(2).double(), 64,
+        (lambda: LIB.dequantize_4bit(torch.zeros(64, dtype=torch.uint8), torch.ones(2).double(), CODE, 64,
                                                    torch.empty(128)), "absmax_f32 must be"),
     ],
 )

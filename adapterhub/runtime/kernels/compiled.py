@@ -1,4 +1,4 @@
-"""The compiled CPU kernels as a typed object: NF4 linear / quantize / dequantize and the bf16 LoRA ops.
+"""The compiled CPU kernels as a typed object: 4-bit linear / dequantize, NF4 quantize, and the bf16 LoRA ops.
 
 :func:`library` builds (kernels/build.py) and loads the library once per process and returns a
 :class:`CompiledLibrary`, or None after one warning where the kernels cannot run (not Linux x86-64
@@ -7,8 +7,9 @@ the NF4 *and* the LoRA kernels). Its capabilities are fields; each method checks
 (:class:`~adapterhub.errors.KernelArgumentError` / ``QuantizationError``) unless ``check=False``, which
 ``CpuOps`` passes for tensors it built itself (the checks cost ~1 us per tensor, a few % of a decode step).
 
-NF4 linear: the weight is exactly the torch path's, ``W = fp32(code * absmax)``, rounded to bf16 when x is
-bf16 (semantics §1.5); only the order of the fp32 sums differs from ``dequantize`` then ``F.linear``.
+4-bit linear (any 16-value codebook: NF4, FP4): the weight is exactly the torch path's,
+``W = fp32(code * absmax)``, rounded to bf16 when x is bf16 (semantics §1.5); only the order of the fp32 sums
+differs from ``dequantize`` then ``F.linear``.
 fp32 x, or bf16 x with 1 row: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup); bf16 x with
 2..32 rows on CPUs with AMX: the weight decoded to bf16 tiles, 32 rows of x per pass over W. Bound:
 ``|y - y_torch| <= FUSED_LINEAR_TOLERANCE[dtype] * (|x| @ |W|^T)`` (kernels/tolerance.py).
@@ -32,18 +33,18 @@ from adapterhub.errors import KernelArgumentError, QuantizationError
 from adapterhub.runtime.kernels import build
 from adapterhub.runtime.quant.tables import BLOCKSIZES
 
-G = 64  # the NF4 block size the fused linear and bf16 dequantize support (semantics §1.3)
+G = 64  # the block size the fused linear and bf16 dequantize support (semantics §1.3)
 # Rows (M = B*T) up to which the fused linear beats dequantize-into-bf16 + F.linear (bench/nf4_linear.py,
 # 2-core AVX512-BF16 machines): with AMX 32 rows share one pass over the weight; without, 1-2 rows.
 FUSED_MAX_ROWS, FUSED_MAX_ROWS_AMX = 2, 32
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # name: (argument types, return type)
-    "nf4_linear": ((_P, _C, _I, _I, _I, _P, _P, _P), None),  # x, is_bf16, M, N, K, packed, absmax, y
-    "nf4_dequantize_bf16": ((_P, _P, _I, _P), None),  # packed, absmax, n, out
-    "nf4_amx_enable": ((), _C),
+    "lut4_linear": ((_P, _C, _I, _I, _I, _P, _P, _P, _P), None),  # x, is_bf16, M, N, K, packed, absmax, code, y
+    "lut4_dequantize_bf16": ((_P, _P, _I, _P, _P), None),  # packed, absmax, n, code, out
+    "lut4_amx_enable": ((), _C),
     "nf4_quantize": ((_P, _C, _I, _I, _P, _P), None),  # x, kind, n, blocksize, absmax, packed
-    "nf4_dequantize": ((_P, _P, _I, _I, _C, _P), None),  # packed, absmax, n, blocksize, kind, out
+    "lut4_dequantize": ((_P, _P, _I, _I, _C, _P, _P), None),  # packed, absmax, n, blocksize, kind, code, out
     "lora_kernels_available": ((), _C),
     "lora_amx_enable": ((), _C),
 }
@@ -70,7 +71,7 @@ def library() -> CompiledLibrary | None:
     has_lora = bool(lib.lora_kernels_available())
     for name, (argtypes, restype) in _LORA_SIGNATURES.items() if has_lora else ():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
-    has_amx = bool(lib.nf4_amx_enable())
+    has_amx = bool(lib.lut4_amx_enable())
     return CompiledLibrary(lib, has_lora=has_lora, has_amx_lora=bool(lib.lora_amx_enable()),
                            fused_max_rows=FUSED_MAX_ROWS_AMX if has_amx else FUSED_MAX_ROWS)
 
@@ -78,38 +79,40 @@ def library() -> CompiledLibrary | None:
 @dataclass(frozen=True, eq=False)
 class CompiledLibrary:
     lib: ctypes.CDLL
-    has_lora: bool  # the bf16 LoRA kernels (AVX-512 BW); the NF4 ones need only AVX-512 F
+    has_lora: bool  # the bf16 LoRA kernels (AVX-512 BW); the 4-bit ones need only AVX-512 F
     has_amx_lora: bool  # LoRA prefill on AMX tiles (else VDPBF16PS register tiles)
-    fused_max_rows: int  # rows up to which nf4_linear beats dequantize + GEMM on this CPU
+    fused_max_rows: int  # rows up to which linear_4bit beats dequantize + GEMM on this CPU
 
-    # --- NF4 ---------------------------------------------------------------------------------------
+    # --- 4-bit weights -------------------------------------------------------------------------------
 
-    def nf4_linear(self, x, packed, absmax_f32, out_features: int, in_features: int, out=None) -> torch.Tensor:
-        """Fused NF4 linear without bias, for few rows (decode); see :attr:`fused_max_rows`.
+    def linear_4bit(self, x, packed, absmax_f32, code, out_features: int, in_features: int, out=None) -> torch.Tensor:
+        """Fused 4-bit linear without bias, for few rows (decode); see :attr:`fused_max_rows`.
 
         Semantics: ``y = (x.float() @ W.to(x.dtype).float().T).to(x.dtype)`` with W the dequantized (N, K)
         weight, up to the order of the fp32 sums. x (..., K) bf16 or fp32; packed uint8 with N*K/2 bytes
         (any shape, e.g. bnb's (N*K/2, 1)), element 2k in the high nibble (semantics §1.4); absmax_f32
-        (N*K/G,) float32 per block of G = 64, double quant decoded; K % 64 == 0. Returns y (..., N).
+        (N*K/G,) float32 per block of G = 64, double quant decoded; code (16,) float32, the value of each
+        4-bit code (NF4 §1.1, FP4 §11.1); K % 64 == 0. Returns y (..., N).
         """
         N, K = out_features, in_features
-        _check_weight(packed, absmax_f32, N, K)
+        _check_weight(packed, absmax_f32, code, N, K)
         if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" or x.shape[-1] != K:
-            raise QuantizationError(f"nf4_linear needs a CPU bf16 or float32 x with last dim in_features={K}, got "
+            raise QuantizationError(f"linear_4bit needs a CPU bf16 or float32 x with last dim in_features={K}, got "
                                     f"{tuple(x.shape)} {x.dtype} on {x.device}; convert x or use the torch path")
         x = x.contiguous()
         y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
-        self.lib.nf4_linear(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // K, N, K, packed.data_ptr(),
-                            absmax_f32.data_ptr(), y.data_ptr())
+        self.lib.lut4_linear(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // K, N, K, packed.data_ptr(),
+                             absmax_f32.data_ptr(), code.data_ptr(), y.data_ptr())
         return y
 
-    def nf4_dequantize(self, packed, absmax_f32, out_features: int, in_features: int, out=None) -> torch.Tensor:
+    def dequantize_4bit_bf16(self, packed, absmax_f32, code, out_features: int, in_features: int,
+                             out=None) -> torch.Tensor:
         """``W[i] = bf16(code[q_i] * absmax_f32[i // 64])``, product in fp32 (semantics §1.5), bit-identical to
-        the torch path. packed, absmax_f32 as in :meth:`nf4_linear`. Returns W (N, K) bf16 (into ``out``)."""
+        the torch path. Arguments as in :meth:`linear_4bit`. Returns W (N, K) bf16 (into ``out``)."""
         N, K = out_features, in_features
-        _check_weight(packed, absmax_f32, N, K)
+        _check_weight(packed, absmax_f32, code, N, K)
         w = _output(out, (N, K), torch.bfloat16, "W")
-        self.lib.nf4_dequantize_bf16(packed.data_ptr(), absmax_f32.data_ptr(), N * K, w.data_ptr())
+        self.lib.lut4_dequantize_bf16(packed.data_ptr(), absmax_f32.data_ptr(), N * K, code.data_ptr(), w.data_ptr())
         return w
 
     def nf4_quantize(self, x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +135,15 @@ class CompiledLibrary:
         self.lib.nf4_quantize(x.data_ptr(), _KINDS[x.dtype], n, blocksize, absmax.data_ptr(), packed.data_ptr())
         return packed, absmax
 
-    def nf4_dequantize_blocks(self, packed, absmax_f32, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    def dequantize_4bit(self, packed, absmax_f32, code, blocksize: int, out: torch.Tensor) -> torch.Tensor:
         """Whole blocks: ``out[i] = dtype(fp32(code[q_i] * absmax_f32[i // G]))``, round to nearest even.
 
         out: contiguous CPU float32 / bf16 / fp16 of n elements, n % blocksize == 0; packed: contiguous
-        uint8 of n/2 bytes (any shape); absmax_f32: contiguous float32 of n/G values. Returns out.
+        uint8 of n/2 bytes (any shape); absmax_f32: contiguous float32 of n/G values; code (16,) float32.
+        Returns out.
         """
         _check_blocksize(blocksize)
+        _check_code(code)
         if out.dtype not in _KINDS or out.device.type != "cpu" or not out.is_contiguous() or out.numel() % blocksize:
             raise QuantizationError(
                 f"out must be a contiguous CPU float32 / bfloat16 / float16 tensor of whole blocks of {blocksize}, "
@@ -150,8 +155,8 @@ class CompiledLibrary:
                 raise QuantizationError(
                     f"{name} must be a contiguous CPU {dtype} tensor of {count} values for {n} elements in blocks "
                     f"of {blocksize}, got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
-        self.lib.nf4_dequantize(packed.data_ptr(), absmax_f32.data_ptr(), n, blocksize, _KINDS[out.dtype],
-                                out.data_ptr())
+        self.lib.lut4_dequantize(packed.data_ptr(), absmax_f32.data_ptr(), n, blocksize, _KINDS[out.dtype],
+                                 code.data_ptr(), out.data_ptr())
         return out
 
     # --- LoRA (bf16) -------------------------------------------------------------------------------
@@ -195,19 +200,26 @@ class CompiledLibrary:
 # --- validation ---------------------------------------------------------------------------------
 
 
-def _check_weight(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> None:
+def _check_code(code: torch.Tensor) -> None:
+    if code.dtype != torch.float32 or tuple(code.shape) != (16,) or not code.is_contiguous() or code.device.type != "cpu":
+        raise QuantizationError(f"code must be the 16 float32 values of a 4-bit format on the CPU, got "
+                                f"{tuple(code.shape)} {code.dtype} on {code.device}")
+
+
+def _check_weight(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, N: int, K: int) -> None:
+    _check_code(code)
     if K <= 0 or N <= 0 or K % G:
-        raise QuantizationError(f"the CPU NF4 kernels need in_features a positive multiple of {G}, got (out_features, "
+        raise QuantizationError(f"the CPU 4-bit kernels need in_features a positive multiple of {G}, got (out_features, "
                                 f"in_features)=({N}, {K}); use the torch dequantize path for this layer")
     if packed.dtype != torch.uint8 or packed.numel() != N * K // 2 or not packed.is_contiguous():
         raise QuantizationError(
-            f"packed NF4 weight must be a contiguous uint8 tensor of N*K/2={N * K // 2} bytes for (N, K)=({N}, {K}), "
+            f"packed 4-bit weight must be a contiguous uint8 tensor of N*K/2={N * K // 2} bytes for (N, K)=({N}, {K}), "
             f"got {tuple(packed.shape)} {packed.dtype} (contiguous={packed.is_contiguous()})")
     if absmax.dtype != torch.float32 or absmax.numel() != N * K // G or not absmax.is_contiguous():
         raise QuantizationError(f"absmax must be a contiguous float32 tensor of N*K/{G}={N * K // G} values (double "
                                 f"quant decoded), got {tuple(absmax.shape)} {absmax.dtype}; decode it first")
     if packed.device.type != "cpu" or absmax.device.type != "cpu":
-        raise QuantizationError(f"the CPU NF4 kernels need CPU tensors, got {packed.device} / {absmax.device}")
+        raise QuantizationError(f"the CPU 4-bit kernels need CPU tensors, got {packed.device} / {absmax.device}")
 
 
 def _check_lora(op: str, ids: torch.Tensor, rows: int, **tensors: tuple[torch.Tensor, tuple[int, ...]]) -> None:

@@ -3,10 +3,11 @@
 Which inputs go to a kernel (anything else, and anything autograd must see, takes the torch op):
 - LoRA shrink / expand: bf16 on a CPU with AVX-512 BW. Each row streams its own slot, so a row's
   result does not depend on the rest of its batch.
-- 4-bit linear: NF4 with G = 64, in_features % 64 == 0, bf16 or fp32, up to ``fused_4bit_max_rows`` rows
-  (32 with AMX, else 2); more rows dequantize (bf16: the byte-shuffle kernel) into scratch, then one GEMM.
-- 4-bit dequantize: NF4 whole blocks, any dtype and block size; the short last block in torch.
-- blockwise quantize: NF4 codes (the double-quant map stays in torch).
+- 4-bit linear (any 16-value codebook: NF4, FP4): G = 64, in_features % 64 == 0, bf16 or fp32, up to
+  ``fused_4bit_max_rows`` rows (32 with AMX, else 2); more rows dequantize (bf16: the byte-shuffle kernel)
+  into scratch, then one GEMM.
+- 4-bit dequantize: whole blocks, any dtype and block size; the short last block in torch.
+- blockwise quantize: NF4 codes (FP4 and the double-quant map stay in torch: quantizing runs once, at load).
 """
 
 from __future__ import annotations
@@ -42,15 +43,15 @@ class CpuOps(Ops):
     def dequantize_4bit(self, packed, absmax, codebook: Codebook, blocksize: int, out):
         n = out.numel()
         full = n - n % blocksize
-        ok = codebook.name == "nf4" and out.device.type == "cpu" and out.is_contiguous() and packed.is_contiguous()
-        if not (ok and absmax.is_contiguous() and full and not self.needs_grad(absmax)):
+        ok = codebook.values.numel() == 16 and out.device.type == "cpu" and out.is_contiguous()
+        if not (ok and packed.is_contiguous() and absmax.is_contiguous() and full and not self.needs_grad(absmax)):
             return super().dequantize_4bit(packed, absmax, codebook, blocksize, out)
         flat, packed = out.view(-1), packed.view(-1)
-        whole = packed[: full // 2], absmax[: full // blocksize]
+        whole = packed[: full // 2], absmax[: full // blocksize], codebook.values
         if out.dtype == torch.bfloat16 and blocksize == G:  # the byte-shuffle kernel, ~2.5x faster
-            self.library.nf4_dequantize(*whole, full // G, G, out=flat[:full].view(-1, G))
+            self.library.dequantize_4bit_bf16(*whole, full // G, G, out=flat[:full].view(-1, G))
         else:
-            self.library.nf4_dequantize_blocks(*whole, blocksize, flat[:full])
+            self.library.dequantize_4bit(*whole, blocksize, flat[:full])
         if full < n:  # the short last block (rare: real weights hold whole blocks)
             tail = torch.empty(n - full, dtype=out.dtype)
             super().dequantize_4bit(packed[full // 2 :], absmax[-1:], codebook, blocksize, tail)
@@ -59,13 +60,14 @@ class CpuOps(Ops):
 
     def linear_4bit(self, x, packed, absmax, codebook: Codebook, blocksize: int, out_features: int, in_features: int):
         rows = x.numel() // in_features
-        fusable = (codebook.name == "nf4" and blocksize == G and in_features % G == 0 and x.device.type == "cpu"
-                   and x.dtype in (torch.bfloat16, torch.float32) and not self.needs_grad(x))
+        fusable = (codebook.values.numel() == 16 and blocksize == G and in_features % G == 0
+                   and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and not self.needs_grad(x))
+        code = codebook.values
         if fusable and rows <= self.fused_4bit_max_rows:
-            return self.library.nf4_linear(x, packed, absmax, out_features, in_features)
+            return self.library.linear_4bit(x, packed, absmax, code, out_features, in_features)
         if fusable and x.dtype == torch.bfloat16:
             W = self.scratch(out_features, in_features, x.dtype)
-            return F.linear(x, self.library.nf4_dequantize(packed, absmax, out_features, in_features, out=W))
+            return F.linear(x, self.library.dequantize_4bit_bf16(packed, absmax, code, out_features, in_features, out=W))
         return super().linear_4bit(x, packed, absmax, codebook, blocksize, out_features, in_features)
 
     def quantize_blockwise(self, x, codebook: Codebook, blocksize: int):

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from adapterhub.errors import ConfigError
+from adapterhub.errors import ConfigError, ModelLoadError
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.model import checkpoint, tiny
 from adapterhub.runtime.model.config import ModelConfig, QuantConfig
@@ -31,7 +31,13 @@ def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, 
     model = Transformer(config, dtype=dtype, device="meta")
     for name, meta in model.projections().items():
         shape = (meta.out_features, meta.in_features)
-        weight = formats.load_weight(name, get, names, shape, quantize=quantize, dtype=dtype, device=device)
+        weight = formats.stored_weight(name, get, names, device)  # a 4-bit checkpoint loads as saved
+        if weight is None:
+            W = checkpoint.checked(get, names, name + ".weight", shape).to(device)
+            weight = formats.format_class(quantize).quantize(W, dtype=dtype)
+        elif tuple(weight.shape) != shape:
+            raise ModelLoadError(f"{name}'s stored weight has shape {list(weight.shape)} but config.json implies "
+                                 f"{list(shape)}")
         bias = checkpoint.checked(get, names, name + ".bias", (meta.out_features,)) if meta.bias is not None else None
         model.set_submodule(name, AdapterLinear(weight, bias, dtype=dtype))
     model.materialize(device)

@@ -29,32 +29,20 @@ def format_class(name: str | None) -> type:
     return cls
 
 
-def load_weight(module: str, get: Callable[[str], torch.Tensor], names: Collection[str], shape: tuple[int, int], *,
-                quantize: str | None, dtype: torch.dtype, device: torch.device) -> BaseWeight:
-    """The weight of `module` (its HF path) from checkpoint tensors `get(name)` (`names`: those that exist):
-    as saved when the checkpoint holds it quantized, else the dense tensor stored in format `quantize`."""
+def stored_weight(module: str, get: Callable[[str], torch.Tensor], names: Collection[str],
+                  device: torch.device) -> BaseWeight | None:
+    """The weight of `module` (its HF path) as a checkpoint stores it quantized (its bitsandbytes quant state
+    names the format), or None when the checkpoint holds it dense. `names`: the tensors that exist."""
     prefix = module + "."
     stored = quant_types(names, prefix + "weight")
-    if stored:
-        cls = FORMATS.get(stored[0]) if len(stored) == 1 else None
-        if cls is None or not cls.is_quantized:
-            raise ModelLoadError(f"{module} is stored as bitsandbytes {'/'.join(stored).upper()}; this runtime loads "
-                                 f"{', '.join(QUANTIZED).upper()} 4-bit checkpoints as saved")
-        keys = [k for k in names if k.startswith(prefix + "weight")]
-        try:
-            weight = cls.from_state_dict({k: get(k).to(device) for k in keys}, prefix, dtype=dtype)
-        except QuantizationError as error:
-            raise ModelLoadError(f"the bitsandbytes 4-bit weight of {module} does not load: {error}") from error
-    else:
-        name = prefix + "weight"
-        if name not in names:
-            raise ModelLoadError(f"checkpoint lacks tensor {name!r} (expected shape {list(shape)}); "
-                                 "is the config.json from the same model?")
-        W = get(name)
-        if tuple(W.shape) != tuple(shape):
-            raise ModelLoadError(f"tensor {name!r} has shape {list(W.shape)} but config.json implies {list(shape)}")
-        weight = format_class(quantize).quantize(W.to(device), dtype=dtype)
-    if tuple(weight.shape) != tuple(shape):
-        raise ModelLoadError(f"{module}'s stored weight has shape {list(weight.shape)} but config.json implies "
-                             f"{list(shape)}")
-    return weight
+    if not stored:
+        return None
+    cls = FORMATS.get(stored[0]) if len(stored) == 1 else None
+    if cls is None or not cls.is_quantized:
+        raise ModelLoadError(f"{module} is stored as bitsandbytes {'/'.join(stored).upper()}; this runtime loads "
+                             f"{', '.join(QUANTIZED).upper()} 4-bit checkpoints as saved")
+    keys = [k for k in names if k.startswith(prefix + "weight")]
+    try:
+        return cls.from_state_dict({k: get(k).to(device) for k in keys}, prefix)
+    except QuantizationError as error:
+        raise ModelLoadError(f"the bitsandbytes 4-bit weight of {module} does not load: {error}") from error

@@ -3,8 +3,9 @@
 A sign bit over eight magnitudes (docs/semantics.md §11.1); a scaled value takes the code of the nearest
 value, found through the float32 midpoints of the sorted table, a value on a midpoint going to the lower
 entry (§11.2): so 0 has two codes, and s = 0 takes code 0 while 0 < s <= 1/384 takes code 8 (-0 sign bit,
-value +0.0). Everything else (blocks, double quantization, packing, the state dict) is quant/fourbit.py's;
-no compiled kernel takes FP4 yet, so it runs on the torch ops (kernels/ops.py) on every device.
+value +0.0). Everything else (blocks, double quantization, packing, the state dict) is quant/fourbit.py's.
+The compiled CPU kernels take any 16-value codebook, so FP4 decodes as fast as NF4 there; its quantize
+(once, at load) and the CUDA path run the torch ops (kernels/ops.py).
 """
 
 from __future__ import annotations

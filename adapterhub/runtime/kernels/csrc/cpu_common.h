@@ -1,4 +1,4 @@
-/* What the CPU kernels (nf4_cpu.c, lora_cpu.c) share: bf16 <-> fp32 one value at a time, as torch converts
+/* What the CPU kernels (fourbit_cpu.c, lora_cpu.c) share: bf16 <-> fp32 one value at a time, as torch converts
  * (c10::BFloat16: round to nearest even, NaN stays NaN), and the AMX permission request and tile
  * configuration (Intel SDM vol. 1, ch. 18: palette 1, per-tile rows and bytes per row). */
 #ifndef ADAPTERHUB_CPU_COMMON_H

@@ -1,5 +1,5 @@
 /* Batched LoRA "shrink" and "expand" on the CPU, bf16, every row gathering its own adapter: compiled with
- * nf4_cpu.c into one library by adapterhub/runtime/kernels/build.py, called through ctypes. The callers
+ * fourbit_cpu.c into one library by adapterhub/runtime/kernels/build.py, called through ctypes. The callers
  * validate every argument; these functions trust their inputs.
  *
  * Vocabulary as runtime/kernels/ops.py: B rows of T tokens, N adapter slots of rank R, Din / Dout features;

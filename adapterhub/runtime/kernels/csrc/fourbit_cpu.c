@@ -1,15 +1,16 @@
-/* NF4 linear, dequantize and quantize on the CPU: compiled at first use by adapterhub/runtime/kernels/build.py
- * (cc -O3 -march=native -fopenmp -shared -fPIC), called through ctypes. The callers validate every
- * argument; these functions trust their inputs.
+/* 4-bit (NF4, FP4, any 16-entry codebook) linear and dequantize, and NF4 quantize, on the CPU: compiled at
+ * first use by adapterhub/runtime/kernels/build.py (cc -O3 -march=native -fopenmp -shared -fPIC), called
+ * through ctypes. The callers validate every argument; these functions trust their inputs.
  *
- * Storage (semantics §1.3-1.4): the (N, K) weight flattened row-major, two 4-bit codes per byte with
+ * Storage (semantics §1.3-1.4, §11): the (N, K) weight flattened row-major, two 4-bit codes per byte with
  * element 2k in the HIGH nibble, blocks of G = 64 consecutive elements, absmax (N*K/G,) float32 with the
- * double quantization already decoded. K % G == 0, so a block never crosses a row.
+ * double quantization already decoded, code (16,) float32 the format's value of each code. K % G == 0, so
+ * a block never crosses a row.
  *
- *   nf4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
- *                        W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
- *   nf4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
- *   nf4_quantize, nf4_dequantize: any blocksize and dtype, see their sections at the end
+ *   lut4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
+ *                         W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
+ *   lut4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
+ *   lut4_dequantize, nf4_quantize: any blocksize and dtype, see their sections at the end
  *
  * W is exactly the torch path's weight (semantics §1.5: product in fp32, then RNE to the compute dtype);
  * only the order of the fp32 sums differs from dequantize + F.linear.
@@ -46,8 +47,8 @@ static void load_x(const void *x, int is_bf16, int64_t K, float *xp) {
 
 #if defined(__AVX512F__)
 /* The 16 weights one block can hold: fp32(code * absmax), rounded to bf16 precision (RNE) if asked. */
-static inline __m512 block_table(float a, int round_bf16) {
-    __m512 t = _mm512_mul_ps(_mm512_loadu_ps(NF4_CODE), _mm512_set1_ps(a));
+static inline __m512 block_table(const float *code, float a, int round_bf16) {
+    __m512 t = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(a));
     if (!round_bf16) return t;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
     /* vcvtneps2bf16 rounds to nearest even (flushing subnormals: only absmax < ~1e-36 makes them);
@@ -68,13 +69,13 @@ static inline __m512 block_table(float a, int round_bf16) {
  * dwords; vpermps reads 4 index bits, so (byte >> 4) and byte itself index the block's table for the
  * even and the odd elements. Each row of x has 4 accumulators (hiding the FMA latency), summed in a fixed
  * order, so a row's result does not depend on how many rows share the call. */
-static inline void row_sums(const int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
-                            int64_t xstride, int round_bf16, float *sums) {
+static inline void row_sums(const int MT, const float *code, const uint8_t *w, const float *a, const float *xp,
+                            int64_t K, int64_t xstride, int round_bf16, float *sums) {
     __m512 acc[MT_MAX][4];
     for (int m = 0; m < MT; m++)
         for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / G; b++) {
-        __m512 t = block_table(a[b], round_bf16), q[4];
+        __m512 t = block_table(code, a[b], round_bf16), q[4];
         for (int h = 0; h < 2; h++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + b * 32 + h * 16)));
             q[2 * h] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
@@ -90,12 +91,12 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
     }
 }
 #else
-static inline void row_sums(const int MT, const uint8_t *w, const float *a, const float *xp, int64_t K,
-                            int64_t xstride, int round_bf16, float *sums) {
+static inline void row_sums(const int MT, const float *code, const uint8_t *w, const float *a, const float *xp,
+                            int64_t K, int64_t xstride, int round_bf16, float *sums) {
     for (int m = 0; m < MT; m++) sums[m] = 0.0f;
     for (int64_t b = 0; b < K / G; b++) {
         float t[16];
-        for (int i = 0; i < 16; i++) t[i] = round_bf16 ? bf16_to_f32(f32_to_bf16(NF4_CODE[i] * a[b])) : NF4_CODE[i] * a[b];
+        for (int i = 0; i < 16; i++) t[i] = round_bf16 ? bf16_to_f32(f32_to_bf16(code[i] * a[b])) : code[i] * a[b];
         for (int64_t j = 0; j < G / 2; j++) { /* byte j of the block: elements 2j (high), 2j+1 (low) */
             uint8_t byte = w[b * 32 + j];
             int64_t k = b * G + (j / 16) * 32 + j % 16;
@@ -118,11 +119,11 @@ static inline void row_sums(const int MT, const uint8_t *w, const float *a, cons
 #define CH 128  /* elements per chunk */
 static int amx_enabled;
 
-int nf4_amx_enable(void) { return amx_enabled = amx_request(); }
+int lut4_amx_enable(void) { return amx_enabled = amx_request(); }
 
 /* 128 elements of one weight row -> group g at out + g * NB * 32 (a row of the g-th A tile) */
-static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out) {
-    const __m512 code = _mm512_loadu_ps(NF4_CODE);
+static inline void decode_chunk(const float *code_, const uint8_t *w, const float *a, uint16_t *out) {
+    const __m512 code = _mm512_loadu_ps(code_);
     /* words 0-15: the first block's 16 weights, 16-31: the second's; then each repeated twice */
     __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(a[1])),
                                                 _mm512_mul_ps(code, _mm512_set1_ps(a[0])));
@@ -135,10 +136,10 @@ static inline void decode_chunk(const uint8_t *w, const float *a, uint16_t *out)
 }
 
 /* 16 weight rows, chunk c -> the 4 A tiles of that chunk */
-static inline void decode_rows(const uint8_t *w, const float *absmax, int64_t n0, int64_t K, int64_t c,
-                               uint16_t *ab) {
+static inline void decode_rows(const float *code, const uint8_t *w, const float *absmax, int64_t n0, int64_t K,
+                               int64_t c, uint16_t *ab) {
     for (int r = 0; r < NB; r++)
-        decode_chunk(w + (n0 + r) * (K / 2) + c * 64, absmax + (n0 + r) * (K / G) + 2 * c, ab + r * 32);
+        decode_chunk(code, w + (n0 + r) * (K / 2) + c * 64, absmax + (n0 + r) * (K / G) + 2 * c, ab + r * 32);
 }
 
 /* B tiles for the rows [m0, m0 + 16) of x: pair p, column m holds the group's words 2p and 2p + 1;
@@ -162,7 +163,7 @@ static void store_tile_rows(const float *cbuf, int64_t rows, int64_t N, uint16_t
 /* M <= 32 rows, 32 weight rows per step: tiles 0-3 accumulate (weight rows 0-15 | 16-31) x (x rows 0-15 |
  * 16-31), tiles 4, 5 hold the two A tiles and 6, 7 the two B tiles, so each B load serves 32 weight rows. */
 static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
-                       const float *absmax, uint16_t *y) {
+                       const float *absmax, const float *code, uint16_t *y) {
     const int64_t C = K / CH, two = M > 16;
     uint16_t *xb = aligned_alloc(64, (size_t)(2 * C * 4 * 512 * 2));
     tile_config cfg = {.palette = 1};
@@ -180,13 +181,13 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            decode_rows(w, absmax, n0, K, 0, abuf[0]);
-            decode_rows(w, absmax, n0 + NB, K, 0, abuf[0] + 4 * NB * 32);
+            decode_rows(code, w, absmax, n0, K, 0, abuf[0]);
+            decode_rows(code, w, absmax, n0 + NB, K, 0, abuf[0] + 4 * NB * 32);
             for (int64_t c = 0; c < C; c++) {
                 /* decode the next chunk first: its stores commit while the tiles of this one load */
                 if (c + 1 < C) {
-                    decode_rows(w, absmax, n0, K, c + 1, abuf[(c + 1) & 1]);
-                    decode_rows(w, absmax, n0 + NB, K, c + 1, abuf[(c + 1) & 1] + 4 * NB * 32);
+                    decode_rows(code, w, absmax, n0, K, c + 1, abuf[(c + 1) & 1]);
+                    decode_rows(code, w, absmax, n0 + NB, K, c + 1, abuf[(c + 1) & 1] + 4 * NB * 32);
                 }
                 uint16_t *ab = abuf[c & 1];
                 for (int g = 0; g < 4; g++) {
@@ -219,7 +220,7 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
     free(xb);
 }
 #else
-int nf4_amx_enable(void) { return 0; }
+int lut4_amx_enable(void) { return 0; }
 #endif
 
 static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, void *y) {
@@ -229,12 +230,13 @@ static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, vo
     }
 }
 
-void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, const uint8_t *w,
-                const float *absmax, void *y) {
+void lut4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, const uint8_t *w,
+                 const float *absmax, const float *code, void *y) {
 #ifdef HAVE_AMX
     if (amx_enabled && is_bf16 && M >= 2 && N % (2 * NB) == 0 && K % CH == 0) {
         for (int64_t m = 0; m < M; m += 32)
-            linear_amx((const uint16_t *)x + m * K, M - m < 32 ? M - m : 32, N, K, w, absmax, (uint16_t *)y + m * N);
+            linear_amx((const uint16_t *)x + m * K, M - m < 32 ? M - m : 32, N, K, w, absmax, code,
+                       (uint16_t *)y + m * N);
         return;
     }
 #endif
@@ -252,16 +254,16 @@ void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, con
             int64_t m = 0;
             /* constant tile sizes, so that the accumulators stay in registers */
             for (; m + 4 <= M; m += 4) {
-                row_sums(4, wn, an, xp + m * K, K, K, is_bf16, sums);
+                row_sums(4, code, wn, an, xp + m * K, K, K, is_bf16, sums);
                 store_y(sums, 4, is_bf16, N, (char *)y + (m * N + n) * ysize);
             }
             if (M - m >= 2) {
-                row_sums(2, wn, an, xp + m * K, K, K, is_bf16, sums);
+                row_sums(2, code, wn, an, xp + m * K, K, K, is_bf16, sums);
                 store_y(sums, 2, is_bf16, N, (char *)y + (m * N + n) * ysize);
                 m += 2;
             }
             if (M - m >= 1) {
-                row_sums(1, wn, an, xp + m * K, K, K, is_bf16, sums);
+                row_sums(1, code, wn, an, xp + m * K, K, K, is_bf16, sums);
                 store_y(sums, 1, is_bf16, N, (char *)y + (m * N + n) * ysize);
             }
         }
@@ -271,7 +273,7 @@ void nf4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, con
 
 /* W (n,) bf16 = bf16(code[q] * absmax): the product in fp32, then round to nearest even, exactly as the
  * torch path (semantics §1.5). n % G == 0. Per block, the 16 possible products form a bf16 table. */
-void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint16_t *out) {
+void lut4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, const float *code, uint16_t *out) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512BF16__)
     /* Output word 2k and 2k+1 of a half block both get packed byte k; shifting them right by 4 and 0
      * leaves the high / low nibble in bits 0-3 (bit 4 may hold junk: the table repeats, so it is unused). */
@@ -284,7 +286,7 @@ void nf4_dequantize_bf16(const uint8_t *w, const float *absmax, int64_t n, uint1
 #pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t b = 0; b < n / G; b++) {
         float t[16];
-        for (int i = 0; i < 16; i++) t[i] = NF4_CODE[i] * absmax[b];
+        for (int i = 0; i < 16; i++) t[i] = code[i] * absmax[b];
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512BF16__)
         /* vcvtne2ps2bf16 flushes subnormals; products that small need absmax < ~1e-36: scalar below */
         if (!(absmax[b] < 1e-36f)) {
@@ -414,7 +416,7 @@ void nf4_quantize(const void *x, int kind, int64_t n, int64_t G_, float *absmax,
 }
 
 /* --- dequantize into fp32 / bf16 / fp16 (semantics §1.5) -----------------------------------------
- * nf4_dequantize  packed, absmax (n/G,) fp32 -> out (n,) of kind 0 / 1 / 2 (fp32 / bf16 / fp16),
+ * lut4_dequantize  packed, absmax (n/G,) fp32, code (16,) -> out (n,) of kind 0 / 1 / 2 (fp32 / bf16 / fp16),
  *                 out = kind(fp32(code[q] * absmax)) rounded to nearest even; n % G == 0, any even G >= 32.
  * Per block the 16 possible values are rounded once into a table of dwords, then looked up per nibble. */
 
@@ -441,11 +443,12 @@ static inline uint32_t table_entry(float v, int kind) {
     return kind == 0 ? u : kind == 1 ? f32_to_bf16(v) : f32_to_f16(v);
 }
 
-void nf4_dequantize(const uint8_t *w, const float *absmax, int64_t n, int64_t G_, int kind, void *out) {
+void lut4_dequantize(const uint8_t *w, const float *absmax, int64_t n, int64_t G_, int kind, const float *code,
+                     void *out) {
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n / G_; b++) {
         uint32_t t[16];
-        for (int i = 0; i < 16; i++) t[i] = table_entry(NF4_CODE[i] * absmax[b], kind);
+        for (int i = 0; i < 16; i++) t[i] = table_entry(code[i] * absmax[b], kind);
         const uint8_t *src = w + b * G_ / 2;
         int64_t k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
