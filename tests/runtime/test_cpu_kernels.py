@@ -235,6 +235,11 @@ def test_a_cached_library_others_can_write_is_refused_not_loaded(monkeypatch, tm
     library.parent.chmod(0o777)
     with pytest.raises(build.BuildError, match="refusing .*adapterhub-kernels"):
         build.build()
+    library.parent.chmod(0o700)
+    if os.getuid() == 0:  # only root can hand a file to another user: a library someone else owns
+        os.chown(library, 65534, 65534)
+        with pytest.raises(build.BuildError, match="owned by uid 65534"):
+            build.build()
 
 
 # --- quantize, and dequantize with any blocksize: against the torch path ---------------------------
