@@ -25,6 +25,7 @@ import numpy as np
 
 from adapterhub.errors import AdapterFormatError, ConfigError, IncompatibleAdapterError
 from adapterhub.fsio import fsync_dir, write_replace
+from adapterhub.module_regex import ModuleRegex, check_layers_pattern, module_regex
 from adapterhub.safetensors_io import DTYPE_CODES, RawTensor, read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -77,10 +78,9 @@ def _names(value: Any, field_name: str) -> str | tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ConfigError(f"{field_name} {value!r} is not a valid regular expression: {error}") from None
+        if field_name == "layers_pattern":
+            return check_layers_pattern(value)
+        module_regex(value, field_name)  # ConfigError now for a bad regex, not at the first match
         return value
     _check(isinstance(value, list) and all(isinstance(v, str) and v for v in value),
            f"{field_name} must be null, a regex string or a list of module names; got {value!r}")
@@ -91,15 +91,21 @@ def _pattern(value: Any, field_name: str, check_value) -> dict[str, Any]:
     _check(isinstance(value, dict), f"{field_name} must be an object {{pattern: value}}; got {value!r}")
     for key, item in value.items():
         _check(check_value(item), f"{field_name}[{key!r}] = {item!r} is invalid; expected a positive number")
+        _key_regex(key)
     return dict(value)
 
 
 def _pattern_lookup(pattern: Mapping[str, Any], module: str, default):
     """First key K (dict order) whose `(.*\\.)?(K)$` fully matches the module name wins (semantics §4.2)."""
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?({key})$", module):
+        if _key_regex(key).fullmatch(module):
             return value
     return default
+
+
+def _key_regex(key: str) -> ModuleRegex:
+    """A rank_pattern / alpha_pattern key matches a module name or its dotted suffix (PEFT's rule)."""
+    return module_regex(rf"(.*\.)?({key})$", f"rank_pattern / alpha_pattern key {key!r}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ class AdapterConfig:
         elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
             targets = ALL_LINEAR_TARGETS
         if isinstance(targets, str):
-            return re.fullmatch(targets, module) is not None
+            return module_regex(targets, "target_modules").fullmatch(module)
         if module in targets:
             return True
         if not _selects(targets, module):
@@ -235,7 +241,7 @@ def _selects(selector: str | tuple[str, ...] | None, module: str) -> bool:
     if selector is None:
         return False
     if isinstance(selector, str):
-        return re.fullmatch(selector, module) is not None
+        return module_regex(selector, "exclude_modules").fullmatch(module)
     return any(module == name or module.endswith("." + name) for name in selector)
 
 
@@ -249,7 +255,9 @@ def _layer_index(module: str, layers_pattern: str | tuple[str, ...] | None) -> i
         found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
         return int(found.group(1)) if found else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module)
+        # grouped, so "layers|h" is one alternative of the container (unbracketed, the '|' would split the
+        # whole regex and leave the index group empty; peft 0.21.2 crashes on that with a TypeError)
+        found = re.match(rf"(?:^|.*?\.)(?:{pattern})\.(\d+)\.", module)
         if found:
             return int(found.group(1))
     return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -65,39 +66,96 @@ class RawTensor:
 
 
 def read_safetensors(data: bytes, source: str = "safetensors") -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """Parse a safetensors file's bytes into {key: RawTensor} and its metadata, checking every offset."""
+    """Parse a safetensors file's bytes into {key: RawTensor} and its metadata.
+
+    Checked as the safetensors library checks (its ``Metadata::validate``): the header is UTF-8 JSON
+    without duplicate keys, each tensor's byte range matches its dtype and shape, and the ranges tile the
+    data section exactly: none overlaps another, and no byte belongs to no tensor. Errors name the tensors.
+    """
     if len(data) < 8:
         raise AdapterFormatError(f"{source}: {len(data)} bytes is too short for a safetensors file")
     n = int.from_bytes(data[:8], "little")
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise AdapterFormatError(f"{source}: header length {n} exceeds the file ({len(data)} bytes); truncated?")
+    if n > _MAX_HEADER:
+        raise AdapterFormatError(f"{source}: header length {n} is over the {_MAX_HEADER}-byte limit of safetensors; "
+                                 "the file is corrupt or not a safetensors file")
+    if n > len(data) - 8:
+        raise AdapterFormatError(f"{source}: header length {n} runs past the end of the {len(data)}-byte file; "
+                                 "the file is truncated or corrupt, save it again")
+    header = _header(data[8:8 + n], source)
+    metadata = _metadata(header.pop("__metadata__", None), source)
+    body = memoryview(data)[8 + n:]
+    entries = {key: _entry(key, entry, len(body), source) for key, entry in header.items()}
+    _check_tiling(entries, len(body), source)
+    tensors = {key: RawTensor(dtype, shape, bytes(body[begin:end])) for key, (dtype, shape, begin, end) in entries.items()}
+    return tensors, metadata
+
+
+def _header(text: bytes, source: str) -> dict[str, Any]:
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=lambda pairs: _unique(pairs, source))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{source}: safetensors header is not valid JSON ({error})") from None
+        raise AdapterFormatError(f"{source}: safetensors header is not valid UTF-8 JSON ({error})") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{source}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + n:]
-    tensors = {key: _raw_tensor(key, entry, body, source) for key, entry in header.items()}
-    return tensors, dict(metadata)
+    return header
 
 
-def _raw_tensor(key: str, entry: Any, body: memoryview, source: str) -> RawTensor:
+def _unique(pairs: list[tuple[str, Any]], source: str) -> dict[str, Any]:
+    """A JSON object without repeated keys: the spec disallows them, and json.loads would keep the last one,
+    so two readers could disagree about which tensor a key names."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise AdapterFormatError(f"{source}: the safetensors header names {repeated} more than once; keys must be "
+                                 "unique, save the file again")
+    return out
+
+
+def _metadata(metadata: Any, source: str) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise AdapterFormatError(f"{source}: __metadata__ must map strings to strings; got {metadata!r:.80}")
+    return dict(metadata)
+
+
+def _entry(key: str, entry: Any, body_size: int, source: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, its byte range checked against dtype and shape."""
     try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed header entry {entry!r}") from None
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError):
+        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed header entry {entry!r:.120}") from None
     if dtype not in DTYPES:
         raise AdapterFormatError(f"{source}: tensor {key!r} has dtype {dtype}; adapter tensors must be one of "
                                  f"{sorted(DTYPES)} (cast them to float32)")
     if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
-        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed shape {shape!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
-    if not (_is_count(begin) and _is_count(end) and begin <= end <= len(body) and end - begin == expected):
+        raise AdapterFormatError(f"{source}: tensor {key!r} has a malformed shape {shape!r:.80}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise AdapterFormatError(f"{source}: tensor {key!r} has data_offsets {offsets!r:.80}; expected [begin, end]")
+    (begin, end), expected = offsets, math.prod(shape) * DTYPES[dtype][1]
+    if not (begin <= end <= body_size and end - begin == expected):
         raise AdapterFormatError(f"{source}: tensor {key!r} {dtype}{shape} needs {expected} bytes but its "
-                                 f"data_offsets are [{begin}, {end}] in a {len(body)}-byte buffer")
-    return RawTensor(dtype, tuple(shape), bytes(body[begin:end]))
+                                 f"data_offsets are [{begin}, {end}] in a {body_size}-byte buffer")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_tiling(entries: Mapping[str, tuple], body_size: int, source: str) -> None:
+    """Sorted by offset, each tensor starts where the previous one ends and the last ends the buffer
+    (safetensors README: no overlapping addresses; its validate() also refuses holes and trailing bytes)."""
+    cursor, previous = 0, None
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin < cursor:
+            raise AdapterFormatError(f"{source}: tensors {previous!r} and {key!r} overlap (bytes [{begin}, "
+                                     f"{min(cursor, end)}) belong to both); the file is corrupt, save it again")
+        if begin > cursor:
+            after = f"after tensor {previous!r}" if previous else "at the start of the data"
+            raise AdapterFormatError(f"{source}: bytes [{cursor}, {begin}) {after} belong to no tensor (next: "
+                                     f"{key!r}); safetensors files have no holes, the file is corrupt")
+        cursor, previous = end, key
+    if cursor != body_size:
+        after = f"after the last tensor {previous!r}" if previous else "in a file with no tensors"
+        raise AdapterFormatError(f"{source}: {body_size - cursor} trailing bytes {after} belong to no tensor; "
+                                 "the file is corrupt or was appended to, save it again")
 
 
 def write_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -16,13 +16,25 @@ from adapterhub.errors import AdapterHubError
 
 
 class _Group(click.Group):
-    """Converts every AdapterHubError raised by a command into a one-line ClickException."""
+    """Converts every AdapterHubError raised by a command into a one-line ClickException.
+
+    An OSError that reaches here (a path the library did not anticipate: a store directory you cannot read)
+    becomes one line too, naming the path, rather than a traceback.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AdapterHubError as error:
-            raise click.ClickException(f"{type(error).__name__}: {error}") from error
+            raise click.ClickException(f"{type(error).__name__}: {_one_line(error)}") from error
+        except OSError as error:
+            raise click.ClickException(f"{type(error).__name__}: {_one_line(error)}; check that path and its "
+                                       "permissions") from error
+
+
+def _one_line(error: Exception) -> str:
+    """Messages hold user values (paths, refs) that may contain newlines; the CLI prints exactly one line."""
+    return " ".join(str(error).splitlines())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

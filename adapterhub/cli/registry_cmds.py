@@ -10,6 +10,7 @@ from adapterhub.cli import main
 from adapterhub.cli.options import registry_option
 from adapterhub.errors import IntegrityError
 from adapterhub.registry import Registry
+from adapterhub.registry.verify import repair_store
 
 
 def _echo_json(value) -> None:
@@ -38,13 +39,26 @@ def push(directory, task, tags, annotations, registry):
 @click.argument("ref")
 @click.option("--output", "-o", "output", type=click.Path(), default=None,
               help="Destination directory (default: ./<task>-v<N>).")
+@click.option("--force", "-f", is_flag=True,
+              help="Replace a non-empty destination directory as a whole (every file in it is removed).")
 @registry_option
-def pull(ref, output, registry):
-    """Write REF (task@vN, task:tag, task@sha256:…) as a PEFT adapter directory."""
+def pull(ref, output, force, registry):
+    """Write REF (task@vN, task:tag, task@sha256:…) as a PEFT adapter directory.
+
+    \b
+    adapterhub pull sql:prod -o ./sql            # refuses a non-empty ./sql
+    adapterhub pull sql:prod -o ./sql --force    # replaces it in one step
+    """
     reg = Registry(registry)
     resolved = reg.resolve(ref)
-    path = reg.pull(str(resolved), output or f"{resolved.task}-v{resolved.version}", progress=True)
+    path = reg.pull(str(resolved), output or f"{resolved.task}-v{resolved.version}", progress=True, force=force)
     click.echo(f"{resolved} → {path}")
+
+
+def _warn(problems: list[str]) -> None:
+    """Unreadable refs, on stderr: the listing goes on without them (stdout stays valid JSON with --json)."""
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
 
 
 @main.command("ls")
@@ -55,13 +69,16 @@ def ls(task, as_json, registry):
     """List tasks, or the versions of TASK."""
     reg = Registry(registry)
     if task is None:
-        rows = {t: reg.versions(t) for t in reg.tasks()}
+        rows = {t: v for t in reg.tasks() if (v := reg.versions(t))}  # a task rm'd meanwhile has none
+        _warn(reg.ref_problems())
         if as_json:
             _echo_json([{"task": t, "versions": len(v), "latest": max(v)} for t, v in rows.items()])
         for t, v in ([] if as_json else rows.items()):
             click.echo(f"{t}\t{len(v)} versions\tlatest v{max(v)}")
         return
-    entries = reg.log(task)
+    problems: list[str] = []
+    entries = reg.log(task, problems)
+    _warn(problems)
     if as_json:
         _echo_json([_entry_json(e) for e in entries])
         return
@@ -115,7 +132,9 @@ def log(task, as_json, registry):
     adapterhub log sql
     adapterhub log sql --json | jq '.[0].annotations'
     """
-    entries = Registry(registry).log(task)
+    problems: list[str] = []
+    entries = Registry(registry).log(task, problems)
+    _warn(problems)
     if as_json:
         _echo_json([_entry_json(e) for e in entries])
         return
@@ -177,10 +196,22 @@ def gc(dry_run, registry):
 
 
 @main.command("verify")
+@click.option("--repair", "source", metavar="SOURCE", default=None,
+              help="First rewrite missing or corrupt blobs from SOURCE: a PEFT adapter directory or another "
+                   "registry (path or oci:// URL) that holds them.")
 @registry_option
-def verify(registry):
-    """Re-hash every blob and check every ref; exits non-zero on any problem."""
-    report = Registry(registry).verify()
+def verify(source, registry):
+    """Re-hash every blob and check every ref; exits non-zero on any problem.
+
+    \b
+    adapterhub verify                              # report only
+    adapterhub verify --repair ./my-adapter        # rewrite damaged config / tensor blobs from a PEFT dir
+    adapterhub verify --repair /mnt/backup/store   # ... or from another registry (manifests too)
+    """
+    reg = Registry(registry)
+    if source is not None:
+        click.echo(repair_store(reg.backend, source).describe())
+    report = reg.verify()
     for problem in report.problems:
         click.echo(problem, err=True)
     if not report.ok:

@@ -94,9 +94,14 @@ class Backend(Protocol):
         """
         ...
 
-    def get_blob(self, task: str, digest: str) -> bytes:
+    def get_blob(self, task: str, digest: str, size: int | None = None) -> bytes:
         """The raw bytes of `digest`, re-hashed on every read (`IntegrityError` on a mismatch,
-        `BlobNotFoundError` / `RefNotFoundError` when missing)."""
+        `BlobNotFoundError` / `RefNotFoundError` when missing).
+
+        `size` is the raw size the manifest descriptor states: a blob of another size is refused
+        (`IntegrityError`), and a backend that decompresses refuses it before decompressing, so a small
+        file declaring gigabytes never makes a reader allocate them (local: blobs.decode).
+        """
         ...
 
     def get_manifest(self, task: str, digest: str) -> bytes:

@@ -1,33 +1,46 @@
-"""Garbage collection and verification of a local store.
+"""Garbage collection of a local store (verification is in verify.py, re-exported here).
 
 GC is a frozen plan (hf_hub ``DeleteCacheStrategy`` idea): ``plan_gc`` lists unreferenced blobs and stale
 temp files with ``expected_freed_bytes``; ``--dry-run`` prints it; ``execute_gc`` takes the gc lock
 exclusively (so no push is in flight), recomputes what is referenced, and deletes only plan entries that
-are still unreferenced and not newer than the plan: manifests first, then the blobs they named (the
-reverse of the write order). Its `GcResult` counts only the files it removed itself, so the bytes it
-reports as freed can be fewer than the plan expected, never more.
+are still unreferenced and not newer than the plan. Its `GcResult` counts only the files it removed itself,
+so the bytes it reports as freed can be fewer than the plan expected, never more.
+
+GC reads the manifests refs name, and of every other blob only its name and size: a garbage blob is never
+decompressed (it may be large, or crafted). So garbage is deleted in name order, not manifests first: no
+ref names any of it, no push runs meanwhile, and a garbage manifest left by a crash is itself garbage that
+nothing can resolve (a later push or copy of it re-sends, and re-verifies, every blob it names).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import IntegrityError
 from adapterhub.registry.blobs import remove_file
 from adapterhub.registry.digest import Digest
-from adapterhub.registry.manifest import Manifest, parse_config_blob
+from adapterhub.registry.manifest import Manifest
+from adapterhub.registry.verify import VerifyReport, verify_store  # noqa: F401  (the maintenance API lives here)
 
 if TYPE_CHECKING:  # local.py imports this module for LocalStore.plan_gc / execute_gc / verify
     from adapterhub.registry.local import LocalStore
 
 
 def referenced(store: LocalStore) -> tuple[set[Digest], set[Digest]]:
-    """(manifest digests, all referenced digests) reachable from every version and tag."""
+    """(manifest digests, all referenced digests) reachable from every version and tag.
+
+    An unreadable version or tag file stops gc (IntegrityError naming it): what it references is unknown,
+    and deleting that would turn a fixable ref into a lost version.
+    """
     manifests: set[Digest] = set()
-    for task in store.tasks():
+    for task in store.refs.tasks():
+        unreadable = [p for p in store.refs.problems(task) if p.path.name != "removed-max"]
+        if unreadable:
+            raise IntegrityError(f"gc stopped: {unreadable[0]}; gc cannot tell what it references, so it deletes "
+                                 "nothing until the ref file is fixed or removed ('adapterhub verify' lists them)")
         manifests.update(store.versions(task).values())
         manifests.update(store.tags(task).values())
     reachable = set(manifests)
@@ -93,7 +106,6 @@ def execute_gc(store: LocalStore, plan: GcPlan) -> GcResult:
     with store.refs.lock("gc"):
         _, reachable = referenced(store)
         doomed = [d for d, _ in plan.blobs if d not in reachable and _older(store.blobs.path(d), plan.created)]
-        doomed.sort(key=lambda digest: not _is_manifest(store, digest))  # manifests first
         temps = [(p, remove_file(p)) for p, _ in plan.temp_files if _older(p, plan.created)]
         blobs = [(d, store.blobs.delete(d)) for d in doomed]
     removed_temps = tuple(p for p, n in temps if n is not None)  # None: another process removed it first
@@ -117,65 +129,5 @@ def _older(path, created: float) -> bool:
         return False
 
 
-def _is_manifest(store: LocalStore, digest: Digest) -> bool:
-    try:  # a blob another process removed meanwhile is not a manifest: BlobNotFoundError
-        Manifest.from_json(store.blobs.get(digest), "")
-        return True
-    except AdapterHubError:
-        return False
-
-
 def _scandir(path):
     return (e for e in os.scandir(path) if e.is_file()) if path.is_dir() else iter(())
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    blobs_checked: int
-    refs_checked: int
-    problems: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_store(store: LocalStore) -> VerifyReport:
-    """Re-hash every blob; check every ref's manifest, config and tensors exist and agree."""
-    problems: list[str] = []
-    bad: set[Digest] = set()
-    count = 0
-    for digest in store.blobs.digests():
-        count += 1
-        try:
-            store.blobs.get(digest)
-        except AdapterHubError as error:
-            problems.append(str(error))
-            bad.add(digest)
-    refs = 0
-    for task in store.tasks():
-        named = {f"{task}@v{v}": d for v, d in store.versions(task).items()}
-        named.update({f"{task}:{t}": d for t, d in store.tags(task).items()})
-        for name, digest in sorted(named.items()):
-            refs += 1
-            problems.extend(_check_ref(store, name, digest, bad))
-    return VerifyReport(count, refs, tuple(problems))
-
-
-def _check_ref(store: LocalStore, name: str, digest: Digest, bad: set[Digest]) -> list[str]:
-    if not store.blobs.has(digest):
-        return [f"{name}: manifest blob {digest} is missing"]
-    if digest in bad:
-        return [f"{name}: manifest blob {digest} is corrupt"]
-    try:
-        manifest = Manifest.from_json(store.blobs.get(digest), f"{name} manifest {digest}")
-        parse_config_blob(store.blobs.get(manifest.config_digest), f"{name} config {manifest.config_digest}")
-    except AdapterHubError as error:
-        return [f"{name}: {error}"]
-    problems = []
-    for tensor in manifest.tensors:
-        if not store.blobs.has(tensor.digest):
-            problems.append(f"{name}: tensor {tensor.name} blob {tensor.digest} is missing")
-        elif tensor.digest in bad:
-            problems.append(f"{name}: tensor {tensor.name} blob {tensor.digest} is corrupt")
-    return problems

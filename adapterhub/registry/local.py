@@ -9,6 +9,7 @@ lock *shared*, and ``gc`` execution takes it exclusively, so GC never runs besid
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,7 +21,7 @@ from adapterhub.registry import gc as _gc
 from adapterhub.registry.blobs import BlobStore
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import FORMAT_VERSION, Manifest
-from adapterhub.registry.refs import LATEST, LocalRefs, RefSpec, ResolvedRef
+from adapterhub.registry.refs import LATEST, LocalRefs, RefProblem, RefSpec, ResolvedRef
 
 if TYPE_CHECKING:
     from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
@@ -42,11 +43,20 @@ class LocalStore:
         self.root = Path(root).expanduser()
         self.blobs = BlobStore(self.root)
         self.refs = LocalRefs(self.root)
+        self._check_directory()
         self._check_format()
 
     @property
     def location(self) -> str:
         return str(self.root)
+
+    def _check_directory(self) -> None:
+        """The store is a directory, or a path one can be created at (its nearest existing ancestor is one)."""
+        existing = next(p for p in (self.root, *self.root.parents) if os.path.lexists(p))
+        if not existing.is_dir():
+            where = "is" if existing == self.root else f"is under {existing}, which is"
+            raise RegistryError(f"registry location {self.root} {where} not a directory; pass a store "
+                                "directory (or a new path) with --registry / ADAPTERHUB_HOME")
 
     def _check_format(self) -> None:
         """formatVersion is checked before anything else is read (docs/store-format.md)."""
@@ -55,7 +65,7 @@ class LocalStore:
             return
         try:
             version = json.loads(path.read_text())["formatVersion"]
-        except (ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             raise FormatVersionError(f"{path} is malformed ({error}); is {self.root} an adapterhub store?") from None
         if version != FORMAT_VERSION:
             raise FormatVersionError(f"{self.root} has store formatVersion {version!r}; this adapterhub reads "
@@ -63,21 +73,26 @@ class LocalStore:
 
     def session(self) -> AbstractContextManager:
         """Held for a whole push: a shared hold on the gc lock (gc takes it exclusively)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_new(self.root / LAYOUT_FILE, json.dumps({"formatVersion": FORMAT_VERSION}).encode() + b"\n",
-                  self.root / "tmp")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_new(self.root / LAYOUT_FILE, json.dumps({"formatVersion": FORMAT_VERSION}).encode() + b"\n",
+                      self.root / "tmp")
+        except OSError as error:
+            raise RegistryError(f"cannot create the store at {self.root} ({error.strerror}); pass a directory you "
+                                "can write with --registry / ADAPTERHUB_HOME") from None
         return self.refs.lock("gc", shared=True)
 
     # --- blobs (the task is irrelevant locally: one blob namespace per store) ---
 
     def has_blob(self, task: str, digest: str) -> bool:
-        return self.blobs.has(digest)
+        # Re-hashed, not just stat'ed: a corrupt file counts as absent, so a push or copy rewrites it (repair).
+        return self.blobs.is_intact(digest)
 
     def put_blob(self, task: str, digest: str, raw: bytes, width: int) -> bool:
         return self.blobs.put(raw, width, digest, sync_dir=False)[1]  # publish() syncs the dir once
 
-    def get_blob(self, task: str, digest: str) -> bytes:
-        return self.blobs.get(digest)
+    def get_blob(self, task: str, digest: str, size: int | None = None) -> bytes:
+        return self.blobs.get(digest, size)
 
     def get_manifest(self, task: str, digest: str) -> bytes:
         return self.blobs.get(digest)
@@ -85,7 +100,8 @@ class LocalStore:
     # --- refs ---
 
     def tasks(self) -> list[str]:
-        return self.refs.tasks()
+        """Tasks with at least one version ref file (a task whose versions were all removed is left out)."""
+        return [task for task in self.refs.tasks() if self.refs.version_numbers(task)]
 
     def versions(self, task: str) -> dict[int, Digest]:
         return self.refs.versions(task)
@@ -94,15 +110,25 @@ class LocalStore:
         return self.refs.tags(task)
 
     def lookup(self, spec: RefSpec) -> ResolvedRef | None:
-        versions = self.refs.versions(spec.task)
+        """Reads only the ref files `spec` needs: an unreadable one raises IntegrityError naming it, any other
+        unreadable ref of the task is ignored. Takes no lock; a ref removed meanwhile resolves to None."""
         if spec.kind == "version":
-            digest = versions.get(int(spec.value))
+            digest = self.refs.version(spec.task, int(spec.value))
             return None if digest is None else ResolvedRef(spec.task, int(spec.value), digest)
         if spec.kind == "tag" and spec.value == LATEST:
-            return ResolvedRef(spec.task, max(versions), versions[max(versions)]) if versions else None
-        digest = self.refs.tags(spec.task).get(spec.value) if spec.kind == "tag" else spec.value
-        matches = [v for v, d in versions.items() if d == digest]  # ≤ 1: the version is in the manifest
-        return ResolvedRef(spec.task, max(matches), Digest(digest)) if matches else None
+            return self._latest(spec.task)
+        digest = self.refs.tag(spec.task, spec.value) if spec.kind == "tag" else spec.value
+        matches = [v for v, d in self.refs.versions(spec.task).items() if d == digest]  # ≤ 1: the version is
+        return ResolvedRef(spec.task, max(matches), Digest(digest)) if matches else None  # in the manifest
+
+    def _latest(self, task: str) -> ResolvedRef | None:
+        """The highest version; if its ref file is unreadable that is an error (IntegrityError naming it), not
+        a silent fallback to an older version. One removed meanwhile by a concurrent rm is skipped."""
+        for version in reversed(self.refs.version_numbers(task)):
+            digest = self.refs.version(task, version)
+            if digest is not None:
+                return ResolvedRef(task, version, digest)
+        return None
 
     def publish(self, task: str, manifest: Manifest | bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:
         """Manifest blob → version ref → tags, under the task lock (see `Backend.publish`).
@@ -125,21 +151,26 @@ class LocalStore:
                 data = manifest
             version = Manifest.from_json(data, f"manifest for {task}").version
             digest = Digest.of(data)
-            if version in versions:
-                if versions[version] != digest:
-                    raise RegistryError(f"{task}@v{version} already exists here with manifest {versions[version]}, "
+            existing_digest = self.refs.version(task, version)  # an unreadable ref file there: IntegrityError
+            if existing_digest is not None:
+                if existing_digest != digest:
+                    raise RegistryError(f"{task}@v{version} already exists here with manifest {existing_digest}, "
                                         f"not {digest}; versions are immutable, copy into another registry or task")
                 self._tag(task, tags, digest)
                 return ResolvedRef(task, version, digest), False
             self.blobs.put(data, 1, digest)
-            self.refs.add_version(task, version, digest)
+            if not self.refs.add_version(task, version, digest):  # only an outside writer can get here first
+                raise RegistryError(f"{task}@v{version} appeared while it was being published, outside the task "
+                                    f"lock; check 'adapterhub ls {task}' and push again")
             self._tag(task, tags, digest)
             return ResolvedRef(task, version, digest), True
 
     def _same_as_latest(self, task: str, versions: dict[int, Digest], manifest: Manifest) -> ResolvedRef | None:
-        if not versions:
+        """The latest version if its content equals `manifest`'s; None when it differs or cannot be read (then
+        the push makes a new version rather than failing on a bad ref it does not need)."""
+        latest = max(self.refs.version_numbers(task), default=0)
+        if latest not in versions:
             return None
-        latest = max(versions)
         previous = Manifest.from_json(self.blobs.get(versions[latest]), f"{task}@v{latest}")
         return ResolvedRef(task, latest, versions[latest]) if previous.content_key() == manifest.content_key() else None
 
@@ -148,25 +179,44 @@ class LocalStore:
             self.refs.set_tag(task, tag, digest)
 
     def set_tag(self, task: str, tag: str, digest: str) -> None:
+        """Re-checks under the task lock that `digest` is still a version: the caller resolved it without the
+        lock, and an `rm` of that version in between would otherwise leave the tag dangling."""
         with self.refs.lock(f"task-{task}"):
+            if digest not in self.refs.versions(task).values():
+                raise RefNotFoundError(f"cannot tag {task}:{tag}: manifest {digest} is no longer a version of "
+                                       f"{task} (it was removed meanwhile); see 'adapterhub ls {task}'")
             self.refs.set_tag(task, tag, digest)
 
     def delete_tag(self, task: str, tag: str) -> None:
+        """Removes the tag file even when it is unreadable (that is how a corrupt tag is fixed)."""
         with self.refs.lock(f"task-{task}"):
-            if tag not in self.refs.tags(task):
+            if not self.refs.has_tag_file(task, tag):
                 raise RefNotFoundError(f"{task}:{tag} does not exist; see 'adapterhub ls {task}'")
             self.refs.delete_tag(task, tag)
 
     def delete_version(self, task: str, version: int) -> None:
-        """Tags pointing at the version go first, then the version ref (reverse of the write order)."""
+        """Tags pointing at the version go first, then the version ref (reverse of the write order).
+
+        An unreadable version ref file can be removed too (its tags cannot be known, so they stay).
+        """
         with self.refs.lock(f"task-{task}"):
-            digest = self.refs.versions(task).get(version)
-            if digest is None:
+            if version not in self.refs.version_numbers(task):
                 raise RefNotFoundError(f"{task}@v{version} does not exist; see 'adapterhub ls {task}'")
+            self.refs.removed_max(task)  # unreadable: refuse before any tag is touched
+            digest = self.refs.versions(task).get(version)
             for tag, target in self.refs.tags(task).items():
-                if target == digest:
+                if digest is not None and target == digest:
                     self.refs.delete_tag(task, tag)
             self.refs.delete_version(task, version)
+
+    def check_publishable(self, task: str) -> None:
+        """Raise now what `publish` would raise about `task`'s refs (an unreadable ``removed-max``), so that
+        `Registry.push` fails before it stores any blob."""
+        self.refs.removed_max(task)
+
+    def ref_problems(self, task: str) -> list[RefProblem]:
+        """The ref files of `task` that cannot be read (`LocalRefs.problems`); `Registry.ref_problems` uses it."""
+        return self.refs.problems(task)
 
     # --- maintenance (MaintainableBackend): a remote's server does its own ---
 

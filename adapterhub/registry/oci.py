@@ -3,168 +3,98 @@
 Mapping (docs/store-format.md "OCI"): task T → repository ``<namespace>/T``; version N → tag ``vN``;
 ``latest`` and user tags → tags; the manifest, config and tensor blobs are pushed byte for byte, so
 digests are the same on both sides. Push: HEAD each blob, upload only missing ones (POST then one PUT,
-or PATCH chunks then PUT for large blobs), manifest PUT last. Pull: every blob and manifest re-hashed.
+or PATCH chunks then PUT for large blobs), manifest PUT last. https, except http for loopback hosts.
 
-Authentication from the environment: ``ADAPTERHUB_OCI_TOKEN`` (a bearer token used as is), or
-``ADAPTERHUB_OCI_USERNAME`` + ``ADAPTERHUB_OCI_PASSWORD`` (HTTP basic, or exchanged for a bearer token at
-the realm named by a ``WWW-Authenticate: Bearer`` challenge). https, except http for loopback hosts.
+**What is trusted.** Nothing the registry volunteers. A manifest or blob asked for by digest must hash to
+that digest (`IntegrityError` naming the object and both digests); a ``Docker-Content-Digest`` header is
+never used to fetch content. A manifest asked for by tag (``vN``, ``latest``, a user tag) is named by the
+hash of the bytes that arrived (a header that disagrees is an `IntegrityError`), and must be a manifest of
+the task; ``vN`` must hold version N. Listings (`versions`, `tags`) take digests from HEAD headers, but
+those digests only ever name what to fetch next, and that fetch is verified. Every upload is re-hashed
+here first, whatever the source, so no unverified byte leaves this process. The HTTP side (bounded
+answers, timeouts, where credentials go) is `oci_client.py`.
+
 Remote limits: no atomic version allocation (a registry has no compare-and-swap: use one pusher per task
 on a remote), and removing a tag alone is not part of distribution 2.x.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import os
+import ipaddress
 import re
-import threading
-from collections import Counter
 from contextlib import AbstractContextManager
 from urllib.parse import urlsplit
 
 import httpx
 
-from adapterhub.errors import RefNotFoundError, RemoteError
+from adapterhub.errors import IntegrityError, InvalidNameError, RefNotFoundError, RemoteError
 from adapterhub.registry.digest import Digest, verify
-from adapterhub.registry.manifest import MANIFEST_MEDIA_TYPE, Manifest
-from adapterhub.registry.refs import LATEST, RefSpec, ResolvedRef, check_task
+from adapterhub.registry.manifest import Manifest
+from adapterhub.registry.oci_client import MAX_BLOB_BYTES, TIMEOUT, OciClient, one_line
+from adapterhub.registry.refs import LATEST, RefSpec, ResolvedRef, check_tag, check_task
 
-CHUNK = 8 * 1024 * 1024  # blobs above this go up in PATCH chunks of this size
+_HOST = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")  # RFC 1123 names
 _VERSION = re.compile(r"v([1-9][0-9]*)")
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
-class EnvAuth(httpx.Auth):
-    """Bearer token / basic credentials from the environment; answers a Bearer challenge once per request."""
-
-    def __init__(self, env=os.environ):
-        self.token = env.get("ADAPTERHUB_OCI_TOKEN")
-        user, password = env.get("ADAPTERHUB_OCI_USERNAME"), env.get("ADAPTERHUB_OCI_PASSWORD")
-        self.basic = basic_auth_header(user, password or "") if user else None
-
-    def auth_flow(self, request):
-        if self.token:
-            request.headers["Authorization"] = f"Bearer {self.token}"
-        elif self.basic:
-            request.headers["Authorization"] = self.basic
-        response = yield request
-        challenge = response.headers.get("WWW-Authenticate", "")
-        if response.status_code != 401 or not challenge.lower().startswith("bearer"):
-            return
-        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-        realm = params.pop("realm", None)
-        if not realm:
-            return
-        token_request = httpx.Request("GET", realm, params=params)
-        if self.basic:
-            token_request.headers["Authorization"] = self.basic
-        token_response = yield token_request
-        token_response.read()
-        if token_response.status_code != 200:
-            return
-        body = token_response.json()
-        self.token = body.get("token") or body.get("access_token")
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
+def _any_tag(tag: str) -> str:
+    return check_tag(tag, user=False)
 
 
-def basic_auth_header(user: str, password: str) -> str:
-    """The ``Authorization`` value for HTTP Basic (RFC 7617 §2): base64 of "user:password" in UTF-8, the
-    charset RFC 7617 §2.1 names and httpx.BasicAuth uses, so the header is the one httpx would send."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
-
-
-class OciClient:
-    """The handful of distribution-spec endpoints adapterhub needs; counts requests per (method, endpoint)."""
-
-    def __init__(self, base_url: str, transport: httpx.BaseTransport | None = None):
-        self.base = base_url.rstrip("/")
-        self.http = httpx.Client(auth=EnvAuth(), transport=transport, timeout=60.0, follow_redirects=True)
-        self.counts: Counter = Counter()
-        self._count_lock = threading.Lock()  # blobs move on several threads (transfer.py)
-
-    def request(self, method: str, url: str, ok=(200,), **kwargs) -> httpx.Response:
-        url = url if url.startswith("http") else self.base + url
-        kind = next((k for k in ("uploads", "blobs", "manifests", "tags", "_catalog") if f"/{k}" in url), "other")
-        with self._count_lock:
-            self.counts[method, kind] += 1
-        try:
-            response = self.http.request(method, url, **kwargs)
-        except httpx.HTTPError as error:
-            raise RemoteError(f"cannot reach {self.base} ({type(error).__name__}: {error}); is the registry "
-                              "running and the URL right?") from None
-        if response.status_code not in ok:
-            raise RemoteError(f"{method} {url} → HTTP {response.status_code}: {_oci_error(response)}"
-                              + ("; set ADAPTERHUB_OCI_TOKEN or ADAPTERHUB_OCI_USERNAME/PASSWORD"
-                                 if response.status_code in (401, 403) else ""))
-        return response
-
-    def has_blob(self, repo: str, digest: str) -> bool:
-        return self.request("HEAD", f"/v2/{repo}/blobs/{digest}", ok=(200, 404)).status_code == 200
-
-    def get_blob(self, repo: str, digest: str) -> bytes:
-        response = self.request("GET", f"/v2/{repo}/blobs/{digest}", ok=(200, 404))
-        if response.status_code == 404:
-            raise RefNotFoundError(f"blob {digest} is missing from {self.base}/{repo}")
-        verify(response.content, digest, f"blob {digest} from {self.base}/{repo}")
-        return response.content
-
-    def put_blob(self, repo: str, digest: str, data: bytes) -> None:
-        location = self.request("POST", f"/v2/{repo}/blobs/uploads/", ok=(202,)).headers["Location"]
-        start = 0
-        while len(data) - start > CHUNK:  # chunked upload: PATCH ranges, then PUT with the digest
-            piece = data[start:start + CHUNK]
-            location = self.request("PATCH", self._abs(location), ok=(202,), content=piece, headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"{start}-{start + len(piece) - 1}"}).headers["Location"]
-            start += len(piece)
-        separator = "&" if "?" in location else "?"
-        self.request("PUT", self._abs(location) + f"{separator}digest={digest}", ok=(201,), content=data[start:],
-                     headers={"Content-Type": "application/octet-stream"})
-
-    def _abs(self, location: str) -> str:
-        return location if location.startswith("http") else self.base + location
-
-    def manifest_digest(self, repo: str, reference: str) -> Digest | None:
-        response = self.request("HEAD", f"/v2/{repo}/manifests/{reference}", ok=(200, 404),
-                                headers={"Accept": MANIFEST_MEDIA_TYPE})
-        return Digest(response.headers["Docker-Content-Digest"]) if response.status_code == 200 else None
-
-    def get_manifest(self, repo: str, digest: str) -> bytes:
-        response = self.request("GET", f"/v2/{repo}/manifests/{digest}", ok=(200, 404),
-                                headers={"Accept": MANIFEST_MEDIA_TYPE})
-        if response.status_code == 404:
-            raise RefNotFoundError(f"manifest {digest} is missing from {self.base}/{repo}")
-        verify(response.content, digest, f"manifest {digest} from {self.base}/{repo}")
-        return response.content
-
-    def put_manifest(self, repo: str, tag: str, data: bytes) -> None:
-        self.request("PUT", f"/v2/{repo}/manifests/{tag}", ok=(201,), content=data,
-                     headers={"Content-Type": MANIFEST_MEDIA_TYPE})
-
-    def delete_manifest(self, repo: str, digest: str) -> None:
-        self.request("DELETE", f"/v2/{repo}/manifests/{digest}", ok=(202,))
-
-    def list_paged(self, path: str, key: str) -> list[str]:
-        """tags/list and _catalog, following `Link: <...>; rel="next"` pages."""
-        items, url = [], path
-        while url:
-            response = self.request("GET", url, ok=(200, 404))
-            if response.status_code == 404:
-                return items
-            items += response.json().get(key) or []
-            link = re.match(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link", ""))
-            url = link.group(1) if link else None
-        return items
-
-
-def _oci_error(response: httpx.Response) -> str:
+def _is_name(check, value: str) -> bool:
     try:
-        errors = response.json().get("errors") or []
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or response.text[:200]
+        check(value)
+        return True
+    except InvalidNameError:
+        return False
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """``oci://host[:port]/namespace`` → (registry base URL, namespace); says which part is wrong."""
+    usage = "expected oci://host[:port]/namespace, e.g. oci://registry.example.com:5000/team"
+    try:
+        parts = urlsplit(location)
+        port = parts.port
+    except (ValueError, TypeError) as error:
+        raise RemoteError(f"{one_line(str(location))!r} is not an OCI location ({error}); {usage}") from None
+    if parts.scheme != "oci" or not parts.hostname:
+        raise RemoteError(f"{one_line(location)!r} is not an OCI location; {usage}")
+    if parts.username is not None or parts.password is not None:  # never echoed: it may hold a password
+        raise RemoteError(f"the OCI location for {parts.hostname} holds credentials; a URL ends up in logs and "
+                          "messages, so set ADAPTERHUB_OCI_TOKEN or ADAPTERHUB_OCI_USERNAME/PASSWORD instead")
+    if parts.query or parts.fragment or port == 0:
+        raise RemoteError(f"{one_line(location)!r} has a query, a fragment or port 0; {usage}")
+    host = parts.hostname
+    if not (_is_ip(host) or (len(host) <= 253 and _HOST.fullmatch(host))):
+        raise RemoteError(f"{one_line(location)!r}: {one_line(host)!r} is not a host name or IP address; {usage}")
+    scheme = "http" if host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback) else "https"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    return f"{scheme}://{netloc}", _namespace(location, parts.path)
+
+
+def _namespace(location: str, path: str) -> str:
+    """The repository prefix: "/" or "" for none, else components with the task grammar (OCI repository
+    name components), leaving room for a 64-character task in distribution's 255-character names."""
+    namespace = path[1:] if path.startswith("/") else path
+    namespace = namespace[:-1] if namespace.endswith("/") else namespace
+    for component in namespace.split("/") if namespace else []:
+        if not _is_name(check_task, component):
+            raise InvalidNameError(f"{one_line(location)!r}: namespace component {one_line(component)!r} is not "
+                                   "allowed; use lowercase letters, digits and single '.', '_' or '-' between them, "
+                                   "e.g. oci://host:5000/team")
+    if len(namespace) > 255 - 65:
+        raise InvalidNameError(f"{one_line(location)!r}: the namespace has {len(namespace)} characters; at most "
+                               "190 leave room for a task name in a 255-character OCI repository name")
+    return namespace
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return False
 
 
 class OciStore:
@@ -173,16 +103,13 @@ class OciStore:
     Not a `MaintainableBackend`: the registry server verifies digests and collects its own garbage.
     """
 
-    def __init__(self, location: str, transport: httpx.BaseTransport | None = None):
-        parts = urlsplit(location)
-        if parts.scheme != "oci" or not parts.hostname:
-            raise RemoteError(f"{location!r} is not an OCI location; expected oci://host[:port]/namespace")
-        scheme = "http" if parts.hostname in _LOOPBACK or parts.hostname.startswith("127.") else "https"
+    def __init__(self, location: str, transport: httpx.BaseTransport | None = None, timeout: float = TIMEOUT):
+        """`timeout`: seconds to connect and for each read or write (module docstring, "Bounded answers")."""
+        base, self.namespace = parse_location(location)
         self.location = location.rstrip("/")
-        self.namespace = parts.path.strip("/")
-        for component in filter(None, self.namespace.split("/")):
-            check_task(component)  # OCI repository-name components share the task grammar
-        self.client = OciClient(f"{scheme}://{parts.netloc}", transport)
+        self.client = OciClient(base, transport, timeout)
+        # blob sizes declared by the manifests read here: the read cap of a blob fetched without its size
+        self._sizes: dict[str, int] = {}
 
     def repo(self, task: str) -> str:
         return f"{self.namespace}/{task}" if self.namespace else task
@@ -194,23 +121,59 @@ class OciStore:
         return self.client.has_blob(self.repo(task), digest)
 
     def put_blob(self, task: str, digest: str, raw: bytes, width: int) -> bool:
+        # the registry re-hashes an upload too; hashing here first means no unverified byte leaves this
+        # process, whichever backend the bytes were read from
+        verify(raw, digest, f"blob {digest} for {self.location}/{task}")
         self.client.put_blob(self.repo(task), digest, raw)
         return True
 
-    def get_blob(self, task: str, digest: str) -> bytes:
-        return self.client.get_blob(self.repo(task), digest)
+    def get_blob(self, task: str, digest: str, size: int | None = None) -> bytes:
+        """Read at most `size` bytes (else the size a manifest read here declares), then verified."""
+        data = self.client.get_blob(self.repo(task), digest, self._sizes.get(digest) if size is None else size)
+        if size is not None and len(data) != size:  # the bytes hash right: the descriptor is what is wrong
+            raise IntegrityError(f"blob {digest} from {self.location}/{task} has {len(data)} bytes but its "
+                                 f"descriptor says {size}; the manifest naming it is inconsistent, re-push it")
+        return data
 
     def get_manifest(self, task: str, digest: str) -> bytes:
-        return self.client.get_manifest(self.repo(task), digest)
+        found = self._manifest(task, digest)
+        if found is None:
+            raise RefNotFoundError(f"manifest {digest} is missing from {self.location}/{task}")
+        return found[1]
+
+    def _manifest(self, task: str, reference: str) -> tuple[Digest, bytes, Manifest] | None:
+        """(digest, bytes, parsed) of the manifest `reference` (a digest or a tag) of `task`, or None."""
+        found = self.client.get_manifest(self.repo(task), reference)
+        if found is None:
+            return None
+        return *found, self._checked(task, found[1], f"manifest {reference} of {self.location}/{task}")
+
+    def _checked(self, task: str, data: bytes, what: str) -> Manifest:
+        """`data` parsed as a manifest of `task` (manifest.py checks every field) with one size per blob.
+
+        Records the blob sizes: they cap what reading each blob may allocate.
+        """
+        manifest = Manifest.from_json(data, what, task=task)
+        sizes: dict[str, int] = {}
+        for digest, size in manifest.blobs():
+            if size > MAX_BLOB_BYTES or sizes.setdefault(digest, size) != size:
+                raise IntegrityError(f"{what} declares blob {digest} with {size} bytes (elsewhere {sizes[digest]}, "
+                                     f"at most {MAX_BLOB_BYTES}); the manifest is corrupt, re-push the adapter")
+        self._sizes.update(sizes)
+        return manifest
 
     def tasks(self) -> list[str]:
         prefix = f"{self.namespace}/" if self.namespace else ""
-        names = self.client.list_paged("/v2/_catalog?n=1000", "repositories")
-        return sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        names = self.client.list_paged("/v2/_catalog?n=1000", "repositories",
+                                       f"repository catalog of {self.client.base}")
+        return sorted({n[len(prefix):] for n in names
+                       if n.startswith(prefix) and _is_name(check_task, n[len(prefix):])})
 
     def _tags(self, task: str) -> dict[str, Digest]:
-        tags = self.client.list_paged(f"/v2/{self.repo(task)}/tags/list?n=1000", "tags")
-        found = {tag: self.client.manifest_digest(self.repo(task), tag) for tag in tags}
+        repo = self.repo(task)
+        tags = self.client.list_paged(f"/v2/{repo}/tags/list?n=1000", "tags", f"tag list of {self.location}/{task}")
+        # a name outside the tag grammar is no adapterhub ref, and would not be safe in a URL path
+        found = {tag: self.client.manifest_digest(repo, tag) for tag in tags if _is_name(_any_tag, tag)}
         return {tag: digest for tag, digest in found.items() if digest is not None}
 
     def versions(self, task: str) -> dict[int, Digest]:
@@ -220,14 +183,17 @@ class OciStore:
         return {t: d for t, d in self._tags(task).items() if t != LATEST and not _VERSION.fullmatch(t)}
 
     def lookup(self, spec: RefSpec) -> ResolvedRef | None:
-        """One HEAD for a version; a tag or digest also GETs the manifest to learn its version number."""
+        """One GET of the manifest (by tag ``vN``, tag or digest): its hash is the digest, its annotations the
+        version; a ``vN`` whose manifest is another version is an IntegrityError."""
         reference = f"v{spec.value}" if spec.kind == "version" else spec.value
-        digest = self.client.manifest_digest(self.repo(spec.task), reference)
-        if digest is None:
+        found = self._manifest(spec.task, reference)
+        if found is None:
             return None
-        if spec.kind == "version":
-            return ResolvedRef(spec.task, int(spec.value), digest)
-        manifest = Manifest.from_json(self.get_manifest(spec.task, digest), f"{spec} manifest")
+        digest, _, manifest = found
+        if spec.kind == "version" and manifest.version != int(spec.value):
+            raise IntegrityError(f"manifest v{spec.value} of {self.location}/{spec.task} is {digest}, the manifest "
+                                 f"of version {manifest.version}; tag v{spec.value} was moved, re-copy {spec} from "
+                                 "a good registry")
         return ResolvedRef(spec.task, manifest.version, digest)
 
     def publish(self, task: str, manifest: Manifest | bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:

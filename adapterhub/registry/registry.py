@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, overload
 
-from adapterhub.adapter import Adapter, RawTensor
-from adapterhub.errors import IntegrityError, RefNotFoundError, RegistryError
+from adapterhub.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, RawTensor
+from adapterhub.errors import BlobNotFoundError, ConfigError, IntegrityError, RefNotFoundError, RegistryError
+from adapterhub.fsio import check_destination, replace_dir
 from adapterhub.registry.backend import DEFAULT_HOME, Backend, MaintainableBackend, open_backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
@@ -70,23 +71,35 @@ class Registry:
                         for key, t in adapter.tensors.items())
         manifest = Manifest(task, 0, "", Digest.of(config), len(config), tensors, notes)
         raw = {Digest.of(config): config, **{d.digest: adapter.tensors[d.name].data for d in tensors}}
+        check_publishable = getattr(self.backend, "check_publishable", None)  # local: a readable removed-max
+        if check_publishable is not None:
+            check_publishable(task)
         with self.backend.session():
             send_blobs(self.backend, task, manifest_blobs(manifest), raw.__getitem__, progress, f"push {task}")
             ref, _ = self.backend.publish(task, manifest, tags)
         return ref
 
     def tag(self, ref: str, tag: str) -> ResolvedRef:
+        """Point `tag` at `ref`'s version. The backend re-checks under its task lock that the version still
+        exists (`RefNotFoundError` if an `rm` removed it meanwhile), so a tag never names a removed version."""
+        check_tag(tag)
         resolved = self.resolve(ref)
-        self.backend.set_tag(resolved.task, check_tag(tag), resolved.digest)
+        self.backend.set_tag(resolved.task, tag, resolved.digest)
         return resolved
 
     def remove(self, ref: str) -> None:
-        """`task:tag` removes the tag; `task@vN` / `task@sha256:…` remove that version and its tags."""
+        """`task:tag` removes the tag; `task@vN` / `task@sha256:…` remove that version and its tags.
+
+        `task@vN` and `task:tag` are removed by name, without reading the ref, so an unreadable ref file
+        can be removed too.
+        """
         spec = parse_ref(ref)
         if spec.kind == "tag" and spec.value != LATEST:
             self.backend.delete_tag(spec.task, spec.value)
-            return
-        self.backend.delete_version(spec.task, self.resolve(ref).version)
+        elif spec.kind == "version":
+            self.backend.delete_version(spec.task, int(spec.value))
+        else:
+            self.backend.delete_version(spec.task, self.resolve(ref).version)
 
     def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False) -> ResolvedRef:
         """Copy one version to another registry (only missing blobs move); same version number there."""
@@ -109,18 +122,29 @@ class Registry:
         if spec.kind == "version":
             raise RefNotFoundError(f"{spec} does not exist in {self.location}; versions of {spec.task}: "
                                    f"{_ranges(versions)}")
+        tags = self.backend.tags(spec.task)
+        if spec.kind == "tag" and spec.value in tags:
+            raise RefNotFoundError(f"{spec} names manifest {tags[spec.value]}, which is not a version of "
+                                   f"{spec.task} (a dangling tag); point it at a version with 'adapterhub tag "
+                                   f"{spec.task}@vN {spec.value}' or remove it with 'adapterhub rm {spec}'")
         raise RefNotFoundError(f"{spec} does not exist in {self.location}; tags of {spec.task}: "
-                               f"{sorted(self.backend.tags(spec.task)) or 'none'}")
+                               f"{sorted(tags) or 'none'}")
 
     def manifest(self, ref: str | ResolvedRef) -> Manifest:
         resolved = ref if isinstance(ref, ResolvedRef) else self.resolve(ref)
-        return Manifest.from_json(self.backend.get_manifest(resolved.task, resolved.digest), f"{resolved} manifest")
+        try:
+            data = self.backend.get_manifest(resolved.task, resolved.digest)
+        except BlobNotFoundError as error:  # the ref exists but its manifest does not: name the ref
+            raise BlobNotFoundError(f"{resolved} names a missing manifest: {error}; or remove the version with "
+                                    f"'adapterhub rm {resolved}'") from None
+        return Manifest.from_json(data, f"{resolved} manifest", task=resolved.task)
 
     def load(self, ref: str, progress: bool = False) -> Adapter:
         """The adapter at `ref`, every blob re-hashed; the runtime and the server use this."""
         resolved = self.resolve(ref)
         manifest = self.manifest(resolved)
-        config = parse_config_blob(self.backend.get_blob(resolved.task, manifest.config_digest), f"{resolved} config")
+        config = parse_config_blob(self.backend.get_blob(resolved.task, manifest.config_digest, manifest.config_size),
+                                   f"{resolved} config")
         data = fetch_blobs(self.backend, resolved.task, [(t.digest, t.size) for t in manifest.tensors],
                            progress, f"pull {resolved}")
         tensors = {}
@@ -131,29 +155,72 @@ class Registry:
             tensors[t.name] = RawTensor(t.dtype, t.shape, data[t.digest])
         return Adapter(config["peft_config"], tensors)
 
-    def pull(self, ref: str, dest: str | os.PathLike, progress: bool = False) -> Path:
-        """Write `ref` as a PEFT dir; every blob is verified before anything is written to `dest`."""
-        return self.load(ref, progress).save_peft_dir(dest)
+    def pull(self, ref: str, dest: str | os.PathLike, progress: bool = False, force: bool = False) -> Path:
+        """Write `ref` as a PEFT dir at `dest` (created, or replaced as a whole); returns its path.
+
+        A `dest` that is a file, or a non-empty directory without `force`, is refused (`ConfigError`) before
+        anything is fetched. Every blob is verified before anything is written. The files are then written
+        in a hidden sibling directory that takes `dest`'s place in one rename (`fsio.replace_dir`): after a
+        crash at any point `dest` is the old directory or the complete new one, never a mix, and the next
+        pull into the same parent deletes what the crashed one left.
+        """
+        _writing_to(dest, lambda: check_destination(Path(os.path.abspath(dest)), force))
+        adapter = self.load(ref, progress)
+        files = {CONFIG_FILE: adapter.config_json().encode(), WEIGHTS_FILE: adapter.safetensors_bytes()}
+        return _writing_to(dest, lambda: replace_dir(dest, files, force=force))
 
     def tasks(self) -> list[str]:
         return self.backend.tasks()
 
     def versions(self, task: str) -> list[int]:
+        """Readable version numbers of `task`; `ref_problems` names the unreadable ones."""
         return sorted(self.backend.versions(check_task(task)))
 
     def tags(self, task: str) -> dict[str, ResolvedRef]:
-        return {tag: self.resolve(f"{task}@{digest}") for tag, digest in self.backend.tags(check_task(task)).items()}
+        """{tag: version} from one listing of versions and tags: a tag read while an `rm` removes its version
+        is left out, as is a tag naming no version (`verify` reports those)."""
+        versions = self.backend.versions(check_task(task))
+        tags = self.backend.tags(task)
+        by_digest = {digest: version for version, digest in sorted(versions.items())}  # highest version wins
+        return {tag: ResolvedRef(task, by_digest[d], d) for tag, d in tags.items() if d in by_digest}
 
-    def log(self, task: str) -> list[LogEntry]:
-        """Every version of `task`, newest first, with its tags and annotations."""
-        tags = self.backend.tags(check_task(task))
+    def log(self, task: str, problems: list[str] | None = None) -> list[LogEntry]:
+        """Every version of `task`, newest first, with its tags and annotations.
+
+        Without `problems`, the first unreadable ref file or manifest of `task` raises (naming it). With a
+        list, those versions are left out and one line per problem is appended to it (what `ls` and `log`
+        print as warnings), so one bad file never hides the rest of the history.
+        """
+        found = self.ref_problems(check_task(task))
+        if found and problems is None:
+            raise IntegrityError(found[0])
+        tags = self.backend.tags(task)
         entries = []
         for version, digest in sorted(self.backend.versions(task).items(), reverse=True):
-            m = self.manifest(ResolvedRef(task, version, digest))
+            try:
+                m = self.manifest(ResolvedRef(task, version, digest))
+            except (BlobNotFoundError, IntegrityError) as error:
+                if problems is None:
+                    raise
+                found.append(str(error))
+                continue
             entries.append(LogEntry(ResolvedRef(task, version, digest), m.created,
                                     tuple(sorted(t for t, d in tags.items() if d == digest)),
                                     dict(m.annotations), sum(t.size for t in m.tensors)))
+        if problems is not None:
+            problems.extend(found)
         return entries
+
+    def ref_problems(self, task: str | None = None) -> list[str]:
+        """One line per ref file of `task` (or of every task) that cannot be read, naming the file and the fix.
+
+        Only stores whose refs are files have these (the local store); a remote's refs are its server's.
+        """
+        problems = getattr(self.backend, "ref_problems", None)
+        if problems is None:
+            return []
+        tasks = [check_task(task)] if task is not None else self.tasks()
+        return [str(problem) for name in tasks for problem in problems(name)]
 
     def diff(self, a: str, b: str) -> AdapterDiff:
         ma, mb = self.manifest(a), self.manifest(b)
@@ -190,6 +257,15 @@ class Registry:
             raise RegistryError(f"'{what}' works on local stores; {self.location} is a remote registry, whose "
                                 "server does its own integrity checks and garbage collection")
         return self.backend
+
+
+def _writing_to(dest: str | os.PathLike, write):
+    """`write()`, its OSError (permissions, /proc, a full disk) made a one-line ConfigError naming `dest`."""
+    try:
+        return write()
+    except OSError as error:
+        raise ConfigError(f"cannot write the adapter to {dest} ({error.strerror or error}); choose a directory "
+                          "you can write") from None
 
 
 def _ranges(numbers: list[int]) -> str:

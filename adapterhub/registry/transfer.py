@@ -41,6 +41,9 @@ def send_blobs(dst: Backend, task: str, blobs: Iterable[tuple[Digest, int, int]]
                progress: bool = False, desc: str = "push", workers: int = WORKERS) -> int:
     """Upload each (digest, size, shuffle width) the destination lacks; returns how many moved.
 
+    A local destination counts a stored blob that no longer hashes to its name as lacking it
+    (`LocalStore.has_blob` re-hashes), and `put_blob` rewrites it: pushing or copying again repairs it.
+
     Blobs move on a few threads: hashing, zstd, fsync and HTTP all release the GIL, and per-blob
     latency (fsync, request round trips), not bandwidth, bounds small adapters.
     """
@@ -66,7 +69,7 @@ def fetch_blobs(src: Backend, task: str, blobs: Iterable[tuple[Digest, int]], pr
     with _bar(sum(size for _, size in blobs), desc, progress) as bar:
 
         def fetch(blob: tuple[Digest, int]) -> bytes:
-            data = src.get_blob(task, blob[0])
+            data = src.get_blob(task, blob[0], blob[1])  # the descriptor size bounds what a read allocates
             bar.update(blob[1])
             return data
 
@@ -83,9 +86,10 @@ def manifest_blobs(manifest: Manifest) -> list[tuple[Digest, int, int]]:
 def copy_version(src: Backend, dst: Backend, ref: ResolvedRef, progress: bool = False) -> tuple[ResolvedRef, int]:
     """Copy one version (same manifest bytes, same version number); returns (ref at dst, blobs moved)."""
     data = src.get_manifest(ref.task, ref.digest)
-    manifest = Manifest.from_json(data, f"{ref} manifest")
+    manifest = Manifest.from_json(data, f"{ref} manifest", task=ref.task)
+    sizes = dict(manifest.blobs())
     with dst.session():
-        moved = send_blobs(dst, ref.task, manifest_blobs(manifest), lambda d: src.get_blob(ref.task, d),
+        moved = send_blobs(dst, ref.task, manifest_blobs(manifest), lambda d: src.get_blob(ref.task, d, sizes[d]),
                            progress, f"copy {ref}")
         copied, _ = dst.publish(ref.task, data)
     return copied, moved

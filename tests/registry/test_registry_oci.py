@@ -2,57 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import time
-
 import httpx
 import pytest
 
 from adapterhub import Registry
 from adapterhub.adapter import read_safetensors
 from adapterhub.errors import IntegrityError, RemoteError
-from adapterhub.registry.oci import EnvAuth, OciStore
+from adapterhub.registry.oci import OciStore
+from adapterhub.registry.oci_client import EnvAuth
 from tests.registry.helpers import make_adapter
-
-BINARY = shutil.which("docker-registry")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(root, extra: str = ""):
-    """Run docker-registry with filesystem storage under `root`; yields its oci:// URL (namespace "team")."""
-    if BINARY is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-registry is not installed but CI is set; .ci/run installs it")
-        pytest.skip("docker-registry (Debian package) is not installed")
-    port = _free_port()
-    (root / "config.yml").write_text(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: "
-        f"{root / 'data'}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}")
-    process = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/").status_code in (200, 401):
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("docker-registry did not answer /v2/ within 10 s")
-        yield f"oci://127.0.0.1:{port}/team"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+from tests.registry.hostile_registry import docker_registry as _serve
+from tests.registry.hostile_registry import free_port as _free_port
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +155,8 @@ def test_token_from_env_is_sent_as_bearer(monkeypatch):
 
 
 def test_chunked_upload_round_trips(oci_url, monkeypatch):
-    from adapterhub.registry import oci
-    monkeypatch.setattr(oci, "CHUNK", 1000)  # force PATCH chunks for the 2-8 KiB tensors
+    from adapterhub.registry import oci_client
+    monkeypatch.setattr(oci_client, "CHUNK", 1000)  # force PATCH chunks for the 2-8 KiB tensors
     remote = Registry(oci_url)
     adapter = make_adapter(seed=11, r=16)
     remote.push(adapter, "chunked")
