@@ -139,3 +139,15 @@ class MergeError(AdapterHubError, ValueError):
     """Merging or combining adapters failed (non-finite merged weights, bad combine method/density)."""
 
     http_status = 400
+
+
+class PayloadTooLargeError(RequestError):
+    """An HTTP request body is over the server's limit (``serve --max-body-bytes``)."""
+
+    http_status = 413
+
+
+class RequestTimeoutError(RequestError):
+    """An HTTP client sent its request body too slowly (``serve --body-timeout``)."""
+
+    http_status = 408

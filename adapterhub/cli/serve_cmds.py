@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from adapterhub.cli import main
 from adapterhub.cli.options import registry_option
+from adapterhub.serve.limits import HttpLimits
 
 
 @main.command("serve")
@@ -24,30 +27,45 @@ from adapterhub.cli.options import registry_option
               help="Tokens per request (prompt + completion); default: the context length, at most 4096.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
               help="Compute dtype. float32 makes a row's result independent of the batch it runs in.")
+@click.option("--max-body-bytes", default=HttpLimits.max_body_bytes, show_default=True, type=click.IntRange(1),
+              help="Largest request body; bigger ones get HTTP 413 before they are read.")
+@click.option("--header-timeout", default=HttpLimits.header_timeout_s, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client has to send a request's headers (then 408 and close).")
+@click.option("--body-timeout", default=HttpLimits.body_timeout_s, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Seconds a client has to send a request's body (408).")
+@click.option("--max-connections", default=HttpLimits.max_connections, show_default=True, type=click.IntRange(1),
+              help="Open connections before new requests get HTTP 503.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
-          max_batch: int, max_seq: int | None, dtype: str) -> None:
+          max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
+          body_timeout: float, max_connections: int) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
     adapterhub serve --port 8000
     curl localhost:8000/v1/completions -d '{"model": "sql:prod", "prompt": "SELECT", "max_tokens": 16}'
+    ADAPTERHUB_API_KEY=s3cret adapterhub serve --host 0.0.0.0   # reachable from the network: set a key
     """
-    import uvicorn
-
     from adapterhub.registry import Registry
     from adapterhub.runtime import load_base
+    from adapterhub.serve import server
     from adapterhub.serve.api import create_app
     from adapterhub.serve.engine import Engine, EngineConfig
 
     import torch
 
+    warning = server.exposure_warning(host, os.environ.get("ADAPTERHUB_API_KEY"))
+    if warning:
+        click.echo(warning, err=True)
+    limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                        max_connections=max_connections)
     base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq)
     engine = Engine(base, Registry(registry), config)
     click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
                f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+        server.run_server(create_app(engine, limits=limits), host, port, limits)
     finally:
         engine.close()
 

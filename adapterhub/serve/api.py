@@ -4,7 +4,11 @@ Routes: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has 
 GET /v1/models, POST /v1/adapters {"ref"}, DELETE /v1/adapters/{ref}, GET /health, GET /metrics.
 `model` names an adapter ref (``task@v3``, ``task:prod``, ``task`` = ``task:latest``) or the base.
 Every error is JSON ``{"error": {"message", "type", "code"}}`` with the status of its class in
-`adapterhub.errors` (400, 404, 422, 429, ...); the server stays up.
+`adapterhub.errors` (400, 404, 408, 413, 422, 429, ...); the server stays up.
+
+The event loop only moves bytes: JSON parsing and tokenizing run on worker threads, request bodies are
+bounded in size and time (`bodylimit.BodyLimit`), and a prompt longer than the context could hold is refused
+on its character count before it is tokenized.
 """
 
 from __future__ import annotations
@@ -19,23 +23,28 @@ import os
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from adapterhub.errors import AdapterHubError, AuthError, RequestError
+from adapterhub.serve.bodylimit import BodyLimit
 from adapterhub.serve.engine import Engine
+from adapterhub.serve.limits import HttpLimits
 from adapterhub.serve.openai import (ParsedRequest, chunk_json, completion_json, error_json, parse_chat,
-                                     parse_completion, parse_json, usage_chunk_json)
+                                     parse_completion, parse_json, prompt_char_limit, usage_chunk_json)
 from adapterhub.serve.requests import Delta, Finished, RequestHandle
 
 log = logging.getLogger("adapterhub.serve")
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
-    """``api_key`` None reads ``ADAPTERHUB_API_KEY``; when set, requests need ``Authorization: Bearer <key>``."""
+def create_app(engine: Engine, api_key: str | None = None, limits: HttpLimits = HttpLimits()) -> Starlette:
+    """``api_key`` None reads ``ADAPTERHUB_API_KEY``; when set, requests need ``Authorization: Bearer <key>``.
+    ``limits``: the request body's size and time bounds (the connection-level ones go to `server.uvicorn_config`)."""
     key = api_key if api_key is not None else os.environ.get("ADAPTERHUB_API_KEY") or None
-    return Starlette(routes=_Handlers(engine, key).routes(), exception_handlers={HTTPException: _http_error})
+    return Starlette(routes=_Handlers(engine, key).routes(), exception_handlers={HTTPException: _http_error},
+                     middleware=[Middleware(BodyLimit, limits=limits)])
 
 
 class _Handlers:
@@ -45,6 +54,7 @@ class _Handlers:
         self.engine = engine
         self.tokenizer = engine.base.tokenizer
         self.key = key
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.max_seq)
 
     def routes(self) -> list[Route]:
         return [
@@ -69,6 +79,8 @@ class _Handlers:
                 return await handler(request)
             except AdapterHubError as error:
                 return _error(error, error.http_status)
+            except ClientDisconnect:  # gone while sending its body: nobody to answer
+                return Response(status_code=499)
             except Exception as error:  # keep serving; the client gets a JSON 500
                 log.exception("unhandled error in %s", request.url.path)
                 return _error(error, 500)
@@ -95,23 +107,27 @@ class _Handlers:
         return JSONResponse(completion_json(request_id, handle.model, text, done, is_chat))
 
     async def _submit(self, request: Request, is_chat: bool) -> tuple[ParsedRequest, RequestHandle]:
-        """Parses and queues a request; rejections (400/404/422/429) are counted by error class."""
+        """Parses and queues a request; rejections (400/404/408/413/422/429) are counted by error class."""
         try:
-            parsed = self._parse(parse_json(await request.body()), is_chat)
-            loop = asyncio.get_running_loop()
-            handle = await run_in_threadpool(self.engine.submit, parsed.prompt, parsed.model, parsed.params, loop,
-                                             parsed.is_stream)
+            raw = await _read_body(request)
+            # Parsing, tokenizing and registry reads are CPU or disk work: on a worker thread, so that
+            # /health and the streams in flight keep flowing while a big prompt is handled.
+            return await run_in_threadpool(self._parse_and_submit, raw, is_chat, asyncio.get_running_loop())
         except AdapterHubError as error:
             self.engine.metrics.count_request(type(error).__name__)
             raise
+
+    def _parse_and_submit(self, raw: bytes, is_chat: bool, loop) -> tuple[ParsedRequest, RequestHandle]:
+        parsed = self._parse(parse_json(raw), is_chat)
+        handle = self.engine.submit(parsed.prompt, parsed.model, parsed.params, loop, parsed.is_stream)
         return parsed, handle
 
     def _parse(self, body: dict, is_chat: bool) -> ParsedRequest:
         if not is_chat:
-            return parse_completion(body, self.tokenizer)
+            return parse_completion(body, self.tokenizer, self.max_prompt_chars)
         if not _has_chat_template(self.tokenizer):
             raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
-        return parse_chat(body, self.tokenizer, self.engine.max_seq)
+        return parse_chat(body, self.tokenizer, self.engine.max_seq, self.max_prompt_chars)
 
     async def models(self, request: Request) -> Response:
         engine = self.engine
@@ -123,7 +139,7 @@ class _Handlers:
         return JSONResponse({"object": "list", "data": data})
 
     async def load_adapter(self, request: Request) -> Response:
-        body = parse_json(await request.body())
+        body = await run_in_threadpool(parse_json, await _read_body(request))
         ref = body.get("ref")
         if not isinstance(ref, str) or not ref:
             raise RequestError('the body must be {"ref": "<task@vN | task:tag | task>"}')
@@ -165,11 +181,25 @@ async def _sse(handle, request_id: str, is_chat: bool, has_usage: bool):
                     yield f"data: {json.dumps(chunk)}\n\n"
                     chunk = usage_chunk_json(request_id, handle.model, event, is_chat)
             yield f"data: {json.dumps(chunk)}\n\n"
-    except AdapterHubError as error:
-        yield f"data: {json.dumps(error_json(error, error.http_status))}\n\n"
+    except Exception as error:  # this request failed (the engine logged why; the others go on): end it properly
+        status = error.http_status if isinstance(error, AdapterHubError) else 500
+        yield f"data: {json.dumps(error_json(error, status))}\n\n"
     finally:
         handle.cancel()  # the client went away, or the stream ended: never keep decoding for nobody
     yield "data: [DONE]\n\n"
+
+
+# `curl -d` sends application/x-www-form-urlencoded (the README's example); no header is accepted too.
+_JSON_MEDIA_TYPES = ("", "application/json", "application/x-www-form-urlencoded")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, bounded in size and time by `BodyLimit`, after checking that it claims to be JSON."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in _JSON_MEDIA_TYPES and not media_type.endswith("+json"):
+        raise RequestError(f"the Content-Type is '{media_type}', not JSON; send the body as a JSON object with "
+                           "'Content-Type: application/json'")
+    return await request.body()
 
 
 def _check_key(request: Request, key: str) -> None:
@@ -180,7 +210,9 @@ def _check_key(request: Request, key: str) -> None:
 
 
 def _error(error: Exception, status: int) -> JSONResponse:
-    return JSONResponse(error_json(error, status), status_code=status)
+    # A 408 gives up on a client too slow to keep its connection.
+    headers = {"connection": "close"} if status == 408 else None
+    return JSONResponse(error_json(error, status), status_code=status, headers=headers)
 
 
 def _has_chat_template(tokenizer) -> bool:

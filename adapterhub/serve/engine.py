@@ -139,7 +139,7 @@ class Engine:
                 self._admit()
                 if len(self._rows):
                     self._rows.step()
-            except Exception as error:  # a bug or OOM must not take the server down
+            except Exception as error:  # base.decode: a batch's fault (a bug, OOM) no one row is known to cause
                 log.exception("engine step failed; failing the running requests")
                 self._rows.fail_all(error)
             self.metrics.set_gauges(queue_depth=len(self._waiting), batch_size=len(self._rows))

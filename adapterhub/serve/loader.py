@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from adapterhub.adapter import Adapter, check_fits
-from adapterhub.errors import RefNotFoundError
+from adapterhub.errors import InvalidNameError, RefNotFoundError
 from adapterhub.registry.refs import parse_ref
 
 
@@ -45,8 +45,11 @@ class AdapterSource:
                 f"model '{model}' is not the base '{self.base_name}' and this server has no registry; "
                 f"start it with --registry or use model='{self.base_name}'"
             )
-        spec = parse_ref(model)  # a bare task means task:latest
-        resolved = self.registry.resolve(str(spec))
+        try:
+            spec = parse_ref(model)  # a bare task means task:latest
+            resolved = self.registry.resolve(str(spec))
+        except (InvalidNameError, RefNotFoundError) as error:  # the client wrote it: say which field
+            raise type(error)(f"'model' is {model!r}: {error}") from None
         digest = str(getattr(resolved, "digest", resolved))  # a ResolvedRef, or a bare digest
         label = str(resolved) if hasattr(resolved, "version") else model
         return ResolvedModel(model, digest, f"{spec.task}@{digest}", label)

@@ -1,19 +1,22 @@
 """OpenAI-compatible request bodies → engine requests, and engine results → response JSON.
 
-Types are checked here (HTTP 400 with the field and the value); value ranges that depend on the
-model (context length, vocabulary) are checked by the engine (`requests.validate_request`).
+Types and ranges are checked here (HTTP 400 naming the field, its value and what is allowed), before
+anything reaches the engine thread; what depends on the tokenized prompt (context length, vocabulary)
+is checked by `requests.validate_request` when the request is submitted. A prompt too long for the
+context is refused on its character count before it is tokenized (`prompt_char_limit`).
 Follows the OpenAI completions / chat completions wire format: `choices[].text` or
 `choices[].message`, `finish_reason`, `usage`, and SSE chunks ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 
 from adapterhub.errors import RequestError
-from adapterhub.serve.requests import Finished, SamplingParams
+from adapterhub.serve.requests import MAX_STOP_CHARS, MAX_STOPS, RANGES, Finished, SamplingParams
 
 _MISSING = object()
 
@@ -30,42 +33,55 @@ class ParsedRequest:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:  # the C decoder recurses once per nesting level
+        raise RequestError("the request body is nested too deeply to be a request; send a flat JSON object") from None
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, or an int of > 4300 digits
         raise RequestError(f"the request body is not valid JSON ({error}); send a JSON object") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
-def parse_completion(body: dict, tokenizer) -> ParsedRequest:
+def prompt_char_limit(tokenizer, max_seq: int) -> int:
+    """The most characters a prompt that fits `max_seq` tokens can have.
+
+    No vocabulary entry (special tokens included) decodes to more than `longest` UTF-8 bytes, and a
+    character is at least one byte, so a longer prompt is over the context whatever its text, and is
+    refused without tokenizing it. (+1: SentencePiece drops a piece's leading space when it decodes it
+    alone.)
+    """
+    pieces = tokenizer.backend.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    longest = max(len(piece.encode()) for piece in pieces)
+    return max_seq * (longest + 1)
+
+
+def parse_completion(body: dict, tokenizer, max_prompt_chars: int) -> ParsedRequest:
     prompt = body.get("prompt", _MISSING)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one, as OpenAI clients often send
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        ids = list(prompt)
-    else:
+    is_text = isinstance(prompt, str)
+    if not (is_text or isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
         raise RequestError(
             f"'prompt' must be a string or a non-empty list of token ids (one prompt per request), "
             f"got {_show(prompt)}"
         )
-    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=16), *_stream(body))
+    if is_text:
+        _check_chars("prompt", len(prompt), max_prompt_chars)
+    params, model, stream = _params(body, default_max_tokens=16), _model(body), _stream(body)
+    ids = tokenizer.encode(prompt) if is_text else list(prompt)  # the costly part, once the rest is known good
+    return ParsedRequest(model, ids, params, *stream)
 
 
-def parse_chat(body: dict, tokenizer, max_seq: int) -> ParsedRequest:
-    messages = body.get("messages", _MISSING)
-    if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
-        raise RequestError(
-            "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects "
-            "(content: a string or a list of text parts), "
-            f"got {_show(messages)}"
-        )
-    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
+def parse_chat(body: dict, tokenizer, max_seq: int, max_prompt_chars: int) -> ParsedRequest:
+    messages = [_message(i, m) for i, m in enumerate(_messages(body))]
+    _check_chars("messages", sum(len(m["role"]) + len(m["content"]) for m in messages), max_prompt_chars)
+    params, model, stream = _params(body, default_max_tokens=None), _model(body), _stream(body)
     # Chat templates write their own BOS; adding special tokens again would double it (as transformers avoids).
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
-    room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
-    return ParsedRequest(_model(body), ids, _params(body, default_max_tokens=room), *_stream(body))
+    if params.max_tokens is None:
+        room = max(1, min(256, max_seq - len(ids)))  # OpenAI's default: as much as fits (capped here)
+        params = dataclasses.replace(params, max_tokens=room)
+    return ParsedRequest(model, ids, params, *stream)
 
 
 def completion_json(request_id: str, model: str, text: str, done: Finished, is_chat: bool) -> dict:
@@ -103,46 +119,123 @@ def usage_chunk_json(request_id: str, model: str, done: Finished, is_chat: bool)
 
 
 def error_json(error: Exception, status: int) -> dict:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             409: "conflict_error", 422: "incompatible_adapter_error", 429: "rate_limit_error"}
-    return {"error": {"message": str(error), "type": kinds.get(status, "server_error"),
-                      "code": type(error).__name__}}
+    kinds = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
+             422: "incompatible_adapter_error", 429: "rate_limit_error"}
+    kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": str(error), "type": kind, "code": type(error).__name__}}
 
 
 # --- fields -----------------------------------------------------------------------------------
 
+# OpenAI fields this server does not implement, and the values that mean "off": accepted only at those, so a
+# client that asks for one learns it at once instead of silently getting a completion without it.
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+}
 
-def _params(body: dict, default_max_tokens: int) -> SamplingParams:
+
+_MAX_MODEL_CHARS = 256  # refs are at most 'task@sha256:<64 hex>' with a 64-character task
+
+
+def _params(body: dict, default_max_tokens: int | None) -> SamplingParams:
+    _check_unsupported(body)
     n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise RequestError(f"only n=1 is supported, got n={_show(n)}; send several requests instead")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", default_max_tokens))
-    stop = body.get("stop")
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, list | tuple):
-        raise RequestError(f"'stop' must be a string or a list of strings, got {_show(stop)}")
+    if n is not None and (n != 1 or isinstance(n, bool)):
+        raise RequestError(f"'n': only n=1 is supported (one choice per request), got n={_show(n)}; "
+                           "send several requests instead")
     return SamplingParams(
-        max_tokens=_field(body, "max_tokens", max_tokens, _is_int),
-        temperature=float(_field(body, "temperature", _or(body, "temperature", 1.0), _is_number)),
-        top_p=float(_field(body, "top_p", _or(body, "top_p", 1.0), _is_number)),
-        top_k=_field(body, "top_k", _or(body, "top_k", 0), _is_int),
-        seed=_field(body, "seed", body.get("seed"), lambda v: v is None or _is_int(v)),
-        stop=tuple(stop),
+        max_tokens=_max_tokens(body, default_max_tokens),
+        temperature=float(_ranged(body, "temperature", 1.0)),
+        top_p=float(_ranged(body, "top_p", 1.0)),
+        top_k=_ranged(body, "top_k", 0),
+        seed=_ranged(body, "seed", None),
+        stop=_stop(body),
     )
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, off in _UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(isinstance(value, bool) == isinstance(v, bool) and value == v for v in off):
+            raise RequestError(f"'{name}' is not supported by this server, got {_show(value)}; leave it out")
+
+
+def _max_tokens(body: dict, default: int | None) -> int | None:
+    """`max_tokens`, or its newer name `max_completion_tokens`; >= 1 here, the context bound at submission."""
+    name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    value = _or(body, name, default)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise RequestError(f"'{name}' must be an integer >= 1 (prompt + {name} within the context), "
+                           f"got {_show(value)}")
+    return value
+
+
+def _ranged(body: dict, name: str, default):
+    """A numeric field checked against `requests.RANGES`; null means the default."""
+    value = _or(body, name, default)
+    allowed = RANGES[name]
+    if value is not None and not allowed.contains(value):
+        raise RequestError(f"'{name}' must be {allowed.describe()}, got {_show(value)}")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOPS
+            and all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise RequestError(f"'stop' must be a string or a list of at most {MAX_STOPS} strings of at most "
+                           f"{MAX_STOP_CHARS} characters, got {_show(body.get('stop'))}")
+    return tuple(stop)
 
 
 def _model(body: dict) -> str | None:
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(f"'model' must be a string (the base name or an adapter ref), got {_show(model)}")
+    if model is not None and not (isinstance(model, str) and len(model) <= _MAX_MODEL_CHARS):
+        raise RequestError(f"'model' must be a string of at most {_MAX_MODEL_CHARS} characters (the base name or "
+                           f"an adapter ref), got {_show(model)}")
     return model
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
     """(stream, stream_options.include_usage)."""
-    is_stream = _field(body, "stream", body.get("stream", False), lambda v: isinstance(v, bool))
-    options = _field(body, "stream_options", body.get("stream_options") or {}, lambda v: isinstance(v, dict))
-    return is_stream, bool(options.get("include_usage", False))
+    is_stream = _field("stream", _or(body, "stream", False), lambda v: isinstance(v, bool))
+    options = _field("stream_options", _or(body, "stream_options", {}), lambda v: isinstance(v, dict))
+    has_usage = _field("stream_options.include_usage", _or(options, "include_usage", False),
+                       lambda v: isinstance(v, bool))
+    return is_stream, has_usage
+
+
+def _messages(body: dict) -> list:
+    messages = body.get("messages", _MISSING)
+    if not (isinstance(messages, list) and messages):
+        raise RequestError(
+            "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects "
+            f"(content: a string or a list of text parts), got {_show(messages)}"
+        )
+    return messages
+
+
+def _message(i: int, m) -> dict:
+    """One chat message as {"role", "content": str}; content may come as a list of text parts (joined)."""
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+        raise RequestError(f"'messages[{i}]' must be an object with a string 'role', got {_show(m)}")
+    content = m.get("content", _MISSING)
+    if isinstance(content, list) and all(_is_text_part(p) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise RequestError(f"'messages[{i}].content' must be a string or a list of "
+                           f"{{\"type\": \"text\", \"text\": \"...\"}} parts, got {_show(content)}")
+    return {"role": m["role"], "content": content}
+
+
+def _check_chars(name: str, chars: int, limit: int) -> None:
+    if chars > limit:
+        raise RequestError(f"'{name}' has {chars} characters, more than the context can hold as tokens (at most "
+                           f"{limit} characters for this base); shorten it")
 
 
 def _or(body: dict, key: str, default):
@@ -150,7 +243,7 @@ def _or(body: dict, key: str, default):
     return default if value is None else value
 
 
-def _field(body: dict, name: str, value, is_valid):
+def _field(name: str, value, is_valid):
     if not is_valid(value):
         raise RequestError(f"'{name}' has the wrong type: {_show(value)}")
     return value
@@ -160,29 +253,29 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _is_message(m) -> bool:
-    if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-        return False
-    content = m.get("content")
-    return isinstance(content, str) or (isinstance(content, list) and all(_is_text_part(p) for p in content))
-
-
 def _is_text_part(part) -> bool:
     return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
-def _text_of(content: str | list) -> str:
-    """Message content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    return content if isinstance(content, str) else "".join(p["text"] for p in content)
-
-
 def _show(value) -> str:
-    text = "missing" if value is _MISSING else json.dumps(value)
+    """A short JSON rendering of a client's value for an error message, whatever its size or depth."""
+    if value is _MISSING:
+        return "missing"
+    text = json.dumps(_clip(value, depth=3))
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _clip(value, depth: int):
+    """At most 8 items per level, 3 levels, 80 characters per string: a huge value costs nothing to show."""
+    if isinstance(value, str):
+        return value[:80]
+    if isinstance(value, list | dict) and depth == 0:
+        return "..."
+    if isinstance(value, list):
+        return [_clip(v, depth - 1) for v in value[:8]] + (["..."] if len(value) > 8 else [])
+    if isinstance(value, dict):
+        return {str(k)[:80]: _clip(v, depth - 1) for k, v in list(value.items())[:8]}
+    return value
 
 
 def _usage(done: Finished) -> dict:

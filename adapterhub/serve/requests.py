@@ -41,34 +41,76 @@ class Failed:
     error: Exception
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric request field."""
+
+    low: float
+    high: float
+    is_integer: bool
+    is_low_open: bool = False  # (low, high] instead of [low, high]
+
+    def contains(self, value) -> bool:
+        kinds = int if self.is_integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        is_above = value > self.low if self.is_low_open else value >= self.low
+        return is_above and value <= self.high  # NaN compares False: rejected
+
+    def describe(self) -> str:
+        kind = "an integer" if self.is_integer else "a number"
+        return f"{kind} in {'(' if self.is_low_open else '['}{self.low}, {self.high}]"
+
+
+# The numeric sampling fields and their ranges, checked at the HTTP edge (`openai.py`, with the field's name)
+# and again by `validate_request` for every caller of `Engine.submit`: the engine thread builds int64 / float32
+# tensors from them, and a value torch cannot hold (top_k = 2**63) would fail there, on the thread every
+# request shares. temperature and top_p are OpenAI's documented ranges.
+RANGES = {
+    "temperature": Range(0, 2, is_integer=False),
+    "top_p": Range(0, 1, is_integer=False, is_low_open=True),
+    "top_k": Range(0, 2**31 - 1, is_integer=True),  # 0 disables it
+    "seed": Range(-(2**63), 2**63 - 1, is_integer=True),
+}
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # the engine thread scans a stop string's prefixes once per token and row
+
+
 def validate_request(prompt: list[int], p: SamplingParams, max_seq: int, vocab_size: int) -> None:
     """Checks once, at the boundary, everything the engine thread then trusts (→ HTTP 400)."""
     if not prompt:
         raise RequestError("the prompt is empty; send at least one token or one character")
-    bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
-    if bad:
-        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-        raise RequestError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
-    if len(prompt) >= max_seq:
+    if len(prompt) >= max_seq:  # before looking at each token: a long list costs nothing more
         raise RequestError(
             f"the prompt has {len(prompt)} tokens but the context holds {max_seq}; shorten the prompt"
         )
-    if len(prompt) + p.max_tokens > max_seq:
+    bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    _check_max_tokens(p.max_tokens, len(prompt), max_seq)
+    for name, allowed in RANGES.items():
+        value = getattr(p, name)
+        if not (value is None and name == "seed") and not allowed.contains(value):
+            raise RequestError(f"{name} must be {allowed.describe()}, got {value!r}")
+    _check_stop(p.stop)
+
+
+def _check_max_tokens(max_tokens, prompt_tokens: int, max_seq: int) -> None:
+    room = max_seq - prompt_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError(f"max_tokens must be an integer in [1, {room}] for this prompt, got {max_tokens!r}")
+    if prompt_tokens + max_tokens > max_seq:
         raise RequestError(
-            f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the context of "
-            f"{max_seq} tokens; use max_tokens <= {max_seq - len(prompt)}"
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+            f"{max_seq} tokens; use max_tokens <= {room}"
         )
-    if not p.temperature >= 0:  # also rejects NaN
-        raise RequestError(f"temperature must be >= 0, got {p.temperature!r}")
-    if not 0 < p.top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {p.top_p!r}")
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        raise RequestError(f"top_k must be an integer >= 0 (0 disables it), got {p.top_k!r}")
-    if p.seed is not None and not isinstance(p.seed, int):
-        raise RequestError(f"seed must be an integer, got {p.seed!r}")
-    if not all(isinstance(s, str) for s in p.stop) or len(p.stop) > 4:
-        raise RequestError(f"stop must be a string or a list of at most 4 strings, got {list(p.stop)!r}")
+
+
+def _check_stop(stop: tuple) -> None:
+    if len(stop) > MAX_STOPS or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop):
+        shown = [s[:20] + "..." if isinstance(s, str) and len(s) > 20 else s for s in stop[:MAX_STOPS + 1]]
+        raise RequestError(f"stop must be a string or a list of at most {MAX_STOPS} strings of at most "
+                           f"{MAX_STOP_CHARS} characters, got {shown!r}")
 
 
 class RequestHandle:

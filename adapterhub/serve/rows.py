@@ -3,10 +3,17 @@
 Engine thread only. Batch tensors (cache rows, slot ids, sampling parameters) are rebuilt only
 when a row joins or leaves; in steady state a step feeds the previous step's sampled tokens (B,)
 straight back into `base.decode` and reads them to the host once (`.tolist()`) for stopping.
+
+Faults are isolated per row: a row whose preparation, prefill, sampling or text handling raises fails
+alone (its handle gets the error) and every other row goes on. A batched prefill or sampling call that
+raises is retried one row at a time, which gives the same tokens (sampling is counter-based per row) and
+finds the row at fault. Only `base.decode` fails as a batch (the engine then fails the running rows):
+its error cannot be tied to one row.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +21,8 @@ import torch
 from adapterhub.runtime.generate import SamplingBatch, sample
 from adapterhub.serve.requests import Delta, Finished, RequestHandle, SamplingParams
 from adapterhub.serve.text import IncrementalDecoder, StopMatcher
+
+log = logging.getLogger("adapterhub.serve")
 
 
 @dataclass(eq=False)
@@ -27,6 +36,7 @@ class Row:
     last_token: int = -1
     decoder: IncrementalDecoder | None = None
     stops: StopMatcher | None = None
+    is_released: bool = False  # its cache row and slot pin are given back (finished or failed)
 
 
 class RowBatch:
@@ -50,18 +60,10 @@ class RowBatch:
 
     def prefill(self, rows: list[Row]) -> None:
         """Admits new requests: one batched prefill of their prompts, first token sampled."""
-        for row in rows:
-            row.index = self._free.pop()
-            row.decoder = IncrementalDecoder(self.base.tokenizer.decode)
-            row.stops = StopMatcher(row.params.stop)
-        self._active.extend(rows)  # first, so that fail_all frees them if the prefill raises
-        self._is_dirty = True
-        ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-        logits = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
-        tokens = sample(logits, _sampling_batch([r.params for r in rows], [0] * len(rows))).tolist()
-        for row, token in zip(rows, tokens):
-            self._advance(row, token)
-        self.metrics.add_tokens(len(rows))
+        firsts = self._first_tokens([row for row in rows if self._guarded(row, self._prepare)])
+        for row, token in firsts:
+            self._guarded(row, self._advance, token)
+        self.metrics.add_tokens(len(firsts))
 
     def step(self) -> None:
         """One decode step for every active row, whatever its adapter."""
@@ -69,15 +71,74 @@ class RowBatch:
             self._rebuild()
         active = list(self._active)
         logits = self.base.decode(self.cache, self._rows_t, self._tokens_t, self._ids_t)  # (B, V)
-        self._tokens_t = sample(logits, self._sampling)  # (B,)
-        for row, token in zip(active, self._tokens_t.tolist()):
-            self._advance(row, token)
+        for row, token in zip(active, self._sample(active, logits)):
+            if token is not None:
+                self._guarded(row, self._advance, token)
         self.metrics.add_tokens(len(active))
 
     def fail_all(self, error: Exception) -> None:
         for row in list(self._active):
             self._release(row, type(error).__name__)
             row.handle.fail(error)
+
+    def _prepare(self, row: Row) -> None:
+        row.index = self._free.pop()
+        self._active.append(row)  # from here on `_release` frees the row, whatever fails next
+        self._is_dirty = True
+        row.decoder = IncrementalDecoder(self.base.tokenizer.decode)
+        row.stops = StopMatcher(row.params.stop)
+        _sampling_batch([row.params], [0])  # parameters torch cannot hold fail this row here, not the batch later
+
+    def _first_tokens(self, rows: list[Row]) -> list[tuple[Row, int]]:
+        """Prefill and first sample of `rows`; if the batch raises, each row alone (prefill rewrites positions
+        0..len-1 of its cache row, so a half-done batch leaves nothing behind)."""
+        if not rows:
+            return []
+        try:
+            ids = torch.cat([r.slot_ids for r in rows])  # (B,)
+            logits = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
+            tokens = sample(logits, _sampling_batch([r.params for r in rows], [0] * len(rows))).tolist()
+            return list(zip(rows, tokens))
+        except Exception as error:
+            if len(rows) == 1:
+                self._fail(rows[0], error)
+                return []
+            log.warning("prefill of %d requests failed (%r); retrying them one by one", len(rows), error)
+            return [pair for row in rows for pair in self._first_tokens([row])]
+
+    def _sample(self, active: list[Row], logits: torch.Tensor) -> list[int | None]:
+        """The next token of every row (None: that row failed)."""
+        try:
+            self._tokens_t = sample(logits, self._sampling)  # (B,)
+            return self._tokens_t.tolist()
+        except Exception as error:
+            log.warning("sampling %d rows failed (%r); sampling them one by one", len(active), error)
+            self._is_dirty = True  # the batch's offsets are unknown now: rebuilt from each row's count
+            return [self._sample_alone(row, logits[i : i + 1]) for i, row in enumerate(active)]
+
+    def _sample_alone(self, row: Row, logits: torch.Tensor) -> int | None:
+        try:  # offset = tokens sampled so far, as in the batch: the same token the batch would have drawn
+            return sample(logits, _sampling_batch([row.params], [row.generated])).item()
+        except Exception as error:
+            self._fail(row, error)
+            return None
+
+    def _guarded(self, row: Row, fn, *args) -> bool:
+        try:
+            fn(row, *args)
+            return True
+        except Exception as error:
+            self._fail(row, error)
+            return False
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        """This row only: frees it and gives its handle the error (an SSE error event, or a JSON error)."""
+        log.error("request %s failed on the engine thread; the other rows go on", row.handle.id,
+                  exc_info=(type(error), error, error.__traceback__))
+        if row.is_released:  # it had finished already: its client has its answer
+            return
+        self._release(row, type(error).__name__)
+        row.handle.fail(error)
 
     def _rebuild(self) -> None:
         rows = self._active
@@ -111,9 +172,12 @@ class RowBatch:
         row.handle.emit(Finished(reason, len(row.prompt), row.generated))
 
     def _release(self, row: Row, status: str) -> None:
-        self.cache.free([row.index])
-        self._free.append(row.index)
-        self._active.remove(row)
+        row.is_released = True
+        if row.index >= 0:
+            self.cache.free([row.index])
+            self._free.append(row.index)
+        if row in self._active:
+            self._active.remove(row)
         self._is_dirty = True
         self._on_finish(row, status)
 
