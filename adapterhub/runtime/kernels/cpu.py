@@ -5,7 +5,7 @@ Which inputs go to a kernel (anything else, and anything autograd must see, take
   result does not depend on the rest of its batch.
 - 4-bit linear (any 16-value codebook: NF4, FP4): G = 64, in_features % 64 == 0, bf16 or fp32, up to
   ``fused_4bit_max_rows`` rows (32 with AMX, else 2); more rows dequantize (bf16: the byte-shuffle kernel)
-  into scratch, then one GEMM.
+  into scratch, then one GEMM (``Ops.linear``: its rows bucketed, ops.py).
 - 4-bit dequantize: whole blocks, any dtype and block size; the short last block in torch.
 - blockwise quantize: NF4 codes (FP4 and the double-quant map stay in torch: quantizing runs once, at load).
 """
@@ -13,7 +13,6 @@ Which inputs go to a kernel (anything else, and anything autograd must see, take
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from adapterhub.runtime.kernels.compiled import G, CompiledLibrary
 from adapterhub.runtime.kernels.codebook import Codebook
@@ -67,7 +66,8 @@ class CpuOps(Ops):
             return self.library.linear_4bit(x, packed, absmax, code, out_features, in_features)
         if fusable and x.dtype == torch.bfloat16:
             W = self.scratch(out_features, in_features, x.dtype)
-            return F.linear(x, self.library.dequantize_4bit_bf16(packed, absmax, code, out_features, in_features, out=W))
+            W = self.library.dequantize_4bit_bf16(packed, absmax, code, out_features, in_features, out=W)
+            return self.linear(x, W)
         return super().linear_4bit(x, packed, absmax, codebook, blocksize, out_features, in_features)
 
     def quantize_blockwise(self, x, codebook: Codebook, blocksize: int):

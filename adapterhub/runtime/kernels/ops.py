@@ -19,6 +19,18 @@ element 2k in the high nibble, semantics §1.4), ``absmax`` (n/G,) float32 (doub
 
 State lives on the object and is bounded: a plan cache (LRU), one dequantize scratch buffer per thread
 and weight shape (LRU), and the thread pool of :meth:`run_chunks`.
+
+GEMM shapes (:meth:`linear`, and the LoRA ops' torch GEMMs): on the CPU, torch runs bf16 / fp16 matmuls
+through oneDNN, which creates a primitive per distinct shape (about 0.65 MB of heap each, whatever the
+weight size) and keeps it in two caches of 1024 entries (oneDNN's primitive cache and ideep's, each sized
+only by an environment variable read at the first matmul; both must drop an entry to free it). A prefill
+has B*T rows, so varied prompt lengths grew resident memory by ~0.65 MB per new row count and weight shape
+(398 MB -> 930 MB in 90 s of serving). These ops pad the rows of such a GEMM with zero rows up to one of a
+few sizes (:func:`gemm_rows`); a GEMM's output rows do not depend on its other rows, so the real rows are
+bit-identical (tests/runtime/test_memory.py). fp32 CPU GEMMs (MKL) keep no per-shape state and run as
+they are; so do GEMMs of up to GEMM_EXACT_ROWS rows (decode: one row per sequence) and GEMMs under autograd.
+The LoRA ops' slot-subset form still varies its GEMMs' width with the number of distinct adapters in a
+batch (at most one shape per count, per row bucket; only where the compiled LoRA kernels do not run).
 """
 
 from __future__ import annotations
@@ -42,15 +54,33 @@ DENSE_MAX_ROWS_X_SLOTS = 8192
 PLAN_CACHE_SIZE = 256  # every layer of a forward sees the same ids: one plan per distinct batch
 SCRATCH_SHAPES = 8  # dequantize buffers kept per thread (a Llama has 4-5 distinct linear shapes)
 CPU_CHUNK = 1 << 15  # run_chunks' step on CPU: under torch's grain size (32768), so ops stay on one thread
+GEMM_EXACT_ROWS = 32  # GEMMs of up to this many rows (decode batches, the fused 4-bit kernel's rows) are not padded
+GEMM_BUCKETS_PER_OCTAVE = 8  # padded row counts per doubling: at most 1/8 (12.5%) more rows, ~6% on average
+
+
+def gemm_rows(rows: int) -> int:
+    """The row count a bucketed GEMM of `rows` rows runs at: `rows` up to GEMM_EXACT_ROWS, else the next multiple
+    of 2^k / GEMM_BUCKETS_PER_OCTAVE for 2^k < rows <= 2^(k+1) (36, 40, ..., 64, 72, 80, ..., 128, 144, ...): 8 sizes
+    per doubling; 104 row counts in all up to 16384 rows (32 exact, 72 padded)."""
+    if rows <= GEMM_EXACT_ROWS:
+        return rows
+    step = (1 << (rows - 1).bit_length()) // (2 * GEMM_BUCKETS_PER_OCTAVE)
+    return -(-rows // step) * step
 
 
 class Ops:
     name = "torch"
     fused_4bit_max_rows = 0  # rows up to which linear_4bit runs a fused kernel (0: never)
 
-    def __init__(self, device: torch.device | str, *, dense_max_rows_x_slots: int = DENSE_MAX_ROWS_X_SLOTS):
+    def __init__(self, device: torch.device | str, *, dense_max_rows_x_slots: int = DENSE_MAX_ROWS_X_SLOTS,
+                 bucketed_dtypes: frozenset[torch.dtype] | None = None):
         self.device = torch.device(device)
         self.dense_max_rows_x_slots = dense_max_rows_x_slots
+        # GEMMs in these dtypes run at gemm_rows(rows) rows (module docstring); default: bf16 / fp16 on the
+        # CPU, where oneDNN keeps per-shape state. An empty set turns bucketing off (bench/prefill_memory.py).
+        if bucketed_dtypes is None:
+            bucketed_dtypes = frozenset({torch.bfloat16, torch.float16} if self.device.type == "cpu" else ())
+        self.bucketed_dtypes = frozenset(bucketed_dtypes)
         self._plans: OrderedDict = OrderedDict()
         self._local = threading.local()  # .scratch: OrderedDict per thread
         self._pools: dict[int, ThreadPoolExecutor] = {}  # by worker count
@@ -64,6 +94,30 @@ class Ops:
     def needs_grad(*tensors: torch.Tensor | None) -> bool:
         """Whether autograd must see this op (then only plain torch ops may run)."""
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    # --- dense GEMM ----------------------------------------------------------------------------------
+
+    def linear(self, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A linear layer with a bounded set of GEMM shapes.
+
+        Semantics:
+            y = F.linear(x, W, bias)          # bit-identical: only the number of rows the GEMM runs changes
+
+        x (..., Din), W (Dout, Din), bias (Dout,) | None, one dtype. Returns y (..., Dout), contiguous. When
+        padded_rows(rows, dtype) > rows (rows = x.numel() / Din), x's rows are copied into a zero-padded
+        (padded, Din) buffer and y is a view of the first rows of the padded product.
+        """
+        Din = x.shape[-1]
+        rows = x.numel() // max(Din, 1)
+        padded = self.padded_rows(rows, x.dtype)
+        if padded == rows or self.needs_grad(x, W, bias):
+            return F.linear(x, W, bias)
+        y = F.linear(_pad_rows(x.reshape(rows, Din), padded), W, bias)  # (padded, Dout)
+        return y[:rows].view(*x.shape[:-1], W.shape[0])
+
+    def padded_rows(self, rows: int, dtype: torch.dtype) -> int:
+        """Rows a GEMM of `rows` rows in `dtype` runs at: gemm_rows(rows) for the bucketed dtypes, else rows."""
+        return gemm_rows(rows) if dtype in self.bucketed_dtypes else rows
 
     # --- batched LoRA (Punica's shrink / expand) ---------------------------------------------------
 
@@ -83,10 +137,12 @@ class Ops:
             used, local, _ = plan
             A = A_stack if used is None else A_stack.index_select(0, used)  # (N', R, Din)
             N, R, _ = A.shape
-            h_all = F.linear(x, A.reshape(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N', R)
+            h_all = self.linear(x, A.reshape(N * R, Din)).view(Bsz, T, N, R)  # (B, T, N', R)
             return h_all.gather(2, local.view(Bsz, 1, 1, 1).expand(Bsz, T, 1, R)).view(Bsz, T, R)
         A_rows = A_stack.index_select(0, ids)  # (B, R, Din); index_select is ~5x faster than A_stack[ids] here
-        return torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, Din) @ (B, Din, R) -> (B, T, R)
+        Tp = T if self.needs_grad(x, A_rows) else self.padded_rows(T, x.dtype)  # bucketed tokens (rows per GEMM)
+        h = torch.bmm(_pad_tokens(x, Tp), A_rows.transpose(1, 2))  # (B, T', Din) @ (B, Din, R) -> (B, T', R)
+        return h if Tp == T else h[:, :T]
 
     def lora_expand(self, y: torch.Tensor, h: torch.Tensor, B_stack: torch.Tensor, ids: torch.Tensor,
                     scaling: torch.Tensor, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,9 +173,20 @@ class Ops:
             Bs = B_stack if used is None else B_stack.index_select(0, used)  # (N', R, Dout)
             N = Bs.shape[0]
             h_all = (hs[:, :, None, :] * onehots[y.dtype][:, None, :, None]).view(Bsz * T, N * R)  # (B*T, N'*R)
-            y.view(Bsz * T, Dout).addmm_(h_all, Bs.reshape(N * R, Dout))
+            rows = Bsz * T
+            padded = rows if self.needs_grad(y, h, B_stack) else self.padded_rows(rows, y.dtype)
+            if padded == rows:
+                y.view(rows, Dout).addmm_(h_all, Bs.reshape(N * R, Dout))
+            else:  # bucketed rows (module docstring): the sum is still rounded once
+                y.view(rows, Dout).copy_(_pad_rows(y.view(rows, Dout), padded).addmm_(
+                    _pad_rows(h_all, padded), Bs.reshape(N * R, Dout))[:rows])
         else:
-            y.baddbmm_(hs, B_stack.index_select(0, ids))  # (B, T, R) @ (B, R, Dout)
+            Tp = T if self.needs_grad(y, h, B_stack) else self.padded_rows(T, y.dtype)
+            B_rows = B_stack.index_select(0, ids)  # (B, R, Dout)
+            if Tp == T:
+                y.baddbmm_(hs, B_rows)  # (B, T, R) @ (B, R, Dout)
+            else:
+                y.copy_(_pad_tokens(y, Tp).baddbmm_(_pad_tokens(hs, Tp), B_rows)[:, :T])
         if dora_scale is not None:
             y.mul_(dora_scale.index_select(0, ids).to(y.dtype).view(Bsz, 1, Dout))
         return y
@@ -198,10 +265,10 @@ class Ops:
         x (..., Din) bf16 | fp16 | fp32, contiguous. Returns y (..., Dout) in x.dtype. Fused kernels (the CPU
         kernel for few rows, the CUDA GEMV) may use bf16(CODE) * absmax instead of bf16(CODE * absmax) and
         another summation order: within kernels/tolerance.py. Here: dequantize into a per-thread scratch
-        buffer reused by every layer of that shape, then one GEMM.
+        buffer reused by every layer of that shape, then one GEMM (:meth:`linear`, rows bucketed).
         """
         W = self.scratch(out_features, in_features, x.dtype)
-        return F.linear(x, self.dequantize_4bit(packed, absmax, codebook, blocksize, W))
+        return self.linear(x, self.dequantize_4bit(packed, absmax, codebook, blocksize, W))
 
     @torch.no_grad()
     def quantize_blockwise(self, x: torch.Tensor, codebook: Codebook, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,3 +338,21 @@ class _OneHot(dict):
     def __missing__(self, dtype):
         value = self[dtype] = (torch.arange(self.n, device=self.local.device) == self.local[:, None]).to(dtype)
         return value
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (M, K) copied into a new (rows, K) tensor whose rows past M are zero."""
+    out = t.new_empty(rows, t.shape[1])
+    out[: t.shape[0]].copy_(t)
+    out[t.shape[0] :].zero_()
+    return out
+
+
+def _pad_tokens(t: torch.Tensor, T: int) -> torch.Tensor:
+    """t (B, T0, K) itself when T0 == T, else copied into a new (B, T, K) tensor whose tokens past T0 are zero."""
+    if t.shape[1] == T:
+        return t
+    out = t.new_empty(t.shape[0], T, t.shape[2])
+    out[:, : t.shape[1]].copy_(t)
+    out[:, t.shape[1] :].zero_()
+    return out

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterhub.runtime import kernels
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.kv_cache import CacheStep, KVCache
@@ -185,7 +186,8 @@ class Transformer(nn.Module):
             x = layer(x, ids, rope, windowed if i in self.config.sliding_layers else mask, cache, step, i)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        # lm_head through the ops' bucketed GEMM (kernels/ops.py: Ops.linear): a full forward has B*T rows here.
+        logits = kernels.ops_for(self.device).linear(self.model.norm(x), self.lm_head.weight)  # (B, T, V)
         return logits[:, 0] if logits_at is not None else logits
 
     def _rope(self, positions: torch.Tensor):

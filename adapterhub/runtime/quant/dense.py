@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from adapterhub.errors import ModelLoadError
+from adapterhub.runtime import kernels
+from adapterhub.runtime.kernels import Ops
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,8 +31,12 @@ class DenseWeight:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
+    @functools.cached_property
+    def ops(self) -> Ops:
+        return kernels.ops_for(self.device)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.tensor, bias)  # (..., Din) -> (..., Dout)
+        return self.ops.linear(x, self.tensor, bias)  # (..., Din) -> (..., Dout): F.linear, bucketed GEMM rows
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.tensor if dtype in (None, self.tensor.dtype) else self.tensor.to(dtype)
