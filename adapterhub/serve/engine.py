@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from adapterhub.errors import CapacityError, QueueFullError, RequestError
+from adapterhub.serve.heap import HeapTrimmer
 from adapterhub.serve.loader import AdapterSource, ResolvedModel
 from adapterhub.serve.metrics import Metrics
 from adapterhub.serve.requests import Finished, RequestHandle, SamplingParams, validate_request
@@ -72,6 +73,7 @@ class Engine:
         self._resident: dict[str, str] = {}  # digest -> label ("task@v3")
         self._is_stopping = False
         self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row)
+        self._heap = HeapTrimmer()
         self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
         self._thread.start()
 
@@ -142,6 +144,7 @@ class Engine:
             except Exception as error:  # base.decode: a batch's fault (a bug, OOM) no one row is known to cause
                 log.exception("engine step failed; failing the running requests")
                 self._rows.fail_all(error)
+            self._heap.maybe_trim()  # between steps: the prefills' freed activations back to the OS (heap.py)
             self.metrics.set_gauges(queue_depth=len(self._waiting), batch_size=len(self._rows))
         self._shutdown()
 
