@@ -17,6 +17,7 @@ import torch
 
 from adapterhub.adapter import Adapter, adapter_source
 from adapterhub.errors import ConfigError, RequestError
+from adapterhub.runtime import export as exporter
 from adapterhub.runtime import generate as gen
 from adapterhub.runtime.adapters import merge
 from adapterhub.runtime.adapters.pool import AdapterPool
@@ -84,6 +85,14 @@ class Base:
     def merge(self, name: str):
         """Folds one adapter into the base weights (adapters/merge.py); returns its MergeReport."""
         return merge.merge_adapter(self.model.linears(), self.pool, name)
+
+    def export(self, path: str | Path, *, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
+               shard_size: int | str = "5GB", progress: bool = False) -> exporter.ExportResult:
+        """Writes this base, with the adapter merged into it if any, as a Hugging Face checkpoint that transformers
+        (and with quantize="nf4" transformers + bitsandbytes) loads; the merge is redone in fp32 and rounded or
+        quantized once (runtime/export.py)."""
+        return exporter.export_checkpoint(self, path, dtype=dtype, quantize=quantize, shard_size=shard_size,
+                                          progress=progress)
 
     def unmerge(self) -> str:
         """Restores the base weights; returns the name of the adapter that was merged."""

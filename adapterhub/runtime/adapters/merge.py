@@ -6,12 +6,17 @@ Merge follows PEFT (semantics §4.4, §5.4) through adapters/lora_math.py:
 - quantized base (NF4, FP4): dequantize -> merge -> requantize (`BaseWeight.replaced_by`: same block size
   and double quant). Requantizing is lossy, so the MergeReport gives the error it adds, and unmerge puts
   the original weight back: the original bytes, exactly (kept while merged: 0.5 byte per parameter).
+The report states the loss in the adapter's own terms (semantics §4.6): per module the relative error of
+the delta the merged weights carry, ||(W' - W) - dW|| / ||dW||, with dW the exact fp32 delta; past
+DELTA_WARN it warns and points at `Base.export`, which merges on the dense weights in fp32 and rounds or
+quantizes once (runtime/export.py).
 While an adapter is merged the pool refuses batches that name adapters (they would apply on top of it)
 and new adapters (their DoRA scales would be computed on the merged weights), as PEFT does (§7).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,15 +28,30 @@ from adapterhub.runtime.adapters.pool import AdapterPool
 from adapterhub.runtime.quant.weight import BaseWeight
 
 
+DELTA_WARN = 0.1  # relative delta error past which a merge warns: a tenth of what the adapter does is lost
+
+
 @dataclass(frozen=True)
 class MergeReport:
-    """What a merge did; the errors are those requantization added (0 for a dense base)."""
+    """What a merge did. max / mean_abs_error: what requantization added to the weights (0 for a dense base);
+    delta_error_max / mean: ||(W' - W) - dW|| / ||dW|| over the modules, the adapter's own loss."""
 
     name: str
     modules: int
     quantized: bool
     max_abs_error: float
     mean_abs_error: float
+    delta_error_max: float = 0.0
+    delta_error_mean: float = 0.0
+
+    @property
+    def warning(self) -> str | None:
+        if self.delta_error_max <= DELTA_WARN:
+            return None
+        return (f"merging {self.name!r} into the {'quantized' if self.quantized else 'dense'} base kept its weights "
+                f"only approximately: the merged delta is off by {self.delta_error_max:.0%} of the adapter's own "
+                f"(mean over {self.modules} modules {self.delta_error_mean:.0%}); serve it unmerged, or write a "
+                "merged checkpoint with base.export(dir), which merges in fp32 and rounds or quantizes once")
 
 
 @dataclass
@@ -50,7 +70,7 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
         raise MergeError(f"adapter {pool.merged.name!r} is already merged; call unmerge() before merging {name!r}")
     adapter = pool.adapter(name)
     state = MergedState(name, report=None)  # type: ignore[arg-type]
-    max_err, err_sum, count, quantized = 0.0, 0.0, 0, False
+    max_err, err_sum, count, quantized, deltas = 0.0, 0.0, 0, False, []
     for module, m in adapter.modules().items():
         layer = base_linears[module]
         A, B = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B)  # (R, Din), (Dout, R) fp32
@@ -69,9 +89,28 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
             max_err, err_sum, count = max(max_err, float(err.max())), err_sum + float(err.sum()), count + err.numel()
         else:
             layer.replace_weight(layer.weight.replaced_by(merged))
-    state.report = MergeReport(name, len(adapter.modules()), quantized, max_err, err_sum / count if count else 0.0)
+        deltas.append(_delta_error(W, merged_f32(W, A, B, m), layer.dequantized_weight()))
+    state.report = MergeReport(name, len(adapter.modules()), quantized, max_err, err_sum / count if count else 0.0,
+                               max(deltas, default=0.0), sum(deltas) / len(deltas) if deltas else 0.0)
+    if state.report.warning:
+        warnings.warn(state.report.warning, stacklevel=3)
     pool.merged = state
     return state.report
+
+
+def merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> torch.Tensor:
+    """The merged weight of module m computed in fp32 and not rounded: what an fp32 export writes."""
+    if m.magnitude is None:
+        return lora_math.merge_lora(W.float(), A, B, m.scaling)
+    return lora_math.merge_dora(W.float(), A, B, m.scaling, torch.from_numpy(m.magnitude))[0]
+
+
+def _delta_error(W: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> float:
+    """||(stored - W) - (exact - W)|| / ||exact - W||, in fp32: how much of the adapter's delta the stored
+    weights lost. W (Dout, Din) the weight before, exact the merged weight before rounding / requantizing."""
+    delta = exact.float() - W.float()
+    norm = float(torch.linalg.vector_norm(delta))
+    return float(torch.linalg.vector_norm(stored.float() - exact.float())) / norm if norm > 0 else 0.0
 
 
 def unmerge(base_linears: dict[str, AdapterLinear], pool: AdapterPool) -> str:

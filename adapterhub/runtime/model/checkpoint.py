@@ -92,12 +92,14 @@ def read_config(path: Path) -> ModelConfig:
 
 def write_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer,
                      *, max_shard_bytes: int | None = None) -> Path:
-    """config.json + model.safetensors (or shards + index, past `max_shard_bytes`) + tokenizer files."""
+    """config.json + generation_config.json + model.safetensors (or shards + index, past `max_shard_bytes`) +
+    tokenizer files."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32  # the weights' dtype, for transformers
     (path / "config.json").write_text(json.dumps(config.to_hf_json(dtype), indent=2) + "\n")
+    _write_generation_config(path, config)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
@@ -112,6 +114,16 @@ def write_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, t
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     tokenizer.save(path)
     return path
+
+
+def _write_generation_config(path: Path, config: ModelConfig) -> None:
+    """generation_config.json, as transformers writes it beside config.json: the ids generation starts and
+    stops on (several eos ids for chat models: end of text and end of turn)."""
+    eos = list(config.eos_token_id)
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+           "pad_token_id": config.pad_token_id}
+    (path / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None},
+                                                            indent=2) + "\n")
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
