@@ -4,10 +4,9 @@ kill -9 at any point, leftovers of killed pulls cleaned by the next pull, the us
 from __future__ import annotations
 
 import os
-import random
 import signal
 import stat
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,29 +205,54 @@ def test_clean_stale_dirs_removes_only_its_own_dead_or_old_temp_dirs(tmp_path, m
     assert fsio.clean_stale_dirs(tmp_path) == [tmp_path / alive]
 
 
+def _kill_self_at_fsio_line(kill_at: int | None) -> list[int]:
+    """Trace the lines run in fsio (where every write, fsync and rename of a pull happens) and SIGKILL this
+    process when the `kill_at`-th runs; returns the counter (a one-item list) for a counting run."""
+    target, count = fsio.__file__, [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == target else None)
+    return count
+
+
+def _pull_in_child(store_dir: Path, ref: str, dest: Path, kill_at: int | None) -> int:
+    """Fork; the child pulls `ref` over `dest`, killed by itself at fsio line `kill_at`; returns the wait status."""
+    pid = os.fork()
+    if pid == 0:  # child: leave without running any pytest cleanup
+        try:
+            _kill_self_at_fsio_line(kill_at)
+            Registry(store_dir).pull(ref, dest, force=True)
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.timeout(300)
-def test_kill_9_at_random_points_of_a_pull_leaves_old_or_new_never_mixed(store, tmp_path):
+def test_kill_9_at_every_line_of_a_pull_leaves_old_or_new_never_mixed(store, tmp_path):
     dest = store.pull("sql@v1", tmp_path / "out")
     versions = {ref: _expected(store, ref) for ref in ("sql@v1", "sql@v2")}
-    start = time.perf_counter()
-    store.pull("sql@v2", tmp_path / "timing")
-    duration = time.perf_counter() - start
-    rng = random.Random(0)
-    completed, left = 0, 0
-    for trial in range(60):
-        pid = os.fork()
-        if pid == 0:  # child: pull, then leave without running any pytest cleanup
-            try:
-                Registry(tmp_path / "store").pull(f"sql@v{trial % 2 + 1}", dest, force=True)
-            finally:
-                os._exit(0)
-        time.sleep(rng.uniform(0, 3 * duration))  # a forked pull takes longer than one in this process
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        completed += os.WIFEXITED(status)
-        assert _files(dest) in versions.values()  # old or new, whole
+    count = _kill_self_at_fsio_line(None)
+    store.pull("sql@v2", tmp_path / "counted")  # how many fsio lines a pull runs (more with leftovers to clean)
+    sys.settrace(None)
+    lines = count[0]
+    assert lines > 20
+    killed, left, seen = 0, 0, set()
+    for kill_at in range(1, lines + 1):
+        ref = f"sql@v{kill_at % 2 + 1}"
+        status = _pull_in_child(tmp_path / "store", ref, dest, kill_at)
+        killed += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        now = _files(dest)
+        assert now in versions.values()  # old or new, whole
+        seen.add(now == versions[ref])
         left += bool(_leftovers(tmp_path))
-    assert completed < 60 and left > 0  # most pulls really were interrupted, some mid-write
+    assert killed == lines  # every pull really was cut short, ...
+    assert left > 0 and seen == {True, False}  # ... some mid-write, some before the swap, some after it
     store.pull("sql@v1", dest, force=True)
     assert _files(dest) == versions["sql@v1"] and _leftovers(tmp_path) == []
