@@ -20,7 +20,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from adapterhub.errors import ConfigError
 
@@ -111,12 +111,22 @@ def check_destination(dest: Path, force: bool) -> None:
 
 
 def replace_dir(dest: str | os.PathLike, files: Mapping[str, bytes], *, force: bool = False) -> Path:
-    """Make `dest` a directory holding exactly `files` ({name: bytes}); readers see the old dir or the new one.
+    """Make `dest` a directory holding exactly `files` ({name: bytes}); see `replace_dir_with`."""
+
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            _write_fd(_create(tmp / name), data)
+
+    return replace_dir_with(dest, write, force=force)
+
+
+def replace_dir_with(dest: str | os.PathLike, write: Callable[[Path], object], *, force: bool = False) -> Path:
+    """Make `dest` the directory that `write(tmp)` fills; readers see the old dir or the new one.
 
     A missing or empty `dest` is created or replaced; a non-empty one only with `force`, and then as a whole.
     Write order: stale temp dirs that killed calls left in the parent go first (`clean_stale_dirs`), then
     `dest` is checked (`check_destination`: ConfigError for a file, or a non-empty dir without `force`); the files
-    are written and fsynced in a new hidden sibling ``.<name>.ahpull-<pid>-<random>``, which is fsynced; it
+    are written (by `write`) and fsynced in a new hidden sibling ``.<name>.ahpull-<pid>-<random>``, which is fsynced; it
     then takes `dest`'s place in one step, rename(2) (which the kernel refuses over a non-empty directory,
     so a file written into `dest` meanwhile is never lost without `force`) or, with `force`, renameat2's
     RENAME_EXCHANGE (the sibling then holds the old dir); the parent is fsynced; last the sibling is deleted.
@@ -133,8 +143,14 @@ def replace_dir(dest: str | os.PathLike, files: Mapping[str, bytes], *, force: b
     tmp = dest.parent / f".{dest.name}.ahpull-{os.getpid()}-{secrets.token_hex(8)}"
     os.mkdir(tmp, 0o777)  # umask applies
     try:
-        for name, data in files.items():
-            _write_fd(_create(tmp / name), data)
+        write(tmp)
+        for entry in os.scandir(tmp):  # durable before it is swapped in, whoever wrote the files
+            if entry.is_file(follow_symlinks=False):
+                fd = os.open(entry.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         fsync_dir(tmp)
         _swap_in(tmp, dest, force)
         fsync_dir(dest.parent)

@@ -8,6 +8,9 @@ Rules (docs/semantics.md §4.6):
 - Unmerged layers are written as loaded: dense weights cast to the export dtype; a quantized weight whose
   format and dtype match the requested `quantize` / `dtype` keeps its exact bytes, else it is dequantized and
   written dense (or quantized from that).
+- The result states, per merged module, how much of the adapter's delta the written weights keep:
+  ||(written - W) - dW|| / ||dW|| against the fp32 merge (semantics §4.6), worst and mean, and warns past
+  merge.DELTA_WARN (a 4-bit export of a small adapter can lose most of it).
 - Files as transformers writes them: config.json (with quantization_config for a 4-bit export, read by
   transformers + bitsandbytes), generation_config.json, safetensors shards of at most `shard_size` with their
   index, tokenizer.json and tokenizer_config.json with the chat template.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from adapterhub.errors import ConfigError
-from adapterhub.runtime.adapters.merge import merged_f32
+from adapterhub.runtime.adapters import lora_math
+from adapterhub.runtime.adapters.merge import DELTA_WARN, delta_error, merged_f32
 from adapterhub.runtime.model import checkpoint
 from adapterhub.runtime.model.config import QuantConfig
 from adapterhub.runtime.quant import formats
@@ -43,10 +48,23 @@ class ExportResult:
     quantize: str | None
     merged: str | None  # the adapter merged into the export, if any
     seconds: float
+    delta_error_max: float = 0.0  # of the written weights against the fp32 merge (module docstring)
+    delta_error_mean: float = 0.0
+
+    @property
+    def warning(self) -> str | None:
+        if self.delta_error_max <= DELTA_WARN:
+            return None
+        kind = f"in {self.quantize}" if self.quantize else f"in {self.dtype}"
+        return (f"the checkpoint holds {self.merged!r} only approximately: written {kind}, the merged delta is off by "
+                f"{self.delta_error_max:.0%} of the adapter's own (mean {self.delta_error_mean:.0%}); export in "
+                "float32 or bfloat16, or serve the adapter unmerged")
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "files": self.files, "bytes": sum(self.files.values()), "dtype": self.dtype,
-                "quantize": self.quantize, "merged": self.merged, "seconds": round(self.seconds, 3)}
+                "quantize": self.quantize, "merged": self.merged, "seconds": round(self.seconds, 3),
+                "delta_error_max": self.delta_error_max, "delta_error_mean": self.delta_error_mean,
+                "warning": self.warning}
 
 
 def export_checkpoint(base, path: str | Path, *, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
@@ -54,12 +72,12 @@ def export_checkpoint(base, path: str | Path, *, dtype: str | torch.dtype = "bfl
     """Write `base` (a runtime.Base) with its merged adapter, if any, to the checkpoint dir `path` (module docstring)."""
     started = time.perf_counter()
     dtype = _dtype(dtype)
-    if quantize is not None and not formats.format_class(quantize).is_quantized:
+    if quantize is not None and quantize not in formats.QUANTIZED:
         raise ConfigError(f"quantize={quantize!r} is not a quantized format; use None or one of {list(formats.QUANTIZED)}")
     path, max_bytes = Path(path), parse_size(shard_size)
     merged = base.pool.merged
     adapter = base.pool.adapter(merged.name) if merged is not None else None
-    tensors = _export_state(base.model, merged, adapter, dtype, quantize, progress)
+    tensors, deltas = _export_state(base.model, merged, adapter, dtype, quantize, progress)
     config = base.config
     if quantize is not None:
         config = replace(config, quantization=QuantConfig(quant_type=quantize, use_double_quant=True,
@@ -68,42 +86,66 @@ def export_checkpoint(base, path: str | Path, *, dtype: str | torch.dtype = "bfl
         config = replace(config, quantization=None)  # written dense: no quantization_config
     checkpoint.write_checkpoint(path, config, tensors, base.tokenizer, max_shard_bytes=max_bytes)
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
-    return ExportResult(path, files, DTYPE_NAMES[dtype], quantize, merged.name if merged else None,
-                        time.perf_counter() - started)
+    result = ExportResult(path, files, DTYPE_NAMES[dtype], quantize, merged.name if merged else None,
+                          time.perf_counter() - started, max(deltas, default=0.0), sum(deltas) / max(len(deltas), 1))
+    if result.warning:
+        warnings.warn(result.warning, stacklevel=3)
+    return result
 
 
-def _export_state(model, merged, adapter, dtype: torch.dtype, quantize: str | None, progress: bool) -> dict:
-    out, linears = {}, model.linears()
+def _export_state(model, merged, adapter, dtype: torch.dtype, quantize: str | None, progress: bool):
+    """(checkpoint tensors, delta errors of the merged modules)."""
+    out, deltas, linears = {}, [], model.linears()
     for name, layer in tqdm(linears.items(), desc="export", unit="module", disable=not progress):
-        out.update(_export_linear(name, layer, merged, adapter, dtype, quantize))
+        module = adapter.modules().get(name) if adapter is not None else None
+        tensors, delta = _export_linear(name, layer, merged, module, dtype, quantize)
+        out.update(tensors)
+        if delta is not None:
+            deltas.append(delta)
         if layer.bias is not None:
             out[name + ".bias"] = layer.bias.detach().to(dtype)
     is_tied = model.config.tie_word_embeddings
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[0] not in linears and not (name == "lm_head.weight" and is_tied):
             out[name] = param.detach().to(dtype)
-    return out
+    return out, deltas
 
 
-def _export_linear(name: str, layer, merged, adapter, dtype: torch.dtype, quantize: str | None) -> dict:
-    """The checkpoint keys of one decoder linear (module docstring for the rules)."""
+def _export_linear(name: str, layer, merged, module, dtype: torch.dtype, quantize: str | None):
+    """(checkpoint keys of one decoder linear, its delta error when the merged adapter targets it)."""
     weight, prefix = layer.weight, name + "."
-    if merged is not None and name in merged.originals:  # quantized base: merge again on the weight before, in fp32
-        module = adapter.modules()[name]
+    if module is None and quantize == weight.format and getattr(weight, "dtype", None) == dtype:
+        return weight.state_dict(prefix), None  # the bytes as loaded: nothing to merge, nothing to redo
+    before = None
+    if module is not None:
         A, B = torch.from_numpy(module.lora_A), torch.from_numpy(module.lora_B)
-        W = merged_f32(merged.originals[name].dequantize(torch.float32), A, B, module)
-    elif quantize == weight.format and getattr(weight, "dtype", None) == dtype:
-        return weight.state_dict(prefix)  # the bytes as loaded: nothing to merge, nothing to redo
+        if name in merged.originals:  # quantized base: merge again on the weight before, in fp32
+            before = merged.originals[name].dequantize(torch.float32)
+            W = merged_f32(before, A, B, module)[0]
+        else:  # dense base: the merged weight as the merge rounded it; the weight before, recomputed
+            W = weight.dequantize(torch.float32)
+            before = _unmerged_f32(W, A, B, module, merged.norms.get(name))
     else:
-        W = weight.dequantize(torch.float32)
+        W = weight.dequantize(dtype if quantize is None else torch.float32)
     if quantize is None:
-        return {prefix + "weight": W.to(dtype)}
-    return formats.format_class(quantize).quantize(W, dtype=dtype).state_dict(prefix)
+        written = W.to(dtype)
+        tensors = {prefix + "weight": written}
+    else:
+        q = formats.format_class(quantize).quantize(W, dtype=dtype)
+        written, tensors = (q.dequantize(torch.float32) if before is not None else None), q.state_dict(prefix)
+    return tensors, (None if before is None else delta_error(before, W, written))
+
+
+def _unmerged_f32(W: torch.Tensor, A, B, module, norm: torch.Tensor | None) -> torch.Tensor:
+    """The weight before a dense merge, recomputed in fp32 (semantics §4.4, §5.4: W' - dW, or W' n / m - dW)."""
+    if module.magnitude is None:
+        return lora_math.unmerge_lora(W, A, B, module.scaling)
+    return lora_math.unmerge_dora(W, A, B, module.scaling, torch.from_numpy(module.magnitude), norm)
 
 
 def parse_size(size: int | str | None) -> int | None:
     """5GB / 500MB / 2GiB / 1000000 -> bytes (decimal units as transformers' max_shard_size); None: one file."""
-    if size is None or isinstance(size, int):
+    if size is None or (isinstance(size, int) and size > 0):  # 0 / negative: refused below
         return size
     match = _SIZE.fullmatch(str(size))
     if not match or float(match.group(1)) <= 0:

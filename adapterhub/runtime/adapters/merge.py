@@ -75,21 +75,21 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
         layer = base_linears[module]
         A, B = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B)  # (R, Din), (Dout, R) fp32
         W = layer.dequantized_weight()
-        if m.magnitude is None:
-            merged = lora_math.merge_lora(W, A, B, m.scaling)
-        else:
-            merged, state.norms[module] = lora_math.merge_dora(W, A, B, m.scaling, torch.from_numpy(m.magnitude))
+        exact, norm = merged_f32(W, A, B, m)  # one fp32 merge: stored rounded (dense) or requantized, and reported
+        if norm is not None:
+            state.norms[module] = norm
+        merged = exact.to(W.dtype)  # PEFT's unsafe merge: W + dW in fp32, rounded once (semantics §4.4, §5.4)
         if not torch.isfinite(merged).all():
             raise MergeError(f"merging {name!r} into {module!r} gives non-finite weights; the adapter is broken")
         if layer.weight.is_quantized:
             quantized = True
             state.originals[module] = layer.weight
             layer.replace_weight(layer.weight.replaced_by(merged))
-            err = (layer.dequantized_weight().float() - merged.float()).abs()
+            err = (layer.dequantized_weight().float() - exact).abs()
             max_err, err_sum, count = max(max_err, float(err.max())), err_sum + float(err.sum()), count + err.numel()
         else:
             layer.replace_weight(layer.weight.replaced_by(merged))
-        deltas.append(_delta_error(W, merged_f32(W, A, B, m), layer.dequantized_weight()))
+        deltas.append(delta_error(W, exact, layer.dequantized_weight()))
     state.report = MergeReport(name, len(adapter.modules()), quantized, max_err, err_sum / count if count else 0.0,
                                max(deltas, default=0.0), sum(deltas) / len(deltas) if deltas else 0.0)
     if state.report.warning:
@@ -98,14 +98,14 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
     return state.report
 
 
-def merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> torch.Tensor:
-    """The merged weight of module m computed in fp32 and not rounded: what an fp32 export writes."""
+def merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Module m merged into W in fp32, not rounded (what an fp32 export writes), and DoRA's norm n (else None)."""
     if m.magnitude is None:
-        return lora_math.merge_lora(W.float(), A, B, m.scaling)
-    return lora_math.merge_dora(W.float(), A, B, m.scaling, torch.from_numpy(m.magnitude))[0]
+        return lora_math.merge_lora(W.float(), A, B, m.scaling), None
+    return lora_math.merge_dora(W.float(), A, B, m.scaling, torch.from_numpy(m.magnitude))
 
 
-def _delta_error(W: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> float:
+def delta_error(W: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> float:
     """||(stored - W) - (exact - W)|| / ||exact - W||, in fp32: how much of the adapter's delta the stored
     weights lost. W (Dout, Din) the weight before, exact the merged weight before rounding / requantizing."""
     delta = exact.float() - W.float()
