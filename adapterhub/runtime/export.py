@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from adapterhub.errors import ConfigError
 from adapterhub.runtime.adapters import lora_math
-from adapterhub.runtime.adapters.merge import DELTA_WARN, delta_error, merged_f32
+from adapterhub.runtime.adapters.merge import DELTA_WARN, delta_error, merged_delta_norm, merged_f32
 from adapterhub.runtime.model import checkpoint
 from adapterhub.runtime.model.config import QuantConfig
 from adapterhub.runtime.quant import formats
@@ -69,11 +69,13 @@ class ExportResult:
 
 def export_checkpoint(base, path: str | Path, *, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
                       shard_size: int | str = "5GB", progress: bool = False) -> ExportResult:
-    """Write `base` (a runtime.Base) with its merged adapter, if any, to the checkpoint dir `path` (module docstring)."""
+    """Write `base` (a runtime.Base) with its merged adapter, if any, to the checkpoint dir `path` (see the
+    module docstring)."""
     started = time.perf_counter()
     dtype = _dtype(dtype)
     if quantize is not None and quantize not in formats.QUANTIZED:
-        raise ConfigError(f"quantize={quantize!r} is not a quantized format; use None or one of {list(formats.QUANTIZED)}")
+        raise ConfigError(f"quantize={quantize!r} is not a quantized format; use None or one of "
+                          f"{list(formats.QUANTIZED)}")
     path, max_bytes = Path(path), parse_size(shard_size)
     merged = base.pool.merged
     adapter = base.pool.adapter(merged.name) if merged is not None else None
@@ -116,30 +118,35 @@ def _export_linear(name: str, layer, merged, module, dtype: torch.dtype, quantiz
     weight, prefix = layer.weight, name + "."
     if module is None and quantize == weight.format and getattr(weight, "dtype", None) == dtype:
         return weight.state_dict(prefix), None  # the bytes as loaded: nothing to merge, nothing to redo
-    before = None
-    if module is not None:
-        A, B = torch.from_numpy(module.lora_A), torch.from_numpy(module.lora_B)
-        if name in merged.originals:  # quantized base: merge again on the weight before, in fp32
-            before = merged.originals[name].dequantize(torch.float32)
-            W = merged_f32(before, A, B, module)[0]
-        else:  # dense base: the merged weight as the merge rounded it; the weight before, recomputed
-            W = weight.dequantize(torch.float32)
-            before = _unmerged_f32(W, A, B, module, merged.norms.get(name))
-    else:
+    if module is None:
         W = weight.dequantize(dtype if quantize is None else torch.float32)
+        return _written(prefix, W, dtype, quantize)[0], None
+    A, B = torch.from_numpy(module.lora_A), torch.from_numpy(module.lora_B)
+    if name in merged.originals:  # quantized base: merge again on the weight before, in fp32
+        before = merged.originals[name].dequantize(torch.float32)
+        W = merged_f32(before, A, B, module)[0]
+    elif quantize is None and dtype in (weight.dequantize().dtype, torch.float32):  # dense, as the merge rounded it
+        return {prefix + "weight": weight.dequantize(dtype)}, merged.deltas[name]
+    else:  # dense base: the merged weight as the merge rounded it; the weight before, recomputed for DoRA
+        W = weight.dequantize(torch.float32)
+        if W is weight.dequantize():  # an fp32 base's own tensor: delta_error below overwrites its argument
+            W = W.clone()
+        before = _unmerged_f32(W, A, B, module, merged.norms.get(name)) if module.magnitude is not None else None
+    tensors, written = _written(prefix, W, dtype, quantize)
+    return tensors, delta_error(W, written, merged_delta_norm(before, W, A, B, module))
+
+
+def _written(prefix: str, W: torch.Tensor, dtype: torch.dtype, quantize: str | None):
+    """(checkpoint tensors of weight W, W as the checkpoint holds it)."""
     if quantize is None:
         written = W.to(dtype)
-        tensors = {prefix + "weight": written}
-    else:
-        q = formats.format_class(quantize).quantize(W, dtype=dtype)
-        written, tensors = (q.dequantize(torch.float32) if before is not None else None), q.state_dict(prefix)
-    return tensors, (None if before is None else delta_error(before, W, written))
+        return {prefix + "weight": written}, written
+    q = formats.format_class(quantize).quantize(W, dtype=dtype)
+    return q.state_dict(prefix), q.dequantize(torch.float32)
 
 
 def _unmerged_f32(W: torch.Tensor, A, B, module, norm: torch.Tensor | None) -> torch.Tensor:
-    """The weight before a dense merge, recomputed in fp32 (semantics §4.4, §5.4: W' - dW, or W' n / m - dW)."""
-    if module.magnitude is None:
-        return lora_math.unmerge_lora(W, A, B, module.scaling)
+    """The weight before a dense DoRA merge, recomputed in fp32 (semantics §5.4: W' n / m - dW)."""
     return lora_math.unmerge_dora(W, A, B, module.scaling, torch.from_numpy(module.magnitude), norm)
 
 

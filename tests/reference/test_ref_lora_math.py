@@ -137,3 +137,12 @@ def test_property_torch_matches_reference_on_random_shapes(dout, din, r, s, seed
     want, n = ref.merge_dora(Wn, An, Bn, s, mn)
     np.testing.assert_allclose(merged.numpy(), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lora_math.unmerge_dora(merged, A, B, s, m, norm).numpy(), Wn, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dout,din,r,s", [(64, 48, 8, 2.0), (5, 300, 1, -0.5), (256, 128, 64, 0.125)])
+def test_delta_norm_from_the_rank_r_factors_equals_the_norm_of_the_formed_delta(dout, din, r, s):
+    g = torch.Generator().manual_seed(dout + r)
+    A, B = torch.randn(r, din, generator=g), torch.randn(dout, r, generator=g)
+    formed = torch.linalg.norm((B.double() @ A.double()) * s)
+    assert lora_math.delta_norm(A, B, s) == pytest.approx(float(formed), rel=1e-9)
+    assert lora_math.delta_norm(A, torch.zeros_like(B), s) == 0.0

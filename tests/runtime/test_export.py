@@ -250,15 +250,51 @@ def test_requantizing_merge_reports_the_lost_delta_and_warns(tmp_path):
     small = _adapter(dense, "lora", lora_alpha=1)  # s = 1/4: its delta is below NF4's per-element error
     nf4.add_adapter(small, name="small")
     dense.add_adapter(small, name="small")
+    linears = nf4.model.linears()
+    before = {name: layer.dequantized_weight().float() for name, layer in linears.items()}
     with pytest.warns(UserWarning, match=r"base\.export"):
         lossy = nf4.merge("small")  # dequantize, merge, requantize (§4.4)
     assert lossy.quantized and lossy.max_abs_error > 0
     assert lossy.delta_error_max > 0.1 and lossy.warning is not None
+    errors = []  # independently: ||(W_stored - W) - s B A|| / ||s B A|| per module, in float64
+    for name, m in small.modules().items():
+        dW = torch.from_numpy(m.lora_B).double() @ torch.from_numpy(m.lora_A).double() * m.scaling
+        stored = linears[name].dequantized_weight().double() - before[name].double()
+        errors.append(float(torch.linalg.norm(stored - dW) / torch.linalg.norm(dW)))
+    assert lossy.modules == len(errors)
+    assert lossy.delta_error_max == pytest.approx(max(errors), rel=1e-4)
+    assert lossy.delta_error_mean == pytest.approx(sum(errors) / len(errors), rel=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the dense fp32 merge does not warn
         exact = dense.merge("small")
     assert not exact.quantized and exact.max_abs_error == 0 and exact.delta_error_max < 1e-6
     assert exact.warning is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_export_of_an_fp32_merge_reports_the_rounding_of_the_delta(tmp_path, kind):
+    ckpt = _checkpoint(tmp_path, family_config("llama"))
+    base = load_base(ckpt, quantize=None, compute_dtype=torch.float32)
+    adapter = _adapter(base, kind, lora_alpha=1)  # small: bf16 rounding costs a visible share of it
+    base.add_adapter(adapter, name=kind)
+    original = load_file(ckpt / "model.safetensors")
+    assert base.merge(kind).delta_error_max == 0.0  # fp32 merge stored unrounded
+    held = {name: layer.dequantized_weight().clone() for name, layer in base.model.linears().items()}
+    result = base.export(tmp_path / "out", dtype="bfloat16")
+    base.export(tmp_path / "nf4", quantize="nf4")
+    for name, layer in base.model.linears().items():
+        assert torch.equal(layer.dequantized_weight(), held[name]), name  # exporting leaves the base as it was
+    written = _tensors(result.path)
+    errors = []  # independently, in float64: the exact merge (semantics §4.4, §5.4) against what was written
+    for name, m in adapter.modules().items():
+        W = original[name + ".weight"].double()
+        V = W + torch.from_numpy(m.lora_B).double() @ torch.from_numpy(m.lora_A).double() * m.scaling
+        if m.magnitude is not None:  # DoRA: rows rescaled to the magnitude
+            V = torch.from_numpy(m.magnitude).double()[:, None] / V.norm(dim=1)[:, None] * V
+        exact = V
+        errors.append(float((written[name + ".weight"].double() - exact).norm() / (exact - W).norm()))
+    assert result.delta_error_max == pytest.approx(max(errors), rel=1e-3) and result.delta_error_max > 1e-3
+    assert result.delta_error_mean == pytest.approx(sum(errors) / len(errors), rel=1e-3)
 
 
 # --- 5. files ------------------------------------------------------------------------------------------------

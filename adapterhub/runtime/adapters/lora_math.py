@@ -38,6 +38,16 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_ou
     return (delta.T if fan_in_fan_out else delta).to(A.dtype)
 
 
+def delta_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> float:
+    """||scaling * B @ A||_F without forming B @ A: ||BA||_F^2 = sum((B^T B) * (A A^T)), R x R Gram matrices in
+    float64 (both symmetric, so the trace of their product is the sum of their elementwise product).
+
+    A (R, Din), B (Dout, R) -> a float; equals torch.linalg.norm(delta_weight(A, B, s)) within fp32 rounding.
+    """
+    gram_b, gram_a = B.double().T @ B.double(), A.double() @ A.double().T  # (R, R), (R, R)
+    return abs(scaling) * float((gram_b * gram_a).sum().clamp_min(0).sqrt())
+
+
 def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """Semantics: torch.linalg.norm(W.float() + scaling * B.float() @ A.float(), dim=1); no epsilon (§5.2).
 
@@ -67,6 +77,23 @@ def _checked(W: torch.Tensor, what: str) -> torch.Tensor:
     return W
 
 
+def merged_f32(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The merge before rounding, in fp32: LoRA V = W.float() + dW; DoRA (magnitude given) (m / n)[:, None] * V
+    with n = ||V||_row (§4.4, §5.4). -> (W' (Dout, Din) float32, n (Dout,) float32 or None)
+
+    Bit for bit what merge_lora / merge_dora compute before their final rounding, formed in one new
+    (Dout, Din) buffer: IEEE addition and multiplication commute, so dW + W.float() = W.float() + dW, and an
+    in-place add of a bf16 / fp16 W promotes it exactly. W is only read (it may be a layer's own weight).
+    """
+    V = (B.float() @ A.float()).mul_(scaling).add_(W)  # dW = (B A) s (delta_weight), then + W
+    if magnitude is None:
+        return V, None
+    norm = torch.linalg.vector_norm(V, dim=1)  # (Dout,)
+    return V.mul_((magnitude.float() / norm)[:, None]), norm
+
+
 def merge_lora(
     W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, safe: bool = False
 ) -> torch.Tensor:
@@ -74,10 +101,9 @@ def merge_lora(
 
     The two differ for ~30% of bf16 elements (§4.4). W (Dout, Din) -> new (Dout, Din) in W's dtype.
     """
-    delta = delta_weight(A.float(), B, scaling)
     if not safe:
-        return (W.float() + delta).to(W.dtype)
-    return _checked(W + delta.to(W.dtype), "a LoRA adapter")
+        return merged_f32(W, A, B, scaling)[0].to(W.dtype)
+    return _checked(W + delta_weight(A.float(), B, scaling).to(W.dtype), "a LoRA adapter")
 
 
 def unmerge_lora(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -92,9 +118,8 @@ def merge_dora(
 
     n is taken on the unmerged W and must be kept to unmerge. -> (W' (Dout, Din), n (Dout,) float32)
     """
-    V = W.float() + delta_weight(A.float(), B, scaling)  # (Dout, Din)
-    norm = torch.linalg.vector_norm(V, dim=1)  # (Dout,)
-    merged = ((magnitude.float() / norm)[:, None] * V).to(W.dtype)
+    merged, norm = merged_f32(W, A, B, scaling, magnitude)
+    merged = merged.to(W.dtype)
     return (_checked(merged, "a DoRA adapter") if safe else merged), norm
 
 

@@ -62,6 +62,7 @@ class MergedState:
     report: MergeReport
     originals: dict[str, BaseWeight] = field(default_factory=dict)  # module -> the weight before (quantized bases)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (Dout,) fp32 (dense DoRA)
+    deltas: dict[str, float] = field(default_factory=dict)  # module -> delta error of the stored weight
 
 
 def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, name: str) -> MergeReport:
@@ -70,7 +71,7 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
         raise MergeError(f"adapter {pool.merged.name!r} is already merged; call unmerge() before merging {name!r}")
     adapter = pool.adapter(name)
     state = MergedState(name, report=None)  # type: ignore[arg-type]
-    max_err, err_sum, count, quantized, deltas = 0.0, 0.0, 0, False, []
+    max_err, err_sum, count, quantized = 0.0, 0.0, 0, False
     for module, m in adapter.modules().items():
         layer = base_linears[module]
         A, B = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B)  # (R, Din), (Dout, R) fp32
@@ -78,18 +79,19 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
         exact, norm = merged_f32(W, A, B, m)  # one fp32 merge: stored rounded (dense) or requantized, and reported
         if norm is not None:
             state.norms[module] = norm
+        _check_finite(exact, W.dtype, name, module)
         merged = exact.to(W.dtype)  # PEFT's unsafe merge: W + dW in fp32, rounded once (semantics §4.4, §5.4)
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"merging {name!r} into {module!r} gives non-finite weights; the adapter is broken")
-        if layer.weight.is_quantized:
+        is_quantized = layer.weight.is_quantized
+        if is_quantized:
             quantized = True
             state.originals[module] = layer.weight
-            layer.replace_weight(layer.weight.replaced_by(merged))
-            err = (layer.dequantized_weight().float() - exact).abs()
+        layer.replace_weight(layer.weight.replaced_by(merged))
+        stored = layer.dequantized_weight() if is_quantized else merged
+        if is_quantized:
+            err = (stored.float() - exact).abs()
             max_err, err_sum, count = max(max_err, float(err.max())), err_sum + float(err.sum()), count + err.numel()
-        else:
-            layer.replace_weight(layer.weight.replaced_by(merged))
-        deltas.append(delta_error(W, exact, layer.dequantized_weight()))
+        state.deltas[module] = delta_error(exact, stored, merged_delta_norm(W, exact, A, B, m))
+    deltas = list(state.deltas.values())
     state.report = MergeReport(name, len(adapter.modules()), quantized, max_err, err_sum / count if count else 0.0,
                                max(deltas, default=0.0), sum(deltas) / len(deltas) if deltas else 0.0)
     if state.report.warning:
@@ -100,17 +102,35 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
 
 def merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Module m merged into W in fp32, not rounded (what an fp32 export writes), and DoRA's norm n (else None)."""
+    magnitude = None if m.magnitude is None else torch.from_numpy(m.magnitude)
+    return lora_math.merged_f32(W, A, B, m.scaling, magnitude)
+
+
+def merged_delta_norm(W: torch.Tensor, exact: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> float:
+    """||exact - W||_F, the norm of the delta module m adds to W: for LoRA s ||B A|| from the rank-R factors
+    (no pass over W), for DoRA measured (W is read in its dtype, promoted exactly)."""
     if m.magnitude is None:
-        return lora_math.merge_lora(W.float(), A, B, m.scaling), None
-    return lora_math.merge_dora(W.float(), A, B, m.scaling, torch.from_numpy(m.magnitude))
+        return lora_math.delta_norm(A, B, m.scaling)
+    return float(torch.linalg.vector_norm(torch.sub(exact, W)))
 
 
-def delta_error(W: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> float:
-    """||(stored - W) - (exact - W)|| / ||exact - W||, in fp32: how much of the adapter's delta the stored
-    weights lost. W (Dout, Din) the weight before, exact the merged weight before rounding / requantizing."""
-    delta = exact.float() - W.float()
-    norm = float(torch.linalg.vector_norm(delta))
-    return float(torch.linalg.vector_norm(stored.float() - exact.float())) / norm if norm > 0 else 0.0
+def delta_error(exact: torch.Tensor, stored: torch.Tensor, delta_norm: float) -> float:
+    """||stored - exact|| / ||exact - W|| (= ||(stored - W) - (exact - W)|| / ||exact - W||): how much of the
+    adapter's delta the stored weights lost. exact: the fp32 merge before rounding / requantizing, overwritten
+    here (call it last); delta_norm: merged_delta_norm. Stored fp32 (the very tensor): 0 without a pass."""
+    if stored is exact or delta_norm == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(exact.sub_(stored))) / delta_norm
+
+
+def _check_finite(exact: torch.Tensor, dtype: torch.dtype, name: str, module: str) -> None:
+    """MergeError unless every value of the fp32 merge is finite and stays finite rounded to dtype
+    (one read: aminmax is NaN when any value is, and names the range otherwise)."""
+    low, high = (float(v) for v in torch.aminmax(exact))
+    limit = torch.finfo(dtype).max
+    if not (-limit <= low and high <= limit):  # False for NaN too
+        raise MergeError(f"merging {name!r} into {module!r} gives non-finite weights (range {low:g} .. {high:g}, "
+                         f"{torch.finfo(dtype).dtype} holds ±{limit:g}); the adapter is broken")
 
 
 def unmerge(base_linears: dict[str, AdapterLinear], pool: AdapterPool) -> str:
