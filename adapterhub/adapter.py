@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from adapterhub.base_identity import BaseIdentity, check_base
 from adapterhub.errors import AdapterFormatError, ConfigError, IncompatibleAdapterError
 from adapterhub.fsio import fsync_dir, write_replace
 from adapterhub.module_regex import ModuleRegex, check_layers_pattern, module_regex
@@ -31,6 +32,8 @@ from adapterhub.safetensors_io import DTYPE_CODES, RawTensor, read_safetensors, 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+CARD_FILE = "README.md"  # the model card PEFT's save_pretrained writes; it travels with the version
+MAX_CARD_BYTES = 1024 * 1024  # a card is prose; a bigger README is refused rather than stored in the config blob
 KEY_PREFIX = "base_model.model."
 # PEFT on-disk key suffixes (semantics §6.3): which AdapterModule field each one fills.
 KEY_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
@@ -306,15 +309,26 @@ def peft_key(module: str, part: str) -> str:
 
 
 class Adapter:
-    """A validated PEFT adapter: `config` plus `tensors` keyed by PEFT key, exact dtype and bytes."""
+    """A validated PEFT adapter: `config` plus `tensors` keyed by PEFT key, exact dtype and bytes.
+
+    `base`: the identity of the base it was trained on (base_identity.py); without one, the name PEFT recorded
+    (`base_model_name_or_path`) when there is one. `model_card`: the README.md PEFT writes beside the adapter.
+    """
 
     def __init__(self, config: AdapterConfig | Mapping[str, Any],
-                 tensors: Mapping[str, RawTensor | np.ndarray]):
+                 tensors: Mapping[str, RawTensor | np.ndarray], *, base: BaseIdentity | None = None,
+                 model_card: str | None = None):
         self.config = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
         self.tensors: dict[str, RawTensor] = {
             key: t if isinstance(t, RawTensor) else RawTensor.from_array(t) for key, t in sorted(tensors.items())}
         self._parts = _validate(self.config, self.tensors)
         self._modules: dict[str, AdapterModule] | None = None
+        named = self.config.base_model_name_or_path
+        self.base = base if base is not None else (BaseIdentity(name=named) if named else None)
+        if model_card is not None and len(model_card.encode()) > MAX_CARD_BYTES:
+            raise AdapterFormatError(f"the model card ({CARD_FILE}) is {len(model_card.encode())} bytes, over the "
+                                     f"{MAX_CARD_BYTES}-byte limit; shorten it or link to a longer document")
+        self.model_card = model_card
 
     @classmethod
     def from_peft_dir(cls, path: str | os.PathLike) -> Adapter:
@@ -333,8 +347,13 @@ class Adapter:
             raise AdapterFormatError(f"{path} has no {WEIGHTS_FILE}; a PEFT adapter directory needs it")
         config = AdapterConfig.from_json_file(path / CONFIG_FILE)
         tensors, _ = read_safetensors(weights.read_bytes(), str(weights))
+        card = path / CARD_FILE
         try:
-            return cls(config, tensors)
+            text = card.read_text(encoding="utf-8") if card.is_file() else None
+        except UnicodeDecodeError as error:
+            raise AdapterFormatError(f"{card} is not UTF-8 text ({error}); save the model card as UTF-8") from None
+        try:
+            return cls(config, tensors, model_card=text)
         except AdapterFormatError as error:
             raise AdapterFormatError(f"{path}: {error}") from None
 
@@ -345,10 +364,17 @@ class Adapter:
         """adapter_config.json as PEFT writes it: json indent=2, sort_keys."""
         return json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
 
-    def save_peft_dir(self, path: str | os.PathLike) -> Path:
-        """Write the two PEFT files atomically: a new dir appears whole; an existing one gets each file renamed in."""
-        path = Path(path)
+    def peft_files(self) -> dict[str, bytes]:
+        """{file name: bytes} of the PEFT directory: config, weights and the model card when there is one."""
         files = {CONFIG_FILE: self.config_json().encode(), WEIGHTS_FILE: self.safetensors_bytes()}
+        if self.model_card is not None:
+            files[CARD_FILE] = self.model_card.encode()
+        return files
+
+    def save_peft_dir(self, path: str | os.PathLike) -> Path:
+        """Write the PEFT files atomically: a new dir appears whole; an existing one gets each file renamed in."""
+        path = Path(path)
+        files = self.peft_files()
         if path.is_dir():
             for name, data in files.items():
                 write_replace(path / name, data)
@@ -392,11 +418,16 @@ class Adapter:
 # --- an adapter against a base, and where an adapter comes from ---------------------------------
 
 
-def check_fits(adapter: Adapter, module_shapes: Mapping[str, tuple[int, int]], name: str) -> dict[str, AdapterModule]:
+def check_fits(adapter: Adapter, module_shapes: Mapping[str, tuple[int, int]], name: str,
+               base: BaseIdentity | None = None, *, allow_base_mismatch: bool = False,
+               warned: set | None = None) -> dict[str, AdapterModule]:
     """The one check of an adapter against a base (the runtime's pool and the server both call it): LoRA /
-    DoRA tensors only, and every adapted module exists in the base with the same (Dout, Din).
+    DoRA tensors only, every adapted module exists in the base with the same (Dout, Din), and the base is
+    the one the adapter records (base_identity.check_base: `base` is the loaded base's identity; a mismatch
+    raises unless `allow_base_mismatch`, a name-only mismatch warns once per `warned`).
     module_shapes: the base's {HF module path: (Dout, Din)}. Returns adapter.modules(); raises
-    IncompatibleAdapterError naming the adapter, the module and both shapes."""
+    IncompatibleAdapterError naming the adapter, the module and both shapes (or both identities)."""
+    check_base(adapter.base, base, name, allow_mismatch=allow_base_mismatch, warned=warned)
     config = adapter.config
     if config.modules_to_save or config.lora_bias or config.bias != "none":
         raise IncompatibleAdapterError(

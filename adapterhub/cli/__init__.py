@@ -9,6 +9,8 @@ Errors from :mod:`adapterhub.errors` become a one-line message and exit code 1, 
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from adapterhub import __version__
@@ -24,12 +26,19 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except AdapterHubError as error:
             raise click.ClickException(f"{type(error).__name__}: {_one_line(error)}") from error
         except OSError as error:
             raise click.ClickException(f"{type(error).__name__}: {_one_line(error)}; check that path and its "
                                        "permissions") from error
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (a base mismatch let through, a lossy merge) as one 'warning: …' line on stderr."""
+    click.echo(f"warning: {_one_line(message)}", err=True)
 
 
 def _one_line(error: Exception) -> str:

@@ -19,7 +19,7 @@ import click
 
 from adapterhub.adapter import Adapter, adapter_source
 from adapterhub.cli import main
-from adapterhub.cli.options import registry_option
+from adapterhub.cli.options import allow_base_mismatch_option, open_registry, quiet_option, registry_option, show_progress
 from adapterhub.errors import ConfigError
 from adapterhub.fsio import check_destination, replace_dir_with
 from adapterhub.registry import Registry
@@ -71,9 +71,11 @@ class _Source:
 @click.option("--force", "-f", is_flag=True,
               help="Replace a non-empty output directory as a whole (every file in it is removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (export, merge report, sources).")
+@quiet_option
+@allow_base_mismatch_option
 @registry_option
 def merge(refs, base_name, output, weights, method, density, seed, dtype, quantize, shard_size, force, as_json,
-          registry):
+          quiet, allow_base_mismatch, registry):
     """Merge adapters into a base and write it as a Hugging Face checkpoint that transformers loads.
 
     Several REFs (or any of --weights / --method / --density) are combined first; one REF alone is merged
@@ -103,12 +105,15 @@ def merge(refs, base_name, output, weights, method, density, seed, dtype, quanti
     # fp32, dense: the merge is exact before export rounds it once; a 4-bit checkpoint loads as saved, and export
     # then recomputes the merge from its dequantized weights (never requantizing twice).
     base = load_base(base_name, quantize=None, compute_dtype=torch.float32, max_adapters=1)
-    name = base.add_adapter(adapter, name=" + ".join(s.label for s in sources))
+    name = base.add_adapter(adapter, name=" + ".join(s.label for s in sources), allow_base_mismatch=allow_base_mismatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what counts is the written checkpoint's loss, printed below as one line
         report = base.merge(name)
         result = _export_replacing(base, dest, force, dtype=export_dtype, quantize=quantize, shard_size=shard_size,
-                                   progress=not as_json)
+                                   progress=show_progress(as_json, quiet))
+    if quiet and not as_json:
+        click.echo(str(result.path))
+        return
     if as_json:
         out = {**result.to_json(), "base": base_name, "sources": [s.to_json() for s in sources], "combine": params,
                "merge": {**asdict(report), "warning": report.warning}}
@@ -135,8 +140,9 @@ def merge(refs, base_name, output, weights, method, density, seed, dtype, quanti
 @click.option("--task", required=True, help="Task the result is pushed to, as its next version.")
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the new version (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new ref, its digest and its annotations as JSON.")
+@quiet_option
 @registry_option
-def combine(refs, weights, method, density, rank, seed, task, tags, as_json, registry):
+def combine(refs, weights, method, density, rank, seed, task, tags, as_json, quiet, registry):
     """Combine adapters into the next version of TASK, recording its lineage in the manifest annotations.
 
     \b
@@ -147,7 +153,9 @@ def combine(refs, weights, method, density, rank, seed, task, tags, as_json, reg
     sources = _read_sources(registry, refs)
     adapter, params = _combine(sources, weights, method, density, rank, seed)
     reg = Registry(registry)
-    ref = reg.push(adapter, task, tags=tags, annotations=_lineage(sources, params))
+    bases = {s.adapter.base for s in sources}  # sources on one recorded base make a combination on that base
+    ref = reg.push(adapter, task, tags=tags, annotations=_lineage(sources, params),
+                   base=bases.pop() if len(bases) == 1 else None)
     if as_json:
         notes = dict(reg.manifest(ref).annotations)
         click.echo(json.dumps({"ref": str(ref), "digest": ref.digest, "annotations": notes}, indent=2, sort_keys=True))
@@ -165,7 +173,7 @@ def _read_sources(registry: str | None, names) -> list[_Source]:
         if isinstance(kind, Path):
             sources.append(_Source(os.path.abspath(kind), None, Adapter.from_peft_dir(kind)))
             continue
-        reg = reg or Registry(registry)
+        reg = reg or open_registry(registry)
         resolved = reg.resolve(kind)
         sources.append(_Source(str(resolved), resolved.digest, reg.load(f"{resolved.task}@{resolved.digest}")))
     return sources

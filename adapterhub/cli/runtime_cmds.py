@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub.cli import main
-from adapterhub.cli.options import registry_option
+from adapterhub.cli.options import allow_base_mismatch_option, emit, open_registry, output_options, registry_option
 
 
 @main.command("generate")
@@ -23,24 +23,45 @@ from adapterhub.cli.options import registry_option
 @click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
 @click.option("--quantize", default="nf4", show_default=True, metavar="FORMAT",
               help="Storage of the base's decoder linears: a 4-bit format (nf4, fp4) or 'none' (dense bf16).")
-def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_p, seed, quantize):
+@click.option("--token-ids", "is_token_ids", is_flag=True,
+              help="PROMPT is comma-separated token ids (for a base without tokenizer.json; prints the ids).")
+@allow_base_mismatch_option
+@output_options
+def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_p, seed, quantize, is_token_ids,
+             allow_base_mismatch, as_json, quiet):
     """Complete PROMPT with a base model, optionally through one adapter.
 
     \b
     adapterhub generate "Once upon a time"
     adapterhub generate --adapter sql:prod "SELECT name FROM"
     adapterhub generate --base ./llama-dir --adapter ./my-peft-adapter -n 32 "Hello"
+    adapterhub generate --base ./no-tokenizer-dir --token-ids 1,15043,29892 --json
     """
     from adapterhub.adapter import adapter_source
-    from adapterhub.registry import Registry
     from adapterhub.runtime import load_base
 
     source = adapter_source(adapter) if adapter else None  # a bad or ambiguous name fails before the model loads
+    tokens = _token_ids(prompt) if is_token_ids else None
+    reg = open_registry(registry) if isinstance(source, str) else None
     base = load_base(base_name, quantize=None if quantize == "none" else quantize)
     name = None
     if source is not None:
-        is_ref = isinstance(source, str)
-        name = base.add_adapter(Registry(registry).load(source) if is_ref else source, name=adapter)
-    out = base.generate([prompt], adapters=[name], max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed)[0]
-    click.echo(out.text)
+        name = base.add_adapter(reg.load(source) if reg else source, name=adapter,
+                                allow_base_mismatch=allow_base_mismatch)
+    out = base.generate([tokens if tokens is not None else prompt], adapters=[name], max_new_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed)[0]
+    text = out.text if out.text is not None else ",".join(map(str, out.token_ids))
+    emit(as_json, quiet, {"base": base_name, "adapter": adapter, "text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                          "completion_tokens": out.completion_tokens}, text, [text])
+
+
+def _token_ids(prompt: str) -> list[int]:
+    try:
+        ids = [int(part) for part in prompt.split(",") if part.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise click.BadParameter(f"{prompt!r} is not a comma-separated list of token ids, e.g. 1,15043,29892",
+                                 param_hint="PROMPT (with --token-ids)")
+    return ids

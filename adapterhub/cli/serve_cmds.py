@@ -7,7 +7,8 @@ import os
 import click
 
 from adapterhub.cli import main
-from adapterhub.cli.options import registry_option
+from adapterhub.cli.options import allow_base_mismatch_option, open_registry, registry_option
+from adapterhub.errors import ConfigError
 from adapterhub.serve.limits import HttpLimits
 
 
@@ -36,9 +37,10 @@ from adapterhub.serve.limits import HttpLimits
               type=click.FloatRange(min=0, min_open=True), help="Seconds a client has to send a request's body (408).")
 @click.option("--max-connections", default=HttpLimits.max_connections, show_default=True, type=click.IntRange(1),
               help="Open connections before new requests get HTTP 503.")
+@allow_base_mismatch_option
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
-          body_timeout: float, max_connections: int) -> None:
+          body_timeout: float, max_connections: int, allow_base_mismatch: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -46,7 +48,6 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     curl localhost:8000/v1/completions -d '{"model": "sql:prod", "prompt": "SELECT", "max_tokens": 16}'
     ADAPTERHUB_API_KEY=s3cret adapterhub serve --host 0.0.0.0   # reachable from the network: set a key
     """
-    from adapterhub.registry import Registry
     from adapterhub.runtime import load_base
     from adapterhub.serve import server
     from adapterhub.serve.api import create_app
@@ -59,9 +60,14 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         click.echo(warning, err=True)
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
+    reg = open_registry(registry)
     base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq)
-    engine = Engine(base, Registry(registry), config)
+    if base.tokenizer is None:
+        raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save it "
+                          "beside the weights (transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq,
+                          allow_base_mismatch=allow_base_mismatch)
+    engine = Engine(base, reg, config)
     click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
                f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")
     try:

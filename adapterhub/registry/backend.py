@@ -178,17 +178,22 @@ class MaintainableBackend(Backend, Protocol):
         ...
 
 
-def open_backend(location: str | os.PathLike | None) -> Backend:
+def open_backend(location: str | os.PathLike | None, *, must_exist: bool = False) -> Backend:
     """The backend for `location`: a URL whose scheme is in `BACKENDS`, else a directory path (LocalStore).
 
-    None means ``$ADAPTERHUB_HOME``, else `DEFAULT_HOME`.
+    None means ``$ADAPTERHUB_HOME``, else `DEFAULT_HOME`. `must_exist`: a local store directory that does not
+    exist is an error (`RegistryError`) rather than an empty store, for commands that only read.
     """
     location = os.fspath(location) if location is not None else os.environ.get("ADAPTERHUB_HOME") or DEFAULT_HOME
     scheme = _SCHEME.match(location)
     if scheme is None:
         from adapterhub.registry.local import LocalStore
-        return LocalStore(location)
+        return LocalStore(location, must_exist=must_exist)
     target = BACKENDS.get(scheme.group(1).lower())
+    if target is None and scheme.group(1).lower() in ("http", "https"):
+        raise RegistryError(f"registry location {location!r} is a web URL, not a registry location; an OCI "
+                            "distribution registry is written oci://host[:port]/namespace (adapterhub speaks https "
+                            "to it, or http to a loopback host)")
     if target is None:
         known = ", ".join(f"{name}://" for name in sorted(BACKENDS))
         raise RegistryError(f"registry location {location!r} has the scheme '{scheme.group(1)}://', which "

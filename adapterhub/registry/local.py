@@ -39,10 +39,13 @@ class LocalStore:
     Satisfies `backend.MaintainableBackend`: the method contracts are stated there.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, must_exist: bool = False):
         self.root = Path(root).expanduser()
         self.blobs = BlobStore(self.root)
         self.refs = LocalRefs(self.root)
+        if must_exist and not self.root.is_dir():
+            raise RegistryError(f"registry {self.root} does not exist; check the path given with --registry / "
+                                "ADAPTERHUB_HOME (a push creates a new store)")
         self._check_directory()
         self._check_format()
 

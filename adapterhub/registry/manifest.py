@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from adapterhub.adapter import Adapter
+from adapterhub.base_identity import BaseIdentity
 from adapterhub.errors import ConfigError, IntegrityError
 from adapterhub.registry.digest import Digest, is_digest
 from adapterhub.safetensors_io import DTYPES
@@ -189,11 +190,27 @@ def _short(value: Any) -> str:
 
 
 def config_blob(adapter: Adapter) -> bytes:
-    """The OCI config blob: PEFT config as read, plus the base fingerprint (DESIGN.md "Base fingerprint")."""
+    """The OCI config blob: PEFT config as read, the base fingerprint (the adapter's base identity where known,
+    and the shapes of its modules; docs/store-format.md "Base identity") and the model card when there is one.
+    Parts that are unknown are left out, so an adapter without them has the same blob as before they existed."""
     config = adapter.config
-    base = {"name_or_path": config.base_model_name_or_path,
+    identity = adapter.base.to_json() if adapter.base is not None else {}
+    base = {"name_or_path": config.base_model_name_or_path, **identity,
             "modules": {module: list(shape) for module, shape in sorted(adapter.module_shapes().items())}}
-    return canonical_json({"formatVersion": FORMAT_VERSION, "peft_config": config.to_dict(), "base": base})
+    blob = {"formatVersion": FORMAT_VERSION, "peft_config": config.to_dict(), "base": base}
+    if adapter.model_card is not None:
+        blob["model_card"] = adapter.model_card
+    return canonical_json(blob)
+
+
+def config_identity(blob: Mapping[str, Any]) -> BaseIdentity | None:
+    """The base identity a parsed config blob records (None when it records nothing)."""
+    return BaseIdentity.from_json(blob.get("base"))
+
+
+def config_card(blob: Mapping[str, Any]) -> str | None:
+    card = blob.get("model_card")
+    return card if isinstance(card, str) else None
 
 
 def parse_config_blob(data: bytes, what: str) -> dict[str, Any]:

@@ -8,19 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, overload
 
-from adapterhub.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, RawTensor
+import numpy as np
+
+from adapterhub.adapter import Adapter, RawTensor
+from adapterhub.base_identity import BaseIdentity, identity_from_checkpoint
 from adapterhub.errors import BlobNotFoundError, ConfigError, IntegrityError, RefNotFoundError, RegistryError
 from adapterhub.fsio import check_destination, replace_dir
 from adapterhub.registry.backend import DEFAULT_HOME, Backend, MaintainableBackend, open_backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
 from adapterhub.registry.manifest import (
-    Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
+    Manifest, TensorDescriptor, annotation_strings, config_blob, config_card, config_identity, parse_config_blob,
 )
 from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
 from adapterhub.registry.transfer import copy_version, fetch_blobs, manifest_blobs, send_blobs
 
-__all__ = ["AdapterDiff", "DEFAULT_HOME", "LogEntry", "Registry", "open_backend"]
+__all__ = ["AdapterDiff", "DEFAULT_HOME", "LogEntry", "Registry", "TensorChange", "open_backend"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,27 @@ class LogEntry:
 
 
 @dataclass(frozen=True)
+class TensorChange:
+    """One tensor that differs between two versions; the side that lacks it has None."""
+
+    name: str
+    dtype: tuple[str | None, str | None]
+    shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
+    relative_change: float | None  # ‖a − b‖ / ‖a‖ (float64 over the float32 values); None: other shapes, or a = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": list(self.dtype), "relative_change": self.relative_change,
+                "shape": [None if s is None else list(s) for s in self.shape]}
+
+
+@dataclass(frozen=True)
 class AdapterDiff:
     config: Mapping[str, tuple[Any, Any]]  # field → (a value, b value), only fields that differ
     added: tuple[str, ...]  # tensor keys only in b
     removed: tuple[str, ...]  # tensor keys only in a
     changed: tuple[tuple[str, Digest, Digest], ...]  # (key, digest in a, digest in b)
+    tensors: tuple[TensorChange, ...] = ()  # every added, removed or changed tensor, by name
+    base: tuple[BaseIdentity | None, BaseIdentity | None] | None = None  # the recorded bases, when they differ
 
     @property
     def is_empty(self) -> bool:
@@ -47,8 +66,9 @@ class AdapterDiff:
 class Registry:
     """Content-addressed adapter store: `Registry()` ($ADAPTERHUB_HOME), a path, or "oci://host:port/ns"."""
 
-    def __init__(self, location: str | os.PathLike | None = None):
-        self.backend: Backend = open_backend(location)
+    def __init__(self, location: str | os.PathLike | None = None, *, must_exist: bool = False):
+        """`must_exist`: a local store that does not exist is a `RegistryError`, not an empty store (for reading)."""
+        self.backend: Backend = open_backend(location, must_exist=must_exist)
 
     @property
     def location(self) -> str:
@@ -60,12 +80,20 @@ class Registry:
     # --- write ---
 
     def push(self, source: str | os.PathLike | Adapter, task: str, tags=(), annotations=None,
-             progress: bool = False) -> ResolvedRef:
-        """Store an adapter (a PEFT dir or an `Adapter`) as the next version of `task`; returns "task@vN"."""
+             progress: bool = False, base: BaseIdentity | str | os.PathLike | None = None) -> ResolvedRef:
+        """Store an adapter (a PEFT dir or an `Adapter`) as the next version of `task`; returns "task@vN".
+
+        `base`: the base it was trained on, recorded in the version and checked when it is loaded: a
+        Hugging Face checkpoint dir (its identity is computed from config.json and a few tensors, without
+        torch) or a `BaseIdentity` (e.g. ``Base.identity`` of the runtime). Default: the adapter's own
+        (`Adapter.base`: what a registry version records, or PEFT's `base_model_name_or_path`, a name only).
+        """
         check_task(task)
         tags = tuple(check_tag(t) for t in tags)
         notes = annotation_strings(annotations)
         adapter = source if isinstance(source, Adapter) else Adapter.from_peft_dir(source)
+        if base is not None:
+            adapter = _on_base(adapter, base)
         config = config_blob(adapter)
         tensors = tuple(TensorDescriptor(key, t.dtype, t.shape, Digest.of(t.data), len(t.data))
                         for key, t in adapter.tensors.items())
@@ -139,6 +167,13 @@ class Registry:
                                     f"'adapterhub rm {resolved}'") from None
         return Manifest.from_json(data, f"{resolved} manifest", task=resolved.task)
 
+    def base(self, ref: str | ResolvedRef) -> BaseIdentity | None:
+        """The base identity `ref` records (None: none), from its config blob alone."""
+        resolved = ref if isinstance(ref, ResolvedRef) else self.resolve(ref)
+        manifest = self.manifest(resolved)
+        blob = self.backend.get_blob(resolved.task, manifest.config_digest, manifest.config_size)
+        return config_identity(parse_config_blob(blob, f"{resolved} config"))
+
     def load(self, ref: str, progress: bool = False) -> Adapter:
         """The adapter at `ref`, every blob re-hashed; the runtime and the server use this."""
         resolved = self.resolve(ref)
@@ -153,7 +188,7 @@ class Registry:
                 raise IntegrityError(f"{resolved}: tensor {t.name} blob {t.digest} has {len(data[t.digest])} "
                                      f"bytes, its descriptor says {t.size}")
             tensors[t.name] = RawTensor(t.dtype, t.shape, data[t.digest])
-        return Adapter(config["peft_config"], tensors)
+        return Adapter(config["peft_config"], tensors, base=config_identity(config), model_card=config_card(config))
 
     def pull(self, ref: str, dest: str | os.PathLike, progress: bool = False, force: bool = False) -> Path:
         """Write `ref` as a PEFT dir at `dest` (created, or replaced as a whole); returns its path.
@@ -166,8 +201,7 @@ class Registry:
         """
         _writing_to(dest, lambda: check_destination(Path(os.path.abspath(dest)), force))
         adapter = self.load(ref, progress)
-        files = {CONFIG_FILE: adapter.config_json().encode(), WEIGHTS_FILE: adapter.safetensors_bytes()}
-        return _writing_to(dest, lambda: replace_dir(dest, files, force=force))
+        return _writing_to(dest, lambda: replace_dir(dest, adapter.peft_files(), force=force))
 
     def tasks(self) -> list[str]:
         return self.backend.tasks()
@@ -223,13 +257,18 @@ class Registry:
         return [str(problem) for name in tasks for problem in problems(name)]
 
     def diff(self, a: str, b: str) -> AdapterDiff:
-        ma, mb = self.manifest(a), self.manifest(b)
-        ca, cb = (parse_config_blob(self.backend.get_blob(m.task, m.config_digest), "config")["peft_config"]
-                  for m in (ma, mb))
+        """Config fields, recorded bases and tensors that differ between two versions, with each differing
+        tensor's shapes and its relative change ‖a − b‖ / ‖a‖ (both adapters are read and verified)."""
+        adapter_a, adapter_b = self.load(a), self.load(b)
+        ca, cb = adapter_a.config.to_dict(), adapter_b.config.to_dict()
         config = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
-        ta, tb = ({t.name: t.digest for t in m.tensors} for m in (ma, mb))
-        return AdapterDiff(config, tuple(sorted(set(tb) - set(ta))), tuple(sorted(set(ta) - set(tb))),
-                           tuple((k, ta[k], tb[k]) for k in sorted(set(ta) & set(tb)) if ta[k] != tb[k]))
+        ta, tb = adapter_a.tensors, adapter_b.tensors
+        da, db = ({k: Digest.of(t.data) for k, t in tensors.items()} for tensors in (ta, tb))
+        changed = tuple((k, da[k], db[k]) for k in sorted(set(ta) & set(tb)) if da[k] != db[k])
+        names = sorted((set(ta) ^ set(tb)) | {k for k, _, _ in changed})
+        base = (adapter_a.base, adapter_b.base) if adapter_a.base != adapter_b.base else None
+        return AdapterDiff(config, tuple(sorted(set(tb) - set(ta))), tuple(sorted(set(ta) - set(tb))), changed,
+                           tuple(_change(k, ta.get(k), tb.get(k)) for k in names), base)
 
     # --- maintenance (backends that adapterhub itself keeps: the local store) ---
 
@@ -257,6 +296,23 @@ class Registry:
             raise RegistryError(f"'{what}' works on local stores; {self.location} is a remote registry, whose "
                                 "server does its own integrity checks and garbage collection")
         return self.backend
+
+
+def _change(name: str, a: RawTensor | None, b: RawTensor | None) -> TensorChange:
+    relative = None
+    if a is not None and b is not None and a.shape == b.shape:
+        va, vb = a.to_float32().astype(np.float64), b.to_float32().astype(np.float64)
+        norm = float(np.linalg.norm(va))
+        relative = float(np.linalg.norm(va - vb)) / norm if norm > 0 else None
+    return TensorChange(name, (a and a.dtype, b and b.dtype), (a and a.shape, b and b.shape), relative)
+
+
+def _on_base(adapter: Adapter, base: BaseIdentity | str | os.PathLike) -> Adapter:
+    """The same adapter with `base` recorded as its base identity (a checkpoint dir is read for it)."""
+    if not isinstance(base, BaseIdentity):
+        named = adapter.config.base_model_name_or_path
+        base = identity_from_checkpoint(base, name=named or os.path.abspath(os.path.expanduser(base)))
+    return Adapter(adapter.config, adapter.tensors, base=base, model_card=adapter.model_card)
 
 
 def _writing_to(dest: str | os.PathLike, write):

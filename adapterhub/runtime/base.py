@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from adapterhub.adapter import Adapter, adapter_source
+from adapterhub.base_identity import BaseIdentity
 from adapterhub.errors import ConfigError, RequestError
 from adapterhub.runtime import export as exporter
 from adapterhub.runtime import generate as gen
@@ -46,14 +47,20 @@ def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4",
         raise ConfigError(f"compute_dtype must be a floating torch dtype such as torch.bfloat16, got {compute_dtype!r}")
     formats.format_class(quantize)  # an unknown format fails before anything is read
     config, tokenizer, model = loader.load_parts(path_or_id, quantize, compute_dtype, torch.device(device))
-    return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id))
+    return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id),
+                identity=loader.load_identity(path_or_id))
 
 
 class Base:
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, *, max_adapters: int = 16,
-                 name: str = "base"):
+    """identity: what the registry records of a base (base_identity.py), computed from the checkpoint by
+    `load_base`; adapters recording another base are refused by `add_adapter` (None: nothing is checked).
+    tokenizer: None for a checkpoint without tokenizer.json, which then takes token ids only."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None, model: Transformer, *,
+                 max_adapters: int = 16, name: str = "base", identity: BaseIdentity | None = None):
         self.config, self.tokenizer, self.model, self.name = config, tokenizer, model, name
-        self.pool = AdapterPool(model.linears(), capacity=max_adapters)
+        self.identity = identity
+        self.pool = AdapterPool(model.linears(), capacity=max_adapters, identity=identity)
 
     # --- adapters -------------------------------------------------------------------------------------
 
@@ -62,9 +69,12 @@ class Base:
         return self.pool.module_shapes()
 
     def add_adapter(self, source: Adapter | str | os.PathLike, name: str | None = None,
-                    registry: AdapterStore | None = None) -> str:
+                    registry: AdapterStore | None = None, *, allow_base_mismatch: bool = False) -> str:
         """Loads an `Adapter`, a PEFT dir (a `Path`, or a str that is clearly a path: "./x", "/x", "~/x") or a
-        registry ref (any other str, read from `registry`); returns the name it is loaded under."""
+        registry ref (any other str, read from `registry`); returns the name it is loaded under.
+
+        An adapter recorded against another base (a differing architecture, config or weight digest) raises
+        IncompatibleAdapterError naming both bases; `allow_base_mismatch=True` loads it with a warning."""
         kind = adapter_source(source)
         if isinstance(kind, Adapter):
             adapter, default_name = kind, "adapter"
@@ -76,7 +86,7 @@ class Base:
         else:
             adapter, default_name = registry.load(kind), kind
         name = name or default_name
-        self.pool.add(adapter, name)
+        self.pool.add(adapter, name, allow_base_mismatch)
         return name
 
     def remove_adapter(self, name: str) -> None:
@@ -118,12 +128,16 @@ class Base:
         prompts = [prompts] if is_single else list(prompts)
         if not prompts:
             raise RequestError("generate needs at least one prompt")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if self.tokenizer is None and (stop or any(isinstance(p, str) for p in prompts)):
+            raise ConfigError(f"base {self.name!r} has no tokenizer (its directory has no tokenizer.json), so it "
+                              "takes token ids, not text or stop strings; pass lists of token ids, or add a "
+                              "tokenizer.json (transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         B = len(token_prompts)
         seeds = None if seed is None else [seed] * B
         sampling = gen.SamplingBatch.from_params([temperature] * B, [top_k] * B, [top_p] * B, seeds,
                                                  device=self.model.device)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
         stop_ids = self.stop_token_ids()
         with torch.inference_mode(), self._pinned(adapters, B) as ids:
             return gen.generate(self.model, self.tokenizer, token_prompts, ids, max_new_tokens=max_new_tokens,
@@ -131,7 +145,7 @@ class Base:
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a completion: config.json / generation_config.json eos ids and the tokenizer's eos."""
-        ids = [*self.config.eos_token_id, self.tokenizer.eos_token_id]
+        ids = [*self.config.eos_token_id, self.tokenizer.eos_token_id if self.tokenizer is not None else None]
         return [t for t in dict.fromkeys(ids) if t is not None]
 
     # --- step API (serving engine) --------------------------------------------------------------------

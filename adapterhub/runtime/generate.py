@@ -162,7 +162,7 @@ def decode(model: Transformer, cache: KVCache, rows: torch.Tensor, tokens: torch
 
 @dataclass(frozen=True)
 class Completion:
-    text: str
+    text: str | None  # None when the base has no tokenizer (token ids in, token ids out)
     token_ids: list[int]  # generated tokens, without the stop token
     finish_reason: str  # "stop" (stop token or string) | "length"
     prompt_tokens: int
@@ -213,6 +213,8 @@ def _completion(row: list[int], prompt_tokens: int, tokenizer, stop_ids: set[int
     cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
     if cut is not None:
         row, reason = row[:cut], "stop"
+    if tokenizer is None:  # Base.generate refuses stop strings without a tokenizer
+        return Completion(None, row, reason, prompt_tokens, len(row))
     text = tokenizer.decode(row)
     hits = [text.find(s) for s in stop if s in text]
     if hits:

@@ -43,6 +43,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for a row before QueueFullError (HTTP 429)
     max_seq: int | None = None  # KV cache length S per row; None: the context length, at most DEFAULT_MAX_SEQ
     base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
+    allow_base_mismatch: bool = False  # load adapters recorded against another base (warns instead of HTTP 422)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Engine:
         self.max_seq = min(config.max_seq or DEFAULT_MAX_SEQ, context)
         self.vocab_size = base.config.vocab_size
         self.base_name = config.base_name or base.name
-        self.source = AdapterSource(registry, base.module_shapes(), self.base_name)
+        self.source = AdapterSource(
+            registry, lambda adapter, name: base.pool.check(adapter, name, config.allow_base_mismatch), self.base_name)
         self.metrics = Metrics()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
@@ -207,7 +209,7 @@ class Engine:
         if resolved.digest in self.base.pool.names():
             return
         before = set(self.base.pool.names())
-        self.base.pool.add(adapter, resolved.digest)
+        self.base.pool.add(adapter, resolved.digest, self.config.allow_base_mismatch)
         after = set(self.base.pool.names())
         self.metrics.add_load(evicted=len(before - after))
         with self._cv:

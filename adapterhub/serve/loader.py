@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
-from adapterhub.adapter import Adapter, check_fits
+from adapterhub.adapter import Adapter
 from adapterhub.errors import InvalidNameError, RefNotFoundError
 from adapterhub.registry.refs import parse_ref
 
@@ -30,10 +31,11 @@ class ResolvedModel:
 class AdapterSource:
     """Resolves refs and reads adapters from a registry; concurrent reads of one digest share one load."""
 
-    def __init__(self, registry, module_shapes: dict[str, tuple[int, int]], base_name: str):
+    def __init__(self, registry, check: Callable[[Adapter, str], object], base_name: str):
+        """check(adapter, model): the pool's check of an adapter against the base (`AdapterPool.check`)."""
         self.registry = registry
         self.base_name = base_name
-        self._module_shapes = module_shapes
+        self._check = check
         self._lock = threading.Lock()
         self._loading: dict[str, Future] = {}
 
@@ -76,6 +78,6 @@ class AdapterSource:
 
     def _read(self, resolved: ResolvedModel) -> Adapter:
         adapter = self.registry.load(resolved.pinned_ref)  # every blob re-hashed on the way
-        check_fits(adapter, self._module_shapes, resolved.model)  # the pool's check, before the request queues
+        self._check(adapter, resolved.model)  # the pool's check, before the request queues
         return adapter
 

@@ -17,15 +17,18 @@ from typing import Sequence
 import torch
 
 from adapterhub.adapter import Adapter, check_fits
+from adapterhub.base_identity import BaseIdentity
 from adapterhub.errors import AdapterNotLoadedError, CapacityError, ConfigError, MergeError
 from adapterhub.runtime.adapters.linear import AdapterLinear
 
 
 class AdapterPool:
-    def __init__(self, linears: dict[str, AdapterLinear], capacity: int):
+    def __init__(self, linears: dict[str, AdapterLinear], capacity: int, identity: BaseIdentity | None = None):
+        """identity: the base's (base_identity.py), which every adapter's recorded base is checked against."""
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"adapter pool capacity must be a positive integer, got {capacity!r}")
-        self.linears, self.capacity = dict(linears), capacity
+        self.linears, self.capacity, self.identity = dict(linears), capacity, identity
+        self._warned: set = set()  # pairs of bases a name-only mismatch was warned about (once each)
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._adapters: dict[str, Adapter] = {}
         self._pins: dict[int, int] = {}  # slot -> number of batches in flight using it
@@ -57,6 +60,11 @@ class AdapterPool:
         self._slots.move_to_end(name)
         return self._slots[name]
 
+    def check(self, adapter: Adapter, name: str, allow_base_mismatch: bool = False) -> dict:
+        """adapter.check_fits against these layers and this base's identity; its modules by HF path."""
+        return check_fits(adapter, self.module_shapes(), name, self.identity, allow_base_mismatch=allow_base_mismatch,
+                          warned=self._warned)
+
     def is_pinned(self, name: str) -> bool:
         return self._pins.get(self._slots.get(name, -1), 0) > 0
 
@@ -86,12 +94,12 @@ class AdapterPool:
 
     # --- loading ----------------------------------------------------------------------------------
 
-    def add(self, adapter: Adapter, name: str) -> int:
-        """Validate `adapter` against the layers, then install it under `name`; returns its slot.
-        Re-adding a loaded name replaces it in place (it must not be pinned)."""
+    def add(self, adapter: Adapter, name: str, allow_base_mismatch: bool = False) -> int:
+        """Validate `adapter` against the layers and the base identity (`check`), then install it under `name`;
+        returns its slot. Re-adding a loaded name replaces it in place (it must not be pinned)."""
         if self.merged is not None:
             raise MergeError(f"cannot add adapter {name!r} while {self.merged.name!r} is merged; unmerge() first")
-        modules = check_fits(adapter, self.module_shapes(), name)  # before any stack is touched
+        modules = self.check(adapter, name, allow_base_mismatch)  # before any stack is touched
         if name in self._slots:
             self._check_unpinned(name, "replace")
             slot = self._slots[name]

@@ -45,12 +45,22 @@ class TensorFile:
         return self.files.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def slice(self, name: str, rows: int | None) -> torch.Tensor | None:
+        """The first `rows` rows of tensor `name` (all with None), reading only those; None if it is absent."""
+        if name not in self.files:
+            return None
+        view = self._handle(name).get_slice(name)
+        return view[:rows] if rows is not None else view[:]
+
+    def _handle(self, name: str):
         file = self.files[name]
         if file not in self._handles:
             if not file.is_file():
                 raise ModelLoadError(f"shard {file.name} named in {INDEX} is missing from {file.parent}")
             self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
 
 
 def _refuse_missing(path: Path):
@@ -112,7 +122,8 @@ def write_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, t
             weight_map.update(dict.fromkeys(names, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tokenizer.save(path)
+    if tokenizer is not None:  # a base loaded without tokenizer.json is written without one
+        tokenizer.save(path)
     return path
 
 

@@ -9,11 +9,13 @@ lm_head) get storage once and are filled from the file: every tensor is read onc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from adapterhub.base_identity import BaseIdentity, identity_of
 from adapterhub.errors import ConfigError, ModelLoadError
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.model import checkpoint, tiny
@@ -51,7 +53,8 @@ def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, 
 
 
 def load_parts(path_or_id, quantize: str | None, dtype: torch.dtype, device):
-    """(config, tokenizer, model) for a base name: "tiny", a checkpoint dir or a cached hub id."""
+    """(config, tokenizer, model) for a base name: "tiny", a checkpoint dir or a cached hub id. The tokenizer is
+    None when the dir has no tokenizer.json: the base then takes token ids, and text is refused (base.py)."""
     if str(path_or_id) == "tiny":
         weights = tiny.tiny_weights()
         model = build_model(tiny.TINY_CONFIG, weights.__getitem__, weights, quantize=quantize, dtype=dtype,
@@ -59,10 +62,31 @@ def load_parts(path_or_id, quantize: str | None, dtype: torch.dtype, device):
         return tiny.TINY_CONFIG, tiny.byte_tokenizer(), model
     path = checkpoint.resolve_dir(path_or_id)
     config = checkpoint.read_config(path)
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     tensors = checkpoint.TensorFile(path)
     model = build_model(config, tensors.get, tensors.names(), quantize=quantize, dtype=dtype, device=device)
     return config, tokenizer, model
+
+
+def load_identity(path_or_id) -> BaseIdentity:
+    """The identity of a base as the registry records it (base_identity.py), computed from the checkpoint's
+    config.json and the digest's few tensors, read again here (rows only), not from the loaded weights, whose
+    dtype is the compute dtype's."""
+    name = str(path_or_id)
+    if name == "tiny":
+        weights = tiny.tiny_weights()
+        return identity_of(tiny.TINY_CONFIG.to_hf_json(), lambda tensor, rows: _rows(weights.get(tensor), rows), name)
+    path = checkpoint.resolve_dir(path_or_id)
+    tensors = checkpoint.TensorFile(path)
+    return identity_of(json.loads((path / "config.json").read_text()),
+                       lambda tensor, rows: _rows(tensors.slice(tensor, rows), None), name)
+
+
+def _rows(t: torch.Tensor | None, rows: int | None):
+    """float32 numpy values of `t` (its first `rows` rows), or None when the checkpoint lacks the tensor."""
+    if t is None:
+        return None
+    return (t if rows is None else t[:rows]).float().numpy()
 
 
 def quantized_state(model: Transformer) -> dict[str, torch.Tensor]:
