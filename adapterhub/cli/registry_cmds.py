@@ -222,8 +222,22 @@ def verify(source, registry):
 
 @main.command("copy")
 @click.argument("ref")
-@click.option("--to", "to", required=True, metavar="LOCATION", help="Destination registry (path or oci:// URL).")
+@click.option("--to", "to", required=True, metavar="LOCATION",
+              help="Destination registry (path or oci:// URL).")
+@click.option("--tags", "tags", default=None, metavar="A,B",
+              help="Tags to point at the copy (comma-separated; '' for none). Default: REF's version's tags here.")
+@click.option("--oras-files", is_flag=True,
+              help="Store the copy as files (adapter_config.json, adapter_model.safetensors) that 'oras pull' "
+                   "writes as a PEFT directory; oci:// destinations only.")
 @registry_option
-def copy(ref, to, registry):
-    """Copy REF to another registry; only the blobs it lacks move."""
-    click.echo(f"{Registry(registry).copy(ref, to, progress=True)} → {to}")
+def copy(ref, to, tags, oras_files, registry):
+    """Copy REF to another registry; only the blobs it lacks move.
+
+    \b
+    adapterhub copy sql:prod --to oci://127.0.0.1:5000/team                 # carries sql's tags on that version
+    adapterhub copy sql@v3 --to /mnt/backup --tags prod,stable
+    adapterhub copy sql:prod --to oci://127.0.0.1:5000/team --oras-files    # then: oras pull …/team/sql:v3
+    """
+    reg = Registry(registry)
+    chosen = None if tags is None else tuple(t.strip() for t in tags.split(",") if t.strip())
+    click.echo(f"{reg.copy(ref, to, progress=True, tags=chosen, oras_files=oras_files)} → {to}")

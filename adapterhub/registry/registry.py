@@ -18,7 +18,7 @@ from adapterhub.registry.manifest import (
     Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
 )
 from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
-from adapterhub.registry.transfer import copy_version, fetch_blobs, manifest_blobs, send_blobs
+from adapterhub.registry.transfer import copy_files_version, copy_version, fetch_blobs, manifest_blobs, send_blobs
 
 __all__ = ["AdapterDiff", "DEFAULT_HOME", "LogEntry", "Registry", "open_backend"]
 
@@ -101,10 +101,23 @@ class Registry:
         else:
             self.backend.delete_version(spec.task, self.resolve(ref).version)
 
-    def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False) -> ResolvedRef:
-        """Copy one version to another registry (only missing blobs move); same version number there."""
+    def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False,
+             tags: tuple[str, ...] | None = None, oras_files: bool = False) -> ResolvedRef:
+        """Copy one version to another registry (only missing blobs move); same version number there.
+
+        `tags`: the tags to point at it there; None (default) carries the tags that name this version here.
+        `oras_files`: store it as its ORAS file variant (an oci:// destination; docs/store-format.md "ORAS").
+        """
         dst = to if isinstance(to, Registry) else Registry(to)
-        copied, _ = copy_version(self.backend, dst.backend, self.resolve(ref), progress)
+        resolved = self.resolve(ref)
+        if tags is None:
+            tags = tuple(sorted(tag for tag, at in self.tags(resolved.task).items() if at.digest == resolved.digest))
+        tags = tuple(check_tag(t) for t in tags)
+        if oras_files:
+            copied, _ = copy_files_version(dst.backend, self.manifest(resolved), self.load(str(resolved)),
+                                           progress, tags)
+        else:
+            copied, _ = copy_version(self.backend, dst.backend, resolved, progress, tags)
         return copied
 
     # --- read ---
