@@ -8,8 +8,9 @@ import click
 
 from adapterhub.cli import main
 from adapterhub.cli.options import registry_option
-from adapterhub.errors import IntegrityError
+from adapterhub.errors import ConfigError, IntegrityError
 from adapterhub.registry import Registry
+from adapterhub.registry.hub import is_hub_url
 from adapterhub.registry.verify import repair_store
 
 
@@ -17,15 +18,27 @@ def _echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
+class _PushSource(click.Path):
+    """A PEFT directory, or ``hf://org/name[@revision]`` (a PEFT repo on the Hugging Face Hub or in the HF cache)."""
+
+    def convert(self, value, param, ctx):
+        return value if is_hub_url(value) else super().convert(value, param, ctx)
+
+
 @main.command("push")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", type=_PushSource(exists=True, file_okay=False))
 @click.argument("task")
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the new version (repeatable).")
 @click.option("--annotation", "-a", "annotations", multiple=True, metavar="KEY=VALUE",
               help="Free-form annotation stored in the manifest (repeatable), e.g. eval.acc=0.91.")
 @registry_option
 def push(directory, task, tags, annotations, registry):
-    """Store the PEFT adapter in DIRECTORY as the next version of TASK; prints the ref (TASK@vN)."""
+    """Store the PEFT adapter in DIRECTORY as the next version of TASK; prints the ref (TASK@vN).
+
+    \b
+    adapterhub push ./sql-lora sql --tag prod
+    adapterhub push hf://org/sql-lora@main sql    # from the Hub or the local HF cache (HF_HUB_OFFLINE=1)
+    """
     notes = {}
     for item in annotations:
         key, sep, value = item.partition("=")
@@ -223,7 +236,7 @@ def verify(source, registry):
 @main.command("copy")
 @click.argument("ref")
 @click.option("--to", "to", required=True, metavar="LOCATION",
-              help="Destination registry (path or oci:// URL).")
+              help="Destination: a registry (path or oci:// URL), or hf://org/name[@branch] (a PEFT repo on the Hub).")
 @click.option("--tags", "tags", default=None, metavar="A,B",
               help="Tags to point at the copy (comma-separated; '' for none). Default: REF's version's tags here.")
 @click.option("--oras-files", is_flag=True,
@@ -231,13 +244,20 @@ def verify(source, registry):
                    "writes as a PEFT directory; oci:// destinations only.")
 @registry_option
 def copy(ref, to, tags, oras_files, registry):
-    """Copy REF to another registry; only the blobs it lacks move.
+    """Copy REF to another registry (only the blobs it lacks move) or to the Hugging Face Hub.
 
     \b
     adapterhub copy sql:prod --to oci://127.0.0.1:5000/team                 # carries sql's tags on that version
     adapterhub copy sql@v3 --to /mnt/backup --tags prod,stable
     adapterhub copy sql:prod --to oci://127.0.0.1:5000/team --oras-files    # then: oras pull …/team/sql:v3
+    adapterhub copy sql:prod --to hf://my-org/sql-lora                      # PEFT repo + model card (HF_TOKEN)
     """
     reg = Registry(registry)
+    if is_hub_url(to):
+        if tags is not None or oras_files:
+            raise ConfigError(f"--to {to} is a Hugging Face Hub repo, which takes neither --tags nor --oras-files; "
+                              "drop them")
+        click.echo(f"{reg.resolve(ref)} → {to} ({reg.export_to_hub(ref, to)})")
+        return
     chosen = None if tags is None else tuple(t.strip() for t in tags.split(",") if t.strip())
     click.echo(f"{reg.copy(ref, to, progress=True, tags=chosen, oras_files=oras_files)} → {to}")

@@ -36,9 +36,12 @@ from adapterhub.serve.limits import HttpLimits
               type=click.FloatRange(min=0, min_open=True), help="Seconds a client has to send a request's body (408).")
 @click.option("--max-connections", default=HttpLimits.max_connections, show_default=True, type=click.IntRange(1),
               help="Open connections before new requests get HTTP 503.")
+@click.option("--allow-hub", is_flag=True,
+              help="Let a request's model be hf://org/name[@revision]: imported into the registry on first use "
+                   "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
-          body_timeout: float, max_connections: int) -> None:
+          body_timeout: float, max_connections: int, allow_hub: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -60,7 +63,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
     base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq)
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, allow_hub=allow_hub)
     engine = Engine(base, Registry(registry), config)
     click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
                f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")

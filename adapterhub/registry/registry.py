@@ -14,6 +14,7 @@ from adapterhub.fsio import check_destination, replace_dir
 from adapterhub.registry.backend import DEFAULT_HOME, Backend, MaintainableBackend, open_backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
+from adapterhub.registry.hub import is_hub_url
 from adapterhub.registry.manifest import (
     Manifest, TensorDescriptor, annotation_strings, config_blob, parse_config_blob,
 )
@@ -61,10 +62,16 @@ class Registry:
 
     def push(self, source: str | os.PathLike | Adapter, task: str, tags=(), annotations=None,
              progress: bool = False) -> ResolvedRef:
-        """Store an adapter (a PEFT dir or an `Adapter`) as the next version of `task`; returns "task@vN"."""
+        """Store an adapter (a PEFT dir, an `Adapter`, or ``hf://org/name[@revision]``: a PEFT repo on the
+        Hugging Face Hub or in the local HF cache, with its lineage annotations, registry/hub.py) as the next
+        version of `task`; returns "task@vN"."""
         check_task(task)
         tags = tuple(check_tag(t) for t in tags)
         notes = annotation_strings(annotations)
+        if is_hub_url(source):
+            from adapterhub.registry import hub  # imports huggingface_hub: only when the Hub is named
+            source, lineage = hub.fetch(source)
+            notes.update(lineage)  # the lineage wins over a user note of the same key
         adapter = source if isinstance(source, Adapter) else Adapter.from_peft_dir(source)
         config = config_blob(adapter)
         tensors = tuple(TensorDescriptor(key, t.dtype, t.shape, Digest.of(t.data), len(t.data))
@@ -119,6 +126,13 @@ class Registry:
         else:
             copied, _ = copy_version(self.backend, dst.backend, resolved, progress, tags)
         return copied
+
+    def export_to_hub(self, ref: str, url: str) -> str:
+        """Upload `ref` as a PEFT repo with a model card carrying its lineage to ``hf://org/name[@branch]``
+        (registry/hub_export.py); returns the URL of the commit."""
+        from adapterhub.registry import hub_export  # imports huggingface_hub: only when the Hub is named
+        resolved = self.resolve(ref)
+        return hub_export.upload(resolved, self.manifest(resolved), self.load(str(resolved)), url)
 
     # --- read ---
 

@@ -43,6 +43,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for a row before QueueFullError (HTTP 429)
     max_seq: int | None = None  # KV cache length S per row; None: the context length, at most DEFAULT_MAX_SEQ
     base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
+    allow_hub: bool = False  # a `model` may be hf://org/name[@revision], imported into the registry on first use
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Engine:
         self.max_seq = min(config.max_seq or DEFAULT_MAX_SEQ, context)
         self.vocab_size = base.config.vocab_size
         self.base_name = config.base_name or base.name
-        self.source = AdapterSource(registry, base.module_shapes(), self.base_name)
+        self.source = AdapterSource(registry, base.module_shapes(), self.base_name, allow_hub=config.allow_hub)
         self.metrics = Metrics()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
