@@ -165,3 +165,33 @@ def test_server_imports_hub_models_only_with_allow_hub(saved, hf_home, home):
     assert source.load(first).tensors == Adapter.from_peft_dir(saved["lora"]).tensors
     write_hf_cache(hf_home, "acme/sql", peft_files(saved["dora"]))  # moved on the Hub: the server stays pinned
     assert source.resolve("hf://acme/sql") == first and registry.versions("hf.acme.sql") == [1]
+
+
+def test_http_request_naming_a_hub_model_imports_it_on_first_use(saved, hf_home, home):
+    import httpx
+
+    from adapterhub.runtime import load_base
+    from adapterhub.serve.api import create_app
+    from adapterhub.serve.engine import Engine, EngineConfig
+    from adapterhub.serve.server import serve_in_thread
+
+    write_hf_cache(hf_home, "acme/sql", peft_files(saved["lora"]))
+    registry = Registry()
+    body = {"prompt": "ab", "max_tokens": 6, "temperature": 0}
+    for allow_hub in (False, True):
+        base = load_base(saved["base"], quantize=None, compute_dtype=torch.float32)
+        engine = Engine(base, registry, EngineConfig(max_batch=2, allow_hub=allow_hub))
+        try:
+            with serve_in_thread(create_app(engine, api_key="")) as url, httpx.Client(base_url=url, timeout=120) as c:
+                hub = c.post("/v1/completions", json={**body, "model": "hf://acme/sql"})
+                if not allow_hub:
+                    assert hub.status_code == 404 and "--allow-hub" in hub.text and registry.tasks() == []
+                    continue
+                assert hub.status_code == 200, hub.text
+                assert registry.versions("hf.acme.sql") == [1]
+                pushed = c.post("/v1/completions", json={**body, "model": "hf.acme.sql@v1"}).json()
+                plain = c.post("/v1/completions", json={**body, "model": base.name}).json()
+        finally:
+            engine.close()
+    text = hub.json()["choices"][0]["text"]
+    assert text == pushed["choices"][0]["text"] and text != plain["choices"][0]["text"]
