@@ -46,6 +46,7 @@ def test_push_from_the_hf_cache_round_trips_and_records_lineage(saved, hf_home, 
     original = _tensors(saved[kind])
     assert any(t.to_float32().any() for k, t in original.items() if ".lora_B." in k)  # not a zero adapter
     assert _tensors(out) == original  # dtype, shape and bytes of every tensor
+    assert peft_files(out) == peft_files(saved[kind])  # and the two files PEFT wrote, byte for byte
     assert (json.loads((out / "adapter_config.json").read_text())
             == json.loads((saved[kind] / "adapter_config.json").read_text()))
     # the same content pushed from the directory is the same version: nothing of the import differs but lineage

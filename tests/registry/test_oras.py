@@ -47,6 +47,8 @@ def test_oras_pushed_peft_dir_pulls_as_the_same_peft_dir(oci_url, tmp_path, monk
 
     remote = Registry(oci_url)
     assert remote.versions("orased") == [1]
+    code, listing = cli("ls", "orased", "-r", oci_url)  # listed as a version, with no warning
+    assert code == 0 and listing.startswith("orased@v1\t") and listing.count("\n") == 1, listing
     out = remote.pull("orased@v1", tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert _tensors(out) == adapter.tensors
