@@ -65,7 +65,9 @@ def test_every_registry_command_prints_json_with_its_documented_keys(store, tmp_
     assert {t["change"] for t in diffed["tensors"]} == {"changed"}
     assert as_json("diff", "sql@v1", "sql@v1")["identical"] is True
     copied = as_json("copy", "sql@v2", "--to", tmp_path / "other")
-    assert copied == {"ref": "sql@v2", "digest": v2.digest, "to": str(tmp_path / "other")}
+    carried = sorted(tag for tag, at in reg.tags("sql").items() if at.digest == v2.digest)
+    assert "stable" in carried  # the tag set above travels with the version
+    assert copied == {"ref": "sql@v2", "digest": v2.digest, "to": str(tmp_path / "other"), "tags": carried}
     assert as_json("rm", "chat@v1") == {"removed": "chat@v1"}
     planned = as_json("gc", "--dry-run")
     assert planned["dry_run"] is True and planned["blobs"] == 9 and planned["bytes"] == reg.gc().expected_freed_bytes

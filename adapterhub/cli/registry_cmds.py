@@ -13,12 +13,21 @@ import click
 
 from adapterhub.cli import main
 from adapterhub.cli.options import emit, open_registry, output_options, registry_option, show_progress, warn
-from adapterhub.errors import IntegrityError
+from adapterhub.errors import ConfigError, IntegrityError
+from adapterhub.registry import Registry
+from adapterhub.registry.hub import is_hub_url
 from adapterhub.registry.verify import repair_store
 
 
+class _PushSource(click.Path):
+    """A PEFT directory, or ``hf://org/name[@revision]`` (a PEFT repo on the Hugging Face Hub or in the HF cache)."""
+
+    def convert(self, value, param, ctx):
+        return value if is_hub_url(value) else super().convert(value, param, ctx)
+
+
 @main.command("push")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", type=_PushSource(exists=True, file_okay=False))
 @click.argument("task")
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the new version (repeatable).")
 @click.option("--annotation", "-a", "annotations", multiple=True, metavar="KEY=VALUE",
@@ -34,6 +43,7 @@ def push(directory, task, tags, annotations, base_dir, registry, as_json, quiet)
     \b
     adapterhub push ./my-adapter sql --tag prod --base ./llama-3.2-1b
     adapterhub push ./my-adapter sql --json | jq -r .ref
+    adapterhub push hf://org/sql-lora@main sql    # from the Hub or the local HF cache (HF_HUB_OFFLINE=1)
     """
     notes = {}
     for item in annotations:
@@ -299,13 +309,42 @@ def verify(source, registry, as_json, quiet):
     emit(False, quiet, value, f"ok: {report.blobs_checked} blobs, {report.refs_checked} refs")
 
 
+def _copied_tags(copied, to) -> list[str]:
+    """The tags that name the copied version at its destination."""
+    return sorted(tag for tag, at in Registry(to).tags(copied.task).items() if at.digest == copied.digest)
+
+
 @main.command("copy")
 @click.argument("ref")
-@click.option("--to", "to", required=True, metavar="LOCATION", help="Destination registry (path or oci:// URL).")
+@click.option("--to", "to", required=True, metavar="LOCATION",
+              help="Destination: a registry (path or oci:// URL), or hf://org/name[@branch] (a PEFT repo on the Hub).")
+@click.option("--tags", "tags", default=None, metavar="A,B",
+              help="Tags to point at the copy (comma-separated; '' for none). Default: REF's version's tags here.")
+@click.option("--oras-files", is_flag=True,
+              help="Store the copy as files (adapter_config.json, adapter_model.safetensors) that 'oras pull' "
+                   "writes as a PEFT directory; oci:// destinations only.")
 @registry_option
 @output_options
-def copy(ref, to, registry, as_json, quiet):
-    """Copy REF to another registry; only the blobs it lacks move."""
-    copied = open_registry(registry).copy(ref, to, progress=show_progress(as_json, quiet))
-    emit(as_json, quiet, {"ref": str(copied), "digest": copied.digest, "to": str(to)}, f"{copied} → {to}",
-         [str(copied)])
+def copy(ref, to, tags, oras_files, registry, as_json, quiet):
+    """Copy REF to another registry (only the blobs it lacks move) or to the Hugging Face Hub.
+
+    \b
+    adapterhub copy sql:prod --to oci://127.0.0.1:5000/team                 # carries sql's tags on that version
+    adapterhub copy sql@v3 --to /mnt/backup --tags prod,stable
+    adapterhub copy sql:prod --to oci://127.0.0.1:5000/team --oras-files    # then: oras pull …/team/sql:v3
+    adapterhub copy sql:prod --to hf://my-org/sql-lora                      # PEFT repo + model card (HF_TOKEN)
+    """
+    reg = open_registry(registry)
+    if is_hub_url(to):
+        if tags is not None or oras_files:
+            raise ConfigError(f"--to {to} is a Hugging Face Hub repo, which takes neither --tags nor --oras-files; "
+                              "drop them")
+        resolved = reg.resolve(ref)
+        url = reg.export_to_hub(ref, to)
+        emit(as_json, quiet, {"ref": str(resolved), "digest": resolved.digest, "to": str(to), "commit_url": url},
+             f"{resolved} → {to} ({url})", [str(resolved)])
+        return
+    chosen = None if tags is None else tuple(t.strip() for t in tags.split(",") if t.strip())
+    copied = reg.copy(ref, to, progress=show_progress(as_json, quiet), tags=chosen, oras_files=oras_files)
+    emit(as_json, quiet, {"ref": str(copied), "digest": copied.digest, "to": str(to), "tags": _copied_tags(copied, to)},
+         f"{copied} → {to}", [str(copied)])

@@ -12,9 +12,10 @@ from adapterhub.cli.options import allow_base_mismatch_option, emit, open_regist
 @click.argument("prompt")
 @click.option("--base", "-b", "base_name", default="tiny", show_default=True,
               help="Base model: 'tiny' (embedded), a Hugging Face checkpoint dir, or a hub id in the local HF cache.")
-@click.option("--adapter", "-a", default=None, metavar="REF|DIR",
-              help="Adapter: a registry ref (task@v3, task:prod, task) or a PEFT dir written as a path (./dir, "
-                   "/abs/dir, ~/dir). Default: the base alone.")
+@click.option("--adapter", "-a", default=None, metavar="REF|DIR|HF",
+              help="Adapter: a registry ref (task@v3, task:prod, task), a PEFT dir written as a path (./dir, "
+                   "/abs/dir, ~/dir), or hf://org/name[@revision] (imported into the registry on first use). "
+                   "Default: the base alone.")
 @registry_option
 @click.option("--max-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
@@ -36,11 +37,17 @@ def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_
     adapterhub generate --adapter sql:prod "SELECT name FROM"
     adapterhub generate --base ./llama-dir --adapter ./my-peft-adapter -n 32 "Hello"
     adapterhub generate --base ./no-tokenizer-dir --token-ids 1,15043,29892 --json
+    adapterhub generate --base ./llama-dir --adapter hf://org/sql-lora "SELECT"
     """
     from adapterhub.adapter import adapter_source
+    from adapterhub.registry.hub import is_hub_url, pull_through
     from adapterhub.runtime import load_base
 
-    source = adapter_source(adapter) if adapter else None  # a bad or ambiguous name fails before the model loads
+    if is_hub_url(adapter):  # imported once per commit, then read by its manifest digest
+        pinned = pull_through(open_registry(registry, reading=False), adapter)
+        source = f"{pinned.task}@{pinned.digest}"
+    else:
+        source = adapter_source(adapter) if adapter else None  # a bad or ambiguous name fails before the model loads
     tokens = _token_ids(prompt) if is_token_ids else None
     reg = open_registry(registry) if isinstance(source, str) else None
     base = load_base(base_name, quantize=None if quantize == "none" else quantize)

@@ -38,9 +38,12 @@ from adapterhub.serve.limits import HttpLimits
 @click.option("--max-connections", default=HttpLimits.max_connections, show_default=True, type=click.IntRange(1),
               help="Open connections before new requests get HTTP 503.")
 @allow_base_mismatch_option
+@click.option("--allow-hub", is_flag=True,
+              help="Let a request's model be hf://org/name[@revision]: imported into the registry on first use "
+                   "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
-          body_timeout: float, max_connections: int, allow_base_mismatch: bool) -> None:
+          body_timeout: float, max_connections: int, allow_base_mismatch: bool, allow_hub: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -66,7 +69,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save it "
                           "beside the weights (transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq,
-                          allow_base_mismatch=allow_base_mismatch)
+                          allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub)
     engine = Engine(base, reg, config)
     click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
                f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")

@@ -5,8 +5,9 @@ manifests (one per version, also named by digest) and refs (version numbers and 
 manifest). `Registry` (registry.py) and the transfer code (transfer.py) only use the methods listed in
 `Backend`; nothing outside this package knows which backend it talks to.
 
-A new kind of remote (S3, Hugging Face Hub, ...) is one new module with a class that satisfies `Backend`
-(tests/registry/test_backend_protocol.py checks it) plus one entry in `BACKENDS`.
+A new kind of remote (S3, ...) is one new module with a class that satisfies `Backend`
+(tests/registry/test_backend_protocol.py checks it) plus one entry in `BACKENDS`. The Hugging Face Hub has
+no versions or tags of its own, so it is a source and a destination (hub.py, hub_export.py), not a backend.
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@ those digests only ever name what to fetch next, and that fetch is verified. Eve
 here first, whatever the source, so no unverified byte leaves this process. The HTTP side (bounded
 answers, timeouts, where credentials go) is `oci_client.py`.
 
+**Artifacts adapterhub did not push.** A manifest that is not adapterhub's per-tensor format is read
+through oras.py: an ORAS file artifact holding ``adapter_config.json`` and ``adapter_model.safetensors``
+(``oras push``, ``copy --oras-files``) is translated into the per-tensor manifest of its adapter; its
+version number is its own annotation, else N of a ``vN`` tag naming it. The translation and its blobs are
+kept for the last `TRANSLATIONS` artifacts read, so a pull fetches each file once. Anything else is an
+`IntegrityError` naming its artifactType and media types.
+
 Remote limits: no atomic version allocation (a registry has no compare-and-swap: use one pusher per task
 on a remote), and removing a tag alone is not part of distribution 2.x.
 """
@@ -22,20 +29,25 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import re
+import threading
+from collections import OrderedDict
 from contextlib import AbstractContextManager
 from urllib.parse import urlsplit
 
 import httpx
 
 from adapterhub.errors import IntegrityError, InvalidNameError, RefNotFoundError, RemoteError
-from adapterhub.registry.digest import Digest, verify
-from adapterhub.registry.manifest import Manifest
+from adapterhub.registry import oras
+from adapterhub.registry.digest import Digest, is_digest, verify
+from adapterhub.registry.manifest import CONFIG_MEDIA_TYPE, Manifest
 from adapterhub.registry.oci_client import MAX_BLOB_BYTES, TIMEOUT, OciClient, one_line
 from adapterhub.registry.refs import LATEST, RefSpec, ResolvedRef, check_tag, check_task
 
 _HOST = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")  # RFC 1123 names
 _VERSION = re.compile(r"v([1-9][0-9]*)")
+TRANSLATIONS = 8  # ORAS file artifacts whose translation (manifest and blobs) a store keeps in memory
 
 
 def _any_tag(tag: str) -> str:
@@ -89,6 +101,11 @@ def _namespace(location: str, path: str) -> str:
     return namespace
 
 
+def _tag_version(reference: str) -> int | None:
+    found = _VERSION.fullmatch(reference)
+    return int(found.group(1)) if found else None
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -110,6 +127,9 @@ class OciStore:
         self.client = OciClient(base, transport, timeout)
         # blob sizes declared by the manifests read here: the read cap of a blob fetched without its size
         self._sizes: dict[str, int] = {}
+        # remote digest of an ORAS file artifact -> (translated manifest bytes, Manifest, {digest: blob})
+        self._translated: OrderedDict[str, tuple[bytes, Manifest, dict[Digest, bytes]]] = OrderedDict()
+        self._translated_lock = threading.Lock()  # blobs are read on several threads (transfer.py)
 
     def repo(self, task: str) -> str:
         return f"{self.namespace}/{task}" if self.namespace else task
@@ -129,6 +149,9 @@ class OciStore:
 
     def get_blob(self, task: str, digest: str, size: int | None = None) -> bytes:
         """Read at most `size` bytes (else the size a manifest read here declares), then verified."""
+        translated = self._translated_blob(digest)
+        if translated is not None:
+            return translated
         data = self.client.get_blob(self.repo(task), digest, self._sizes.get(digest) if size is None else size)
         if size is not None and len(data) != size:  # the bytes hash right: the descriptor is what is wrong
             raise IntegrityError(f"blob {digest} from {self.location}/{task} has {len(data)} bytes but its "
@@ -141,12 +164,62 @@ class OciStore:
             raise RefNotFoundError(f"manifest {digest} is missing from {self.location}/{task}")
         return found[1]
 
+    def _stored(self, task: str, digest: str) -> bytes:
+        """The manifest bytes the registry stores as `digest` (never a translation): what a tag must name."""
+        found = self.client.get_manifest(self.repo(task), digest)
+        if found is None:
+            raise RefNotFoundError(f"manifest {digest} is missing from {self.location}/{task}")
+        return found[1]
+
     def _manifest(self, task: str, reference: str) -> tuple[Digest, bytes, Manifest] | None:
         """(digest, bytes, parsed) of the manifest `reference` (a digest or a tag) of `task`, or None."""
         found = self.client.get_manifest(self.repo(task), reference)
         if found is None:
             return None
-        return *found, self._checked(task, found[1], f"manifest {reference} of {self.location}/{task}")
+        digest, data = found
+        what = f"manifest {reference} of {self.location}/{task}"
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            parsed = None  # Manifest.from_json names the JSON error
+        if parsed is None or oras.is_adapterhub(parsed):
+            return digest, data, self._checked(task, data, what)
+        return digest, *self._translate(task, digest, parsed, reference, what)
+
+    def _translate(self, task: str, digest: Digest, d: dict, reference: str, what: str) -> tuple[bytes, Manifest]:
+        """(translated bytes, Manifest) of the ORAS file artifact `d` (module docstring); its PEFT files are
+        fetched once, verified, and kept with the translation."""
+        with self._translated_lock:
+            if digest in self._translated:
+                self._translated.move_to_end(digest)
+                return self._translated[digest][:2]
+        files = oras.peft_files(d, what)  # anything else: IntegrityError naming its media types
+        if any(size > MAX_BLOB_BYTES for _, size in files.values()):
+            raise IntegrityError(f"{what} declares a PEFT file over {MAX_BLOB_BYTES} bytes; refused unread")
+        version = oras.version_of(d) or _tag_version(reference)
+        if version is None:
+            version = next((n for n, found in sorted(self.versions(task).items()) if found == digest), None)
+        if version is None:
+            raise IntegrityError(f"{what} is an ORAS file artifact that no vN tag names, so it is no version of "
+                                 f"{task}; tag it as one (oras tag <ref> v1, or push it as :v1)")
+        data = {name: self.client.get_blob(self.repo(task), file_digest, size)
+                for name, (file_digest, size) in files.items()}
+        config, config_data = d.get("config") if isinstance(d.get("config"), dict) else {}, None
+        if config.get("mediaType") == CONFIG_MEDIA_TYPE and isinstance(config.get("digest"), str) \
+                and is_digest(config["digest"]) and type(config.get("size")) is int \
+                and 0 <= config["size"] <= MAX_BLOB_BYTES:  # adapterhub's own config blob: the base identity
+            config_data = self.client.get_blob(self.repo(task), Digest(config["digest"]), config["size"])
+        manifest, blobs = oras.translate(d, data, task, version, what, config_data)
+        translated = (manifest.to_json(), manifest, blobs)
+        with self._translated_lock:
+            self._translated[digest] = translated
+            while len(self._translated) > TRANSLATIONS:
+                self._translated.popitem(last=False)
+        return translated[:2]
+
+    def _translated_blob(self, digest: str) -> bytes | None:
+        with self._translated_lock:
+            return next((blobs[digest] for _, _, blobs in self._translated.values() if digest in blobs), None)
 
     def _checked(self, task: str, data: bytes, what: str) -> Manifest:
         """`data` parsed as a manifest of `task` (manifest.py checks every field) with one size per blob.
@@ -205,16 +278,27 @@ class OciStore:
                 latest = max(versions)
                 previous = Manifest.from_json(self.get_manifest(task, versions[latest]), f"{task}@v{latest}")
                 if previous.content_key() == manifest.content_key():
-                    self._tag(repo, tags, self.get_manifest(task, versions[latest]))
+                    self._tag(repo, tags, self._stored(task, versions[latest]))
                     return ResolvedRef(task, latest, versions[latest]), False
             manifest = manifest.at(max(versions, default=0) + 1, now_rfc3339()).to_json()
-        version, digest = Manifest.from_json(manifest, f"manifest for {task}").version, Digest.of(manifest)
+        return self._put_version(task, Manifest.from_json(manifest, f"manifest for {task}").version, manifest,
+                                 tags, versions)
+
+    def publish_files(self, task: str, version: int, data: bytes, tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, bool]:
+        """Like `publish` of exact bytes, for the ORAS file variant of version `version` (oras.files_manifest):
+        its files must be stored first. Reading it back translates it to that version's manifest."""
+        return self._put_version(task, version, data, tags, self.versions(task))
+
+    def _put_version(self, task: str, version: int, data: bytes, tags: tuple[str, ...],
+                     versions: dict[int, Digest]) -> tuple[ResolvedRef, bool]:
+        """PUT `data` as tag vN (refused if vN names other bytes), then `latest` when N is the newest, then `tags`."""
+        repo, digest = self.repo(task), Digest.of(data)
         if versions.get(version, digest) != digest:
             raise RemoteError(f"{task}@v{version} already exists at {self.location} with manifest "
                               f"{versions[version]}, not {digest}; versions are immutable")
-        self.client.put_manifest(repo, f"v{version}", manifest)
+        self.client.put_manifest(repo, f"v{version}", data)
         newest = version >= max(versions, default=0)
-        self._tag(repo, tags + ((LATEST,) if newest else ()), manifest)
+        self._tag(repo, tags + ((LATEST,) if newest else ()), data)
         return ResolvedRef(task, version, digest), version not in versions
 
     def _tag(self, repo: str, tags, data: bytes) -> None:
@@ -222,7 +306,7 @@ class OciStore:
             self.client.put_manifest(repo, tag, data)
 
     def set_tag(self, task: str, tag: str, digest: str) -> None:
-        self.client.put_manifest(self.repo(task), tag, self.get_manifest(task, digest))
+        self.client.put_manifest(self.repo(task), tag, self._stored(task, digest))
 
     def delete_tag(self, task: str, tag: str) -> None:
         raise RemoteError(f"removing only the tag {task}:{tag} is not supported by OCI distribution 2.x "
@@ -233,4 +317,4 @@ class OciStore:
         self.client.delete_manifest(self.repo(task), self.versions(task)[version])
         versions = self.versions(task)
         if versions:
-            self._tag(self.repo(task), (LATEST,), self.get_manifest(task, versions[max(versions)]))
+            self._tag(self.repo(task), (LATEST,), self._stored(task, versions[max(versions)]))

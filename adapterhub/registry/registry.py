@@ -17,11 +17,12 @@ from adapterhub.fsio import check_destination, replace_dir
 from adapterhub.registry.backend import DEFAULT_HOME, Backend, MaintainableBackend, open_backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.gc import GcPlan, GcResult, VerifyReport
+from adapterhub.registry.hub import is_hub_url
 from adapterhub.registry.manifest import (
     Manifest, TensorDescriptor, annotation_strings, config_blob, config_card, config_identity, parse_config_blob,
 )
 from adapterhub.registry.refs import LATEST, ResolvedRef, check_tag, check_task, parse_ref
-from adapterhub.registry.transfer import copy_version, fetch_blobs, manifest_blobs, send_blobs
+from adapterhub.registry.transfer import copy_files_version, copy_version, fetch_blobs, manifest_blobs, send_blobs
 
 __all__ = ["AdapterDiff", "DEFAULT_HOME", "LogEntry", "Registry", "TensorChange", "open_backend"]
 
@@ -81,7 +82,9 @@ class Registry:
 
     def push(self, source: str | os.PathLike | Adapter, task: str, tags=(), annotations=None,
              progress: bool = False, base: BaseIdentity | str | os.PathLike | None = None) -> ResolvedRef:
-        """Store an adapter (a PEFT dir or an `Adapter`) as the next version of `task`; returns "task@vN".
+        """Store an adapter (a PEFT dir, an `Adapter`, or ``hf://org/name[@revision]``: a PEFT repo on the
+        Hugging Face Hub or in the local HF cache, with its lineage annotations, registry/hub.py) as the next
+        version of `task`; returns "task@vN".
 
         `base`: the base it was trained on, recorded in the version and checked when it is loaded: a
         Hugging Face checkpoint dir (its identity is computed from config.json and a few tensors, without
@@ -91,6 +94,10 @@ class Registry:
         check_task(task)
         tags = tuple(check_tag(t) for t in tags)
         notes = annotation_strings(annotations)
+        if is_hub_url(source):
+            from adapterhub.registry import hub  # imports huggingface_hub: only when the Hub is named
+            source, lineage = hub.fetch(source)
+            notes.update(lineage)  # the lineage wins over a user note of the same key
         adapter = source if isinstance(source, Adapter) else Adapter.from_peft_dir(source)
         if base is not None:
             adapter = _on_base(adapter, base)
@@ -129,11 +136,31 @@ class Registry:
         else:
             self.backend.delete_version(spec.task, self.resolve(ref).version)
 
-    def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False) -> ResolvedRef:
-        """Copy one version to another registry (only missing blobs move); same version number there."""
+    def copy(self, ref: str, to: str | os.PathLike | Registry, progress: bool = False,
+             tags: tuple[str, ...] | None = None, oras_files: bool = False) -> ResolvedRef:
+        """Copy one version to another registry (only missing blobs move); same version number there.
+
+        `tags`: the tags to point at it there; None (default) carries the tags that name this version here.
+        `oras_files`: store it as its ORAS file variant (an oci:// destination; docs/store-format.md "ORAS").
+        """
         dst = to if isinstance(to, Registry) else Registry(to)
-        copied, _ = copy_version(self.backend, dst.backend, self.resolve(ref), progress)
+        resolved = self.resolve(ref)
+        if tags is None:
+            tags = tuple(sorted(tag for tag, at in self.tags(resolved.task).items() if at.digest == resolved.digest))
+        tags = tuple(check_tag(t) for t in tags)
+        if oras_files:
+            copied, _ = copy_files_version(dst.backend, self.manifest(resolved), self.load(str(resolved)),
+                                           progress, tags)
+        else:
+            copied, _ = copy_version(self.backend, dst.backend, resolved, progress, tags)
         return copied
+
+    def export_to_hub(self, ref: str, url: str) -> str:
+        """Upload `ref` as a PEFT repo with a model card carrying its lineage to ``hf://org/name[@branch]``
+        (registry/hub_export.py); returns the URL of the commit."""
+        from adapterhub.registry import hub_export  # imports huggingface_hub: only when the Hub is named
+        resolved = self.resolve(ref)
+        return hub_export.upload(resolved, self.manifest(resolved), self.load(str(resolved)), url)
 
     # --- read ---
 

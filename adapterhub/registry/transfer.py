@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
+from adapterhub.adapter import Adapter
+from adapterhub.errors import RegistryError
 from adapterhub.registry.backend import Backend
 from adapterhub.registry.digest import Digest
 from adapterhub.registry.manifest import WIDTH, Manifest
@@ -83,13 +85,32 @@ def manifest_blobs(manifest: Manifest) -> list[tuple[Digest, int, int]]:
         (t.digest, t.size, WIDTH.get(t.dtype, 1)) for t in manifest.tensors]
 
 
-def copy_version(src: Backend, dst: Backend, ref: ResolvedRef, progress: bool = False) -> tuple[ResolvedRef, int]:
-    """Copy one version (same manifest bytes, same version number); returns (ref at dst, blobs moved)."""
+def copy_version(src: Backend, dst: Backend, ref: ResolvedRef, progress: bool = False,
+                 tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, int]:
+    """Copy one version (same manifest bytes, same version number), then point `tags` at it there;
+    returns (ref at dst, blobs moved)."""
     data = src.get_manifest(ref.task, ref.digest)
     manifest = Manifest.from_json(data, f"{ref} manifest", task=ref.task)
     sizes = dict(manifest.blobs())
     with dst.session():
         moved = send_blobs(dst, ref.task, manifest_blobs(manifest), lambda d: src.get_blob(ref.task, d, sizes[d]),
                            progress, f"copy {ref}")
-        copied, _ = dst.publish(ref.task, data)
+        copied, _ = dst.publish(ref.task, data, tags)
+    return copied, moved
+
+
+def copy_files_version(dst: Backend, manifest: Manifest, adapter: Adapter, progress: bool = False,
+                       tags: tuple[str, ...] = ()) -> tuple[ResolvedRef, int]:
+    """Copy one version as its ORAS file variant (oras.files_manifest; ``copy --oras-files``), same version
+    number, then `tags`; returns (ref at dst, blobs moved). Only an OCI destination stores that variant."""
+    publish_files = getattr(dst, "publish_files", None)
+    if publish_files is None:
+        raise RegistryError(f"--oras-files writes the file-per-layer variant that 'oras pull' reads, to an oci:// "
+                            f"registry; {dst.location} is not one (copy without --oras-files)")
+    from adapterhub.registry.oras import files_manifest  # imports httpx: only for an OCI destination
+    data, blobs = files_manifest(manifest, adapter)
+    with dst.session():
+        moved = send_blobs(dst, manifest.task, [(d, len(b), 1) for d, b in blobs.items()], blobs.__getitem__,
+                           progress, f"copy {manifest.task}@v{manifest.version}")
+        copied, _ = publish_files(manifest.task, manifest.version, data, tags)
     return copied, moved

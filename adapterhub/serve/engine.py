@@ -44,6 +44,7 @@ class EngineConfig:
     max_seq: int | None = None  # KV cache length S per row; None: the context length, at most DEFAULT_MAX_SEQ
     base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
     allow_base_mismatch: bool = False  # load adapters recorded against another base (warns instead of HTTP 422)
+    allow_hub: bool = False  # a `model` may be hf://org/name[@revision], imported into the registry on first use
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Engine:
         self.vocab_size = base.config.vocab_size
         self.base_name = config.base_name or base.name
         self.source = AdapterSource(
-            registry, lambda adapter, name: base.pool.check(adapter, name, config.allow_base_mismatch), self.base_name)
+            registry, lambda adapter, name: base.pool.check(adapter, name, config.allow_base_mismatch), self.base_name,
+            allow_hub=config.allow_hub)
         self.metrics = Metrics()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()

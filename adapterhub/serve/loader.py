@@ -4,6 +4,11 @@ A request's ``model`` is the base name (no adapter) or a registry ref: ``task@v3
 ``task@sha256:…``, or a bare task name meaning ``task:latest``. Every request resolves its ref
 again (a cheap ref read), so a moved tag is seen at once; the pool is keyed by the manifest digest,
 so two versions of one task are two different slots and a request in flight keeps its version.
+
+With ``allow_hub`` (``serve --allow-hub``) a ``model`` may also be ``hf://org/name[@revision]``: the first
+request imports that revision's commit into the registry (registry/hub.py `pull_through`) and the name is
+then pinned to that version's digest for the life of the server, so later requests neither contact the
+Hub nor re-read its cache, and a revision moved on the Hub is picked up by a restart.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from adapterhub.adapter import Adapter
-from adapterhub.errors import InvalidNameError, RefNotFoundError
+from adapterhub.errors import ConfigError, InvalidNameError, RefNotFoundError
+from adapterhub.registry.hub import is_hub_url, pull_through
 from adapterhub.registry.refs import parse_ref
 
 
@@ -31,13 +37,16 @@ class ResolvedModel:
 class AdapterSource:
     """Resolves refs and reads adapters from a registry; concurrent reads of one digest share one load."""
 
-    def __init__(self, registry, check: Callable[[Adapter, str], object], base_name: str):
+    def __init__(self, registry, check: Callable[[Adapter, str], object], base_name: str, allow_hub: bool = False):
         """check(adapter, model): the pool's check of an adapter against the base (`AdapterPool.check`)."""
         self.registry = registry
         self.base_name = base_name
+        self.allow_hub = allow_hub
         self._check = check
         self._lock = threading.Lock()
         self._loading: dict[str, Future] = {}
+        self._hub_pins: dict[str, ResolvedModel] = {}  # "hf://…" -> the version its first use imported
+        self._hub_lock = threading.Lock()  # one import at a time: a second request for it waits, then reuses it
 
     def resolve(self, model: str | None) -> ResolvedModel:
         if model in (None, "", self.base_name):
@@ -47,6 +56,8 @@ class AdapterSource:
                 f"model '{model}' is not the base '{self.base_name}' and this server has no registry; "
                 f"start it with --registry or use model='{self.base_name}'"
             )
+        if is_hub_url(model):
+            return self._resolve_hub(model)
         try:
             spec = parse_ref(model)  # a bare task means task:latest
             resolved = self.registry.resolve(str(spec))
@@ -55,6 +66,21 @@ class AdapterSource:
         digest = str(getattr(resolved, "digest", resolved))  # a ResolvedRef, or a bare digest
         label = str(resolved) if hasattr(resolved, "version") else model
         return ResolvedModel(model, digest, f"{spec.task}@{digest}", label)
+
+    def _resolve_hub(self, model: str) -> ResolvedModel:
+        if not self.allow_hub:
+            raise RefNotFoundError(f"'model' is {model!r}: this server does not import from the Hugging Face Hub; "
+                                   "push the adapter into its registry (adapterhub push hf://… TASK) or start it "
+                                   "with --allow-hub")
+        with self._hub_lock:
+            pinned = self._hub_pins.get(model)
+            if pinned is None:
+                try:
+                    ref = pull_through(self.registry, model)
+                except ConfigError as error:  # a malformed hf:// name: the client wrote it
+                    raise ConfigError(f"'model' is {model!r}: {error}") from None
+                pinned = self._hub_pins[model] = ResolvedModel(model, ref.digest, f"{ref.task}@{ref.digest}", str(ref))
+        return pinned
 
     def load(self, resolved: ResolvedModel) -> Adapter:
         """Reads and validates one adapter version; callers asking for the same digest wait on one read."""
