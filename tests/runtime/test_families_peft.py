@@ -32,12 +32,15 @@ def _peft_model(hf, family: str):
     for name in ("all_r8", "dora_r6"):
         model.add_adapter(name, configs[name])
     g = torch.Generator().manual_seed(1)
+    scaled = 0
     with torch.no_grad():  # PEFT's magnitude is ||W + s B A||_row (DoRA = LoRA); a trained one is not
         for module in model.modules():
             magnitudes = getattr(module, "lora_magnitude_vector", None)
             if magnitudes is not None and "dora_r6" in magnitudes:
                 m = magnitudes["dora_r6"].weight
                 m.mul_(torch.rand(m.shape, generator=g) + 0.5)
+                scaled += 1
+    assert scaled == len(all_targets(family)) * hf.config.num_hidden_layers
     return model.eval(), list(configs)
 
 

@@ -165,7 +165,8 @@ class ModelConfig:
             if self.model_type == "llama":
                 d["mlp_bias"] = self.mlp_bias
         if f.activation_key == "hidden_activation":  # Gemma: every scalar its class defaults differently
-            d.update(query_pre_attn_scalar=self.query_pre_attn_scalar,
+            scalar = self.query_pre_attn_scalar  # an int field in transformers' (strict) Gemma config classes
+            d.update(query_pre_attn_scalar=int(scalar) if scalar is not None and scalar.is_integer() else scalar,
                      attn_logit_softcapping=self.attn_logit_softcapping,
                      final_logit_softcapping=self.final_logit_softcapping)
         if self.local_rope_theta is not None:
