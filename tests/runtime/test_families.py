@@ -174,3 +174,50 @@ def test_unsupported_architecture_names_the_supported_list(d):
     assert "is not supported; supported:" in str(error.value)
     for arch, model_type in ARCHITECTURES.items():
         assert arch in str(error.value) and model_type in str(error.value)
+
+
+# --- where the roundings happen, bit for bit in bf16 --------------------------------------------------------
+
+HF_NORMS = {"qwen3": ("qwen3", "Qwen3RMSNorm"), "gemma2": ("gemma2", "Gemma2RMSNorm"),
+            "gemma3_text": ("gemma3", "Gemma3RMSNorm"), "phi3": ("phi3", "Phi3RMSNorm")}
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("family", list(HF_NORMS))
+def test_bf16_norms_round_where_transformers_does(family):
+    """Llama-kind norms round before the weight multiply, Gemma's (1 + w) norms once after it: equal bits."""
+    pytest.importorskip("transformers")
+    package, name = HF_NORMS[family]
+    hf_norm = getattr(__import__(f"transformers.models.{package}.modeling_{package}", fromlist=[name]), name)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, 5, 64, generator=g) * 3).to(torch.bfloat16)
+    w = (torch.randn(64, generator=g) * 0.3 + (0.0 if family.startswith("gemma") else 1.0)).to(torch.bfloat16)
+    theirs = hf_norm(64, eps=1e-6).to(torch.bfloat16)
+    ours = layers.norm(dataclasses.replace(_config(family), rms_norm_eps=1e-6), 64, torch.bfloat16, CPU)
+    with torch.no_grad():
+        theirs.weight.copy_(w)
+        ours.weight.copy_(w)
+        assert torch.equal(ours(x), theirs(x))
+        if family.startswith("gemma"):  # rounding before the multiply (the Llama order) would differ
+            h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+            assert not torch.equal(ours(x), (1 + w) * h.to(x.dtype))
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_bf16_embedding_scale_is_rounded_to_bf16_first(family):
+    """sqrt(D) is rounded to the model dtype before the multiply: for D = 72, bf16(8.485) = 8.5."""
+    transformers = pytest.importorskip("transformers")
+    config = dataclasses.replace(_config(family), hidden_size=72)
+    weights = {k: v.to(torch.bfloat16) for k, v in random_weights(config, seed=1, std=0.15).items()}
+    model = build_model(config, weights.__getitem__, weights, quantize=None, dtype=torch.bfloat16, device=CPU)
+    package = {"gemma2": transformers.models.gemma2.modeling_gemma2, "gemma3_text": transformers.models.gemma3.modeling_gemma3}
+    embedding = {"gemma2": "Gemma2TextScaledWordEmbedding", "gemma3_text": "Gemma3TextScaledWordEmbedding"}[family]
+    module = getattr(package[family], embedding)(259, 72, 258, 72**0.5)
+    assert module.embed_scale.dtype == torch.float32  # the scale as transformers holds it
+    ids = _ids(2, 6, seed=8)
+    with torch.no_grad():
+        module.weight.data = weights["model.embed_tokens.weight"]
+        theirs = module(ids)
+        assert torch.equal(model._embed(ids), theirs)
+        assert not torch.equal(theirs, (weights["model.embed_tokens.weight"][ids].float() * 72**0.5).to(torch.bfloat16))
