@@ -221,3 +221,18 @@ def test_bf16_embedding_scale_is_rounded_to_bf16_first(family):
         theirs = module(ids)
         assert torch.equal(model._embed(ids), theirs)
         assert not torch.equal(theirs, (weights["model.embed_tokens.weight"][ids].float() * 72**0.5).to(torch.bfloat16))
+
+
+@pytest.mark.compat
+def test_gemma2_bf16_logits_equal_transformers_bit_for_bit(tmp_path):
+    """Both sides run Gemma 2's eager (soft-capped) attention, so in bf16 every rounding (embedding scale, the
+    four norms per layer, the soft-caps) lines up: the logits are equal, not merely close (on this CPU's
+    torch kernels; fp32 differs from both by about 0.05)."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_checkpoint(tmp_path / "ckpt", "gemma2", seed=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
+    _, _, model = load_parts(path, None, torch.bfloat16, CPU)
+    ids = _ids(2, 12, seed=9)
+    with torch.no_grad():
+        theirs, ours = hf.eval()(ids).logits, model(ids)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
