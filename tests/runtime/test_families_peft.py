@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterhub.adapter import random_adapter
 from adapterhub.runtime.base import load_base
 from family_fixtures import NEW_FAMILIES, all_targets, attention_targets, hf_checkpoint
 
@@ -72,3 +73,19 @@ def test_mixed_batch_rows_match_peft(tmp_path, family):
                 model.set_adapter(name)
                 want = model(ids[b : b + 1]).logits[0]
             torch.testing.assert_close(ours[b], want, rtol=0, atol=1e-4, msg=f"row {b} ({name})")
+
+
+@pytest.mark.parametrize("family", list(NEW_FAMILIES))
+def test_all_linear_selects_what_peft_selects(tmp_path, family):
+    """target_modules="all-linear" resolves on each family as PEFT resolves it (Phi-3: its four fused and plain
+    projections), and adapterhub's own adapters with it cover every decoder linear of the base."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    path = hf_checkpoint(tmp_path / "base", family, seed=2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules="all-linear"))
+    theirs = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    shapes = load_base(path, quantize=None, compute_dtype=torch.float32).module_shapes()
+    assert {n.rsplit(".", 1)[1] for n in theirs} == set(all_targets(family))
+    assert set(random_adapter(shapes, r=4, target_modules="all-linear").modules()) == theirs == set(shapes)
