@@ -58,6 +58,19 @@ def test_padded_prompt_logits_match_transformers(tmp_path, new_family):
 
 
 @pytest.mark.compat
+def test_qwen3_attention_bias_covers_o_proj_too(tmp_path):
+    """Qwen3's attention_bias gives q, k, v and o a bias (Qwen2: q, k, v only, semantics §12.2)."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_checkpoint(tmp_path / "ckpt", "qwen3", seed=4, attention_bias=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    config, _, model = load_parts(path, None, torch.float32, CPU)
+    assert config.attention_bias and config.has_o_bias and model.model.layers[0].self_attn.o_proj.bias is not None
+    ids = _ids(2, 9, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf.eval()(ids).logits, rtol=0, atol=ATOL_HF)
+
+
+@pytest.mark.compat
 def test_cache_decoding_past_the_window_matches_transformers(tmp_path, new_family):
     """Prompts of 6, 2 and 3 tokens prefilled into scattered cache rows, then 8 decode steps: every step's logits
     equal transformers' on the whole sequence, well past the 4-token window."""
