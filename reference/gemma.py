@@ -2,8 +2,8 @@
 
 The Llama forward of reference/llama.py (its `linear` with per-row adapters, RoPE, GQA) with Gemma's
 differences: embeddings times sqrt(D); every RMSNorm scales by (1 + w); a gelu-tanh gated MLP; norms on the
-attention and MLP outputs and before the MLP; attention scaled by query_pre_attn_scalar^-1/2 and soft-capped
-before the mask; windowed layers; soft-capped logits. Gemma 3 adds (1 + w) q/k norms per head before RoPE
+attention and MLP outputs and before the MLP; attention scaled by query_pre_attn_scalar^-1/2 and (Gemma 2)
+soft-capped before the mask; windowed layers; soft-capped logits. Gemma 3 adds (1 + w) q/k norms per head before RoPE
 and rotates its windowed layers with a second, unscaled RoPE base. Rounding to a compute dtype (where Gemma
 and Llama differ, §12.3) is the runtime's business: float64 has none.
 
@@ -71,7 +71,8 @@ def attention(x, weights, prefix, config, positions, allowed, inv_freq, adapters
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)  # (B, H, T, Dh)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(config["query_pre_attn_scalar"])  # (B, H, T, T)
-    scores = softcap(scores, config.get("attn_logit_softcapping"))  # before the mask
+    if config["model_type"] == "gemma2":  # Gemma 3's attention never applies its cap (semantics §12.4)
+        scores = softcap(scores, config.get("attn_logit_softcapping"))  # before the mask
     scores = np.where(allowed, scores, np.finfo(np.float64).min)
     p = np.exp(scores - scores.max(axis=-1, keepdims=True))
     out = (p / p.sum(axis=-1, keepdims=True)) @ v  # (B, H, T, Dh)

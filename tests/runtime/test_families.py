@@ -71,6 +71,23 @@ def test_qwen3_attention_bias_covers_o_proj_too(tmp_path):
 
 
 @pytest.mark.compat
+def test_gemma3_caps_its_logits_but_not_its_attention_as_transformers_does(tmp_path):
+    """transformers 5.25's Gemma 3 applies final_logit_softcapping and ignores attn_logit_softcapping (semantics
+    §12.4): with both set, the logits still match, and only the final cap moved them."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_checkpoint(tmp_path / "ckpt", "gemma3_text", seed=4, attn_logit_softcapping=0.5,
+                         final_logit_softcapping=2.0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    config, _, model = load_parts(path, None, torch.float32, CPU)
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (None, 2.0)
+    ids = _ids(2, 9, seed=3)
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(ours, hf.eval()(ids).logits, rtol=0, atol=ATOL_HF)
+    assert ours.abs().max() < 2.0  # capped
+
+
+@pytest.mark.compat
 def test_cache_decoding_past_the_window_matches_transformers(tmp_path, new_family):
     """Prompts of 6, 2 and 3 tokens prefilled into scattered cache rows, then 8 decode steps: every step's logits
     equal transformers' on the whole sequence, well past the 4-token window."""

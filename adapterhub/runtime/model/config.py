@@ -140,7 +140,7 @@ class ModelConfig:
             eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
             pad_token_id=d.get("pad_token_id"), sliding_window=window, sliding_layers=sliding_layers,
             hidden_act=act, query_pre_attn_scalar=optional("query_pre_attn_scalar"),
-            attn_logit_softcapping=optional("attn_logit_softcapping"),
+            attn_logit_softcapping=optional("attn_logit_softcapping") if family.has_attention_softcap else None,
             final_logit_softcapping=optional("final_logit_softcapping"), local_rope_theta=local_theta,
             quantization=_quantization(d.get("quantization_config")),
         )

@@ -32,6 +32,7 @@ class Family:
     # "pattern" (every `sliding_window_pattern`-th layer is global, the others windowed); layer_types wins
     activation_key: str = "hidden_act"  # Gemma reads `hidden_activation` and ignores `hidden_act`
     has_local_rope: bool = False  # windowed layers rotate with `rope_local_base_freq`, unscaled (Gemma 3)
+    has_attention_softcap: bool = False  # applies `attn_logit_softcapping` (Gemma 2; Gemma 3's attention ignores it)
     defaults: dict = field(default_factory=dict)
 
 
@@ -42,7 +43,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", has_qk_norm=True, sliding="upper",
            defaults={"head_dim": 128, "max_window_layers": 28}),
     Family("gemma2", "Gemma2ForCausalLM", has_sandwich_norms=True, has_offset_norm=True, scales_embeddings=True,
-           sliding="pattern", activation_key="hidden_activation",
+           sliding="pattern", activation_key="hidden_activation", has_attention_softcap=True,
            defaults={"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                      "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 2,
                      "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
