@@ -53,11 +53,12 @@ PEFT_DEFAULTS: dict[str, Any] = {
 }
 # target_modules=None on a Llama-family model resolves to these (semantics §6.4).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
-# target_modules="all-linear" (any case) resolves to every nn.Linear but the output layer (§6.4); on a
-# Llama-family decoder (llama, mistral, qwen2) that is these 7 projections in every layer, never lm_head.
+# target_modules="all-linear" (any case) resolves to every nn.Linear but the output layer (§6.4); on the
+# supported decoders that is these projections in every layer, never lm_head: the 7 separate ones, or
+# Phi-3's 4 with its fused qkv_proj / gate_up_proj (a model has one set or the other, §12.5).
 ALL_LINEAR = "all-linear"
 ALL_LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj")
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""A tiny Llama-family forward in NumPy (Llama, Mistral, Qwen2), float64 throughout, HF names and numbers.
+"""A tiny Llama-family forward in NumPy (Llama, Mistral, Qwen2, Qwen3, Phi-3), float64 throughout, HF names
+and numbers.
 
 `config` is the HF config.json dict; `weights` maps HF parameter names (`model.layers.0.self_attn.q_proj.weight`,
 `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`, optional `*.bias`) to arrays.
-A bias is used wherever the weights have one: Qwen2's q/k/v bias, Llama's `attention_bias` / `mlp_bias`.
+The weights decide the variant: a bias is used wherever the weights have one (Qwen2's q/k/v bias, Llama's
+`attention_bias` / `mlp_bias`); `q_norm` / `k_norm` weights normalise each query / key head before RoPE (Qwen3);
+fused `qkv_proj` / `gate_up_proj` weights are split as Phi-3 splits them (q, k, v rows; gate, up halves).
 Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not modelled: keep T below the window.
 Logits at padded positions are unspecified (finite).
 """
@@ -86,10 +89,17 @@ def attention(x, weights, prefix, config, positions, key_mask, adapters):
     H, Hkv, Dh = _config(config)
     Bsz, T, _ = x.shape
     heads = lambda t, h: t.reshape(Bsz, T, h, Dh).transpose(0, 2, 1, 3)  # (B, h, T, Dh)
+    if prefix + "qkv_proj.weight" in weights:  # Phi-3: one projection, rows q then k then v
+        qkv = linear(x, weights, prefix + "qkv_proj", adapters)  # (B, T, (H + 2 Hkv) Dh)
+        q, k, v = np.split(qkv, [H * Dh, (H + Hkv) * Dh], axis=-1)
+    else:
+        q, k, v = (linear(x, weights, prefix + p, adapters) for p in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = heads(q, H), heads(k, Hkv), heads(v, Hkv)
+    if prefix + "q_norm.weight" in weights:  # Qwen3: RMSNorm over Dh of every head, before RoPE
+        q = rms_norm(q, weights[prefix + "q_norm.weight"], config["rms_norm_eps"])
+        k = rms_norm(k, weights[prefix + "k_norm.weight"], config["rms_norm_eps"])
     inv_freq = rope_inv_freq(config)
-    q = apply_rope(heads(linear(x, weights, prefix + "q_proj", adapters), H), positions, inv_freq)
-    k = apply_rope(heads(linear(x, weights, prefix + "k_proj", adapters), Hkv), positions, inv_freq)
-    v = heads(linear(x, weights, prefix + "v_proj", adapters), Hkv)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     # GQA: query head h reads kv head h // (H / Hkv), as HF repeat_kv does
     k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)  # (B, H, T, Dh)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(Dh)  # (B, H, T, T)
@@ -102,7 +112,10 @@ def attention(x, weights, prefix, config, positions, key_mask, adapters):
 
 
 def mlp(x, weights, prefix, adapters):
-    gate, up = linear(x, weights, prefix + "gate_proj", adapters), linear(x, weights, prefix + "up_proj", adapters)
+    if prefix + "gate_up_proj.weight" in weights:  # Phi-3: one projection, gate half then up half
+        gate, up = np.split(linear(x, weights, prefix + "gate_up_proj", adapters), 2, axis=-1)
+    else:
+        gate, up = linear(x, weights, prefix + "gate_proj", adapters), linear(x, weights, prefix + "up_proj", adapters)
     return linear(silu(gate) * up, weights, prefix + "down_proj", adapters)  # (B, T, F) -> (B, T, D)
 
 

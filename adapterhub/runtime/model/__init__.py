@@ -1,6 +1,10 @@
-"""The Llama-family model and its files: config, the decoder, the KV cache, the tokenizer, checkpoints.
+"""The decoder and its files: the architectures, config, layers, the KV cache, the tokenizer, checkpoints.
 
-- ``config.py``      ``ModelConfig`` from ``config.json`` (the architectures this runtime implements)
+- ``families.py``    one row of traits per supported ``model_type`` (Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+                     Gemma 3 text, Phi-3)
+- ``config.py``      ``ModelConfig`` from ``config.json`` (the family's defaults filled in, the rest refused)
+- ``rope.py``        rotary embeddings (default, llama3 and linear scaling)
+- ``layers.py``      norms, attention, MLP, decoder layer; each variant picked from the family's traits
 - ``model.py``       the decoder with Hugging Face module names; projections are ``AdapterLinear``
 - ``kv_cache.py``    preallocated keys / values with a length per cache row
 - ``tokenizer.py``   ``tokenizers`` + ``tokenizer_config.json`` (bos / eos, chat template)

@@ -71,15 +71,13 @@ def byte_tokenizer() -> Tokenizer:
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """fp32 HF-named weights: N(0, std) matrices, norms near 1, small biases; deterministic in `seed`."""
     g = torch.Generator().manual_seed(seed)
-    c, D = config, config.hidden_size
+    c, D, f = config, config.hidden_size, config.family
     randn = lambda *shape, s=std: torch.randn(*shape, generator=g) * s  # noqa: E731
+    one = 0.0 if f.has_offset_norm else 1.0  # a Gemma norm stores w and scales by (1 + w)
     # Embeddings N(0, 1) feed the residual stream; tied, they are also the output head and get its scale.
     embed_std = 1 / math.sqrt(D) if c.tie_word_embeddings else 1.0
-    w = {"model.embed_tokens.weight": randn(c.vocab_size, D, s=embed_std), "model.norm.weight": 1 + randn(D, s=0.1)}
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
-              "self_attn.o_proj": (D, q), "mlp.gate_proj": (c.intermediate_size, D),
-              "mlp.up_proj": (c.intermediate_size, D), "mlp.down_proj": (D, c.intermediate_size)}
+    w = {"model.embed_tokens.weight": randn(c.vocab_size, D, s=embed_std), "model.norm.weight": one + randn(D, s=0.1)}
+    shapes = projection_shapes(c)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         for name, (out, fan_in) in shapes.items():
@@ -88,11 +86,25 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dic
                 name.endswith("o_proj") and c.has_o_bias) or (name.startswith("mlp") and c.mlp_bias)
             if has_bias:
                 w[p + name + ".bias"] = randn(out, s=0.02)
-        w[p + "input_layernorm.weight"] = 1 + randn(D, s=0.1)
-        w[p + "post_attention_layernorm.weight"] = 1 + randn(D, s=0.1)
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if f.has_sandwich_norms else []
+        for name in norms:
+            w[p + name + ".weight"] = one + randn(D, s=0.1)
+        for name in ("self_attn.q_norm", "self_attn.k_norm") if f.has_qk_norm else ():
+            w[p + name + ".weight"] = one + randn(c.head_dim, s=0.1)
     if not c.tie_word_embeddings:
         w["lm_head.weight"] = randn(c.vocab_size, D, s=1 / math.sqrt(D))
     return w
+
+
+def projection_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(Dout, Din) of each decoder projection of one layer, by its HF path under `model.layers.{i}.`."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    D, F = c.hidden_size, c.intermediate_size
+    shapes = {"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+              "self_attn.qkv_proj": (q + 2 * kv, D), "self_attn.o_proj": (D, q), "mlp.gate_proj": (F, D),
+              "mlp.up_proj": (F, D), "mlp.gate_up_proj": (2 * F, D), "mlp.down_proj": (D, F)}
+    return {name: shapes[name] for name in c.family.projections}
 
 
 def tiny_weights() -> dict[str, torch.Tensor]:
