@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_hf_chat
 from hf_chat_setup import CONVERSATIONS, chat_ids, load_transformers
 
 from adapterhub.serve.logits import Penalties, token_logprobs
@@ -83,7 +84,7 @@ def test_the_servers_penalties_and_logprobs_equal_the_reference():
     assert [i for i, _ in out[0].top] == [i for i, _ in ref.top_log_probabilities(logits[0].numpy(), 4)]
 
 
-def test_completion_logprobs_are_log_softmax_of_transformers_logits(chat_served, hf):
+def test_completion_logprobs_are_log_softmax_of_transformers_logits(chat_served, hf, hf_chat):
     tokenizer, model = hf
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 5, "ignore_eos": True}
@@ -94,6 +95,12 @@ def test_completion_logprobs_are_log_softmax_of_transformers_logits(chat_served,
     assert logprobs["tokens"] == [tokenizer.decode([t]) for t in generated]
     np.testing.assert_allclose(logprobs["token_logprobs"], [float(lp[i, t]) for i, t in enumerate(generated)],
                                rtol=0, atol=1e-4)
+    # And of the runtime's own full forward, `base(...)`, on a separately loaded base (no KV cache, no batching).
+    with torch.no_grad():
+        full = load_hf_chat(hf_chat)(torch.tensor([prompt + generated]))[0, len(prompt) - 1: -1].double()
+    ours = torch.log_softmax(full, dim=-1)
+    np.testing.assert_allclose(logprobs["token_logprobs"], [float(ours[i, t]) for i, t in enumerate(generated)],
+                               rtol=0, atol=1e-5)
     for i, top in enumerate(logprobs["top_logprobs"]):
         values, ids = lp[i].topk(5)
         # Keyed by text, as OpenAI's shape is: tokens with one text (parts of a character) keep the last value.
