@@ -72,7 +72,8 @@ def test_the_template_is_read_from_tokenizer_config_json_and_the_jinja_file_wins
     messages = CONVERSATIONS[2]
     assert served_prompt(Tokenizer.from_dir(old), messages) == chat_ids(hf_tokenizer, messages)
     (old / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    assert Tokenizer.from_dir(old).apply_chat_template(messages) == "[hi][  Hello! How can I help?  ][héllo wörld ☕\n  two lines]"
+    expected = "[hi][  Hello! How can I help?  ][héllo wörld ☕\n  two lines]"
+    assert Tokenizer.from_dir(old).apply_chat_template(messages) == expected
 
 
 def test_an_override_template_renders_as_transformers_with_that_template(hf_chat):
@@ -134,7 +135,9 @@ def test_generation_config_gives_several_eos_ids_and_the_default_sampling(hf_cha
     engine = Engine(base, None, EngineConfig(max_batch=2))
     try:
         with serve_in_thread(create_app(engine, api_key="")) as url:
-            post = lambda **body: httpx.post(f"{url}/v1/completions", json={"prompt": prompt, **body}, timeout=60).json()  # noqa: E731
+            def post(**body) -> dict:
+                return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, **body}, timeout=60).json()
+
             stopped = post(temperature=0, max_tokens=6)
             assert stopped["choices"][0]["finish_reason"] == "stop"
             assert stopped["usage"]["completion_tokens"] == stop_at
@@ -145,7 +148,9 @@ def test_generation_config_gives_several_eos_ids_and_the_default_sampling(hf_cha
             # Defaults: top_k=1 makes a sampled request greedy; max_new_tokens is the default max_tokens.
             defaulted = post(temperature=1.0, seed=3, ignore_eos=True)
             assert defaulted["usage"]["completion_tokens"] == 5
-            assert defaulted["choices"][0]["text"] == post(temperature=0, max_tokens=5, ignore_eos=True)["choices"][0]["text"]
-            assert post(temperature=0, max_tokens=3, ignore_eos=True)["usage"]["completion_tokens"] == 3  # the request's own
+            greedy_text = post(temperature=0, max_tokens=5, ignore_eos=True)["choices"][0]["text"]
+            assert defaulted["choices"][0]["text"] == greedy_text
+            # The request's own value wins over the default.
+            assert post(temperature=0, max_tokens=3, ignore_eos=True)["usage"]["completion_tokens"] == 3
     finally:
         engine.close()
