@@ -1,4 +1,5 @@
-"""Which tokens sampling may pick, and with what probability: temperature, then top-k, then top-p.
+"""Which tokens sampling may pick, and with what probability: penalties, then temperature, top-k, top-p;
+and the log-probabilities a server reports.
 
 The order and conventions of Hugging Face generate's logits warpers (and vLLM's sampler):
 - temperature 0 means greedy: all mass on the argmax, ties to the lowest token id;
@@ -7,6 +8,17 @@ The order and conventions of Hugging Face generate's logits warpers (and vLLM's 
   first), a token survives while the mass before it is < top_p: the smallest set whose mass reaches
   top_p, and never empty;
 - the survivors' probabilities are renormalised. Computed in float64.
+
+Penalties change the logits before any of that (vLLM's order: repetition, then frequency, then presence),
+and greedy decoding too picks the argmax of the penalised logits:
+- OpenAI's frequency and presence penalties, over the tokens generated so far (not the prompt), with c[j]
+  the number of times token j was generated: logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;
+- the repetition penalty r of the CTRL paper as transformers and vLLM apply it, over every token of the
+  prompt and of the output: a seen token's logit becomes logit / r when positive, logit * r otherwise.
+
+Log-probabilities (OpenAI's `logprobs`) are those of the model's raw logits, log_softmax(logits), before
+penalties and temperature (vLLM's default, "raw_logprobs"); the top ones are ordered by log-probability,
+ties by lower token id.
 """
 
 import numpy as np
@@ -44,3 +56,29 @@ def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
         np.asarray(temperature, np.float64), np.asarray(top_k, np.int64), np.asarray(top_p, np.float64), logits[:, 0]
     )  # (B,) each
     return np.stack([row_probabilities(logits[b], t[b], k[b], p[b]) for b in range(logits.shape[0])])
+
+
+def apply_penalties(logits, output_counts, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
+                    prompt_tokens=()):
+    """One row's penalised logits.  # (V,), (V,) counts of each generated token -> (V,) float64"""
+    z = np.array(logits, np.float64)
+    counts = np.asarray(output_counts, np.float64)
+    seen = counts > 0
+    seen[list(prompt_tokens)] = True
+    z = np.where(seen, np.where(z > 0, z / repetition_penalty, z * repetition_penalty), z)
+    return z - counts * frequency_penalty - (counts > 0) * presence_penalty
+
+
+def log_probabilities(logits):
+    """log_softmax in float64.  # (V,) -> (V,)"""
+    z = np.asarray(logits, np.float64)
+    shifted = z - z.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def top_log_probabilities(logits, k):
+    """The k most likely tokens and their log-probabilities, most likely first, ties by lower id.
+    # (V,) -> [(token id, logprob)] * k"""
+    lp = log_probabilities(logits)
+    order = np.lexsort((np.arange(lp.shape[0]), -lp))[:k]
+    return [(int(i), float(lp[i])) for i in order]

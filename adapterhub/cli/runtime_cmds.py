@@ -24,11 +24,13 @@ from adapterhub.cli.options import allow_base_mismatch_option, emit, open_regist
 @click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
 @click.option("--quantize", default="nf4", show_default=True, metavar="FORMAT",
               help="Storage of the base's decoder linears: a 4-bit format (nf4, fp4) or 'none' (dense bf16).")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Compute dtype (and the dtype of a dense base with --quantize none).")
 @click.option("--token-ids", "is_token_ids", is_flag=True,
               help="PROMPT is comma-separated token ids (for a base without tokenizer.json; prints the ids).")
 @allow_base_mismatch_option
 @output_options
-def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_p, seed, quantize, is_token_ids,
+def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_p, seed, quantize, dtype, is_token_ids,
              allow_base_mismatch, as_json, quiet):
     """Complete PROMPT with a base model, optionally through one adapter.
 
@@ -38,10 +40,13 @@ def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_
     adapterhub generate --base ./llama-dir --adapter ./my-peft-adapter -n 32 "Hello"
     adapterhub generate --base ./no-tokenizer-dir --token-ids 1,15043,29892 --json
     adapterhub generate --base ./llama-dir --adapter hf://org/sql-lora "SELECT"
+    adapterhub generate --base ./llama-dir --quantize none --dtype float32 "Hello"   # exact fp32, as transformers
     """
     from adapterhub.adapter import adapter_source
     from adapterhub.registry.hub import is_hub_url, pull_through
     from adapterhub.runtime import load_base
+
+    import torch
 
     if is_hub_url(adapter):  # imported once per commit, then read by its manifest digest
         pinned = pull_through(open_registry(registry, reading=False), adapter)
@@ -50,7 +55,7 @@ def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_
         source = adapter_source(adapter) if adapter else None  # a bad or ambiguous name fails before the model loads
     tokens = _token_ids(prompt) if is_token_ids else None
     reg = open_registry(registry) if isinstance(source, str) else None
-    base = load_base(base_name, quantize=None if quantize == "none" else quantize)
+    base = load_base(base_name, quantize=None if quantize == "none" else quantize, compute_dtype=getattr(torch, dtype))
     name = None
     if source is not None:
         name = base.add_adapter(reg.load(source) if reg else source, name=adapter,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
@@ -10,6 +11,16 @@ from adapterhub.cli import main
 from adapterhub.cli.options import allow_base_mismatch_option, open_registry, registry_option
 from adapterhub.errors import ConfigError
 from adapterhub.serve.limits import HttpLimits
+
+
+def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, ref = value.partition("=")
+        if not (sep and name and ref):
+            raise click.BadParameter(f"{value!r} is not NAME=REF, e.g. sql=sql:prod or sql=./sql-lora")
+        pairs.append((name, ref))
+    return pairs
 
 
 @main.command("serve")
@@ -28,6 +39,18 @@ from adapterhub.serve.limits import HttpLimits
               help="Tokens per request (prompt + completion); default: the context length, at most 4096.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
               help="Compute dtype. float32 makes a row's result independent of the batch it runs in.")
+@click.option("--quantize", default="nf4", show_default=True, metavar="FORMAT",
+              help="Storage of the base's decoder linears: a 4-bit format (nf4, fp4) or 'none' (dense, in --dtype). "
+                   "A 4-bit checkpoint loads as saved.")
+@click.option("--served-model-name", default=None, metavar="NAME",
+              help="The base's model id in the API (/v1/models, the 'model' field); default: --base as given.")
+@click.option("--chat-template", "chat_template_file", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A Jinja chat template file, used instead of the tokenizer's (chat_template.jinja or "
+                   "tokenizer_config.json).")
+@click.option("--lora-modules", "lora_modules", multiple=True, metavar="NAME=REF", callback=_name_ref_pairs,
+              help="Serve an adapter under a model name from the start (as vLLM's option): REF is a registry ref, a "
+                   "PEFT directory path (./dir, /dir) or hf://org/name. Repeat it for several.")
 @click.option("--max-body-bytes", default=HttpLimits.max_body_bytes, show_default=True, type=click.IntRange(1),
               help="Largest request body; bigger ones get HTTP 413 before they are read.")
 @click.option("--header-timeout", default=HttpLimits.header_timeout_s, show_default=True,
@@ -42,16 +65,20 @@ from adapterhub.serve.limits import HttpLimits
               help="Let a request's model be hf://org/name[@revision]: imported into the registry on first use "
                    "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
-          max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
-          body_timeout: float, max_connections: int, allow_base_mismatch: bool, allow_hub: bool) -> None:
+          max_batch: int, max_seq: int | None, dtype: str, quantize: str, served_model_name: str | None,
+          chat_template_file: Path | None, lora_modules: list[tuple[str, str]], max_body_bytes: int,
+          header_timeout: float, body_timeout: float, max_connections: int, allow_base_mismatch: bool,
+          allow_hub: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
     adapterhub serve --port 8000
     curl localhost:8000/v1/completions -d '{"model": "sql:prod", "prompt": "SELECT", "max_tokens": 16}'
     ADAPTERHUB_API_KEY=s3cret adapterhub serve --host 0.0.0.0   # reachable from the network: set a key
+    adapterhub serve --base ./SmolLM2-135M-Instruct --served-model-name smol --lora-modules sql=sql:prod
     """
     from adapterhub.runtime import load_base
+    from adapterhub.runtime.model.chat_template import ChatTemplate
     from adapterhub.serve import server
     from adapterhub.serve.api import create_app
     from adapterhub.serve.engine import Engine, EngineConfig
@@ -63,20 +90,35 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         click.echo(warning, err=True)
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
+    template = None
+    if chat_template_file is not None:  # checked before the model loads, like the port
+        template = chat_template_file.read_text(encoding="utf-8")
+        ChatTemplate(template, {}, origin=str(chat_template_file))
     reg = open_registry(registry)
-    base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
-    if base.tokenizer is None:
-        raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save it "
-                          "beside the weights (transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq,
-                          allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub)
-    engine = Engine(base, reg, config)
-    click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
-               f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")
+    sock = server.bind_socket(host, port)  # a busy port fails now, not after loading the model
+    engine = None
     try:
-        server.run_server(create_app(engine, limits=limits), host, port, limits)
+        base = load_base(base_name, quantize=None if quantize == "none" else quantize,
+                         compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
+        if base.tokenizer is None:
+            raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save "
+                              "it beside the weights (transformers: AutoTokenizer.from_pretrained(...)"
+                              ".save_pretrained(dir))")
+        if template is not None:
+            base.tokenizer = base.tokenizer.with_chat_template(template)
+        config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, base_name=served_model_name,
+                              allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub)
+        engine = Engine(base, reg, config)
+        for name, source in lora_modules:
+            engine.add_named_adapter(name, source).result()
+        click.echo(f"adapterhub: serving base '{engine.base_name}' ({dtype}, {quantize}) on http://{host}:{port} "
+                   f"(max_batch={max_batch}, max_adapters={max_adapters}, max_queue={max_queue}, "
+                   f"max_seq={engine.max_seq})")
+        server.run_server(create_app(engine, limits=limits), host, port, limits, sock)
     finally:
-        engine.close()
+        sock.close()
+        if engine is not None:
+            engine.close()
 
 
 @main.command("demo")

@@ -24,6 +24,7 @@ from adapterhub.runtime.adapters import merge
 from adapterhub.runtime.adapters.pool import AdapterPool
 from adapterhub.runtime.model import loader
 from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.generation_config import SamplingDefaults
 from adapterhub.runtime.model.kv_cache import KVCache
 from adapterhub.runtime.model.model import Transformer
 from adapterhub.runtime.model.tokenizer import Tokenizer
@@ -48,18 +49,22 @@ def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4",
     formats.format_class(quantize)  # an unknown format fails before anything is read
     config, tokenizer, model = loader.load_parts(path_or_id, quantize, compute_dtype, torch.device(device))
     return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id),
-                identity=loader.load_identity(path_or_id))
+                identity=loader.load_identity(path_or_id),
+                sampling_defaults=loader.load_sampling_defaults(path_or_id))
 
 
 class Base:
     """identity: what the registry records of a base (base_identity.py), computed from the checkpoint by
     `load_base`; adapters recording another base are refused by `add_adapter` (None: nothing is checked).
-    tokenizer: None for a checkpoint without tokenizer.json, which then takes token ids only."""
+    tokenizer: None for a checkpoint without tokenizer.json, which then takes token ids only.
+    sampling_defaults: generation_config.json's sampling values, the server's defaults for a request."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None, model: Transformer, *,
-                 max_adapters: int = 16, name: str = "base", identity: BaseIdentity | None = None):
+                 max_adapters: int = 16, name: str = "base", identity: BaseIdentity | None = None,
+                 sampling_defaults: SamplingDefaults = SamplingDefaults()):
         self.config, self.tokenizer, self.model, self.name = config, tokenizer, model, name
         self.identity = identity
+        self.sampling_defaults = sampling_defaults
         self.pool = AdapterPool(model.linears(), capacity=max_adapters, identity=identity)
 
     # --- adapters -------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The OpenAI-style HTTP API over an :class:`~adapterhub.serve.engine.Engine` (Starlette; run with uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a chat template),
-GET /v1/models, POST /v1/adapters {"ref"}, DELETE /v1/adapters/{ref}, GET /health, GET /metrics.
-`model` names an adapter ref (``task@v3``, ``task:prod``, ``task`` = ``task:latest``) or the base.
+GET /v1/models, POST /v1/adapters {"ref"}, DELETE /v1/adapters/{ref}, vLLM's POST /v1/load_lora_adapter
+{"lora_name", "lora_path"} and POST /v1/unload_lora_adapter {"lora_name"}, GET /health, GET /metrics.
+`model` names an adapter ref (``task@v3``, ``task:prod``, ``task`` = ``task:latest``), a named adapter, or
+the base. A request with `n` choices runs them as n rows and answers once (or streams them interleaved).
 Every error is JSON ``{"error": {"message", "type", "code"}}`` with the status of its class in
 `adapterhub.errors` (400, 404, 408, 413, 422, 429, ...); the server stays up.
 
@@ -29,11 +31,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from adapterhub.errors import AdapterHubError, AuthError, RequestError
+from adapterhub.runtime.model.generation_config import SamplingDefaults
 from adapterhub.serve.bodylimit import BodyLimit
 from adapterhub.serve.engine import Engine
 from adapterhub.serve.limits import HttpLimits
-from adapterhub.serve.openai import (ParsedRequest, chunk_json, completion_json, error_json, parse_chat,
-                                     parse_completion, parse_json, prompt_char_limit, usage_chunk_json)
+from adapterhub.serve.openai import (ParsedRequest, chat_logprobs_json, chunk_json, completion_json,
+                                     completion_logprobs_json, error_json, parse_chat, parse_completion, parse_json,
+                                     prompt_char_limit, usage_chunk_json)
 from adapterhub.serve.requests import Delta, Finished, RequestHandle
 
 log = logging.getLogger("adapterhub.serve")
@@ -55,6 +59,7 @@ class _Handlers:
         self.tokenizer = engine.base.tokenizer
         self.key = key
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.max_seq)
+        self.defaults = getattr(engine.base, "sampling_defaults", SamplingDefaults())  # generation_config.json
 
     def routes(self) -> list[Route]:
         return [
@@ -63,6 +68,8 @@ class _Handlers:
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
             Route("/v1/adapters", self._guard(self.load_adapter), methods=["POST"]),
             Route("/v1/adapters/{ref}", self._guard(self.unload_adapter), methods=["DELETE"]),
+            Route("/v1/load_lora_adapter", self._guard(self.load_lora_adapter), methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self._guard(self.unload_lora_adapter), methods=["POST"]),
             Route("/health", self._guard(self.health, is_open=True), methods=["GET"]),
             Route("/metrics", self._guard(self.metrics), methods=["GET"]),
         ]
@@ -94,19 +101,22 @@ class _Handlers:
         return await self._generate(request, is_chat=True)
 
     async def _generate(self, request: Request, is_chat: bool) -> Response:
-        parsed, handle = await self._submit(request, is_chat)
-        request_id = ("chatcmpl-" if is_chat else "cmpl-") + handle.id.split("-", 1)[1]
+        parsed, handles = await self._submit(request, is_chat)
+        request_id = ("chatcmpl-" if is_chat else "cmpl-") + handles[0].id.split("-", 1)[1]
+        logprobs = _LogprobsJson(self.tokenizer, is_chat, parsed.params.logprobs is not None)
         if parsed.is_stream:
-            return StreamingResponse(_sse(handle, request_id, is_chat, parsed.has_stream_usage),
+            return StreamingResponse(_sse(handles, request_id, is_chat, parsed.has_stream_usage, logprobs),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            text, done = await handle.aresult()
+            results = await asyncio.gather(*(handle.acomplete() for handle in handles))
         finally:
-            handle.cancel()  # no-op when finished; frees the row if this task was cancelled
-        return JSONResponse(completion_json(request_id, handle.model, text, done, is_chat))
+            for handle in handles:
+                handle.cancel()  # no-op when finished; frees the rows if this task was cancelled
+        choices = [(text, done, logprobs.of(entries, i)) for i, (text, entries, done) in enumerate(results)]
+        return JSONResponse(completion_json(request_id, handles[0].model, choices, is_chat, len(parsed.prompt)))
 
-    async def _submit(self, request: Request, is_chat: bool) -> tuple[ParsedRequest, RequestHandle]:
+    async def _submit(self, request: Request, is_chat: bool) -> tuple[ParsedRequest, list[RequestHandle]]:
         """Parses and queues a request; rejections (400/404/408/413/422/429) are counted by error class."""
         try:
             raw = await _read_body(request)
@@ -117,24 +127,29 @@ class _Handlers:
             self.engine.metrics.count_request(type(error).__name__)
             raise
 
-    def _parse_and_submit(self, raw: bytes, is_chat: bool, loop) -> tuple[ParsedRequest, RequestHandle]:
+    def _parse_and_submit(self, raw: bytes, is_chat: bool, loop) -> tuple[ParsedRequest, list[RequestHandle]]:
         parsed = self._parse(parse_json(raw), is_chat)
-        handle = self.engine.submit(parsed.prompt, parsed.model, parsed.params, loop, parsed.is_stream)
-        return parsed, handle
+        handles = self.engine.submit_many(parsed.prompt, parsed.model, parsed.choices(), loop, parsed.is_stream)
+        return parsed, handles
 
     def _parse(self, body: dict, is_chat: bool) -> ParsedRequest:
         if not is_chat:
-            return parse_completion(body, self.tokenizer, self.max_prompt_chars)
+            return parse_completion(body, self.tokenizer, self.max_prompt_chars, self.defaults)
         if not _has_chat_template(self.tokenizer):
-            raise RequestError("this base's tokenizer has no chat template; use /v1/completions")
-        return parse_chat(body, self.tokenizer, self.engine.max_seq, self.max_prompt_chars)
+            raise RequestError("this base's tokenizer has no chat template (no chat_template.jinja, nor one in "
+                               "tokenizer_config.json); use /v1/completions, or start the server with "
+                               "--chat-template FILE")
+        return parse_chat(body, self.tokenizer, self.engine.max_seq, self.max_prompt_chars, self.defaults)
 
     async def models(self, request: Request) -> Response:
         engine = self.engine
         tasks = await run_in_threadpool(_registry_tasks, engine.source.registry)
+        named = engine.source.aliases()
         data = [_model_json(engine.base_name, "base")]
         data += [_model_json(name, "adapter", digest=digest, loaded=True)
-                 for digest, name in sorted(engine.resident().items(), key=lambda kv: kv[1])]
+                 for digest, name in sorted(engine.resident().items(), key=lambda kv: kv[1]) if name not in named]
+        data += [_model_json(name, "lora", root=r.root, parent=engine.base_name, digest=r.digest)
+                 for name, r in sorted(named.items())]
         data += [_model_json(task, "task") for task in tasks]
         return JSONResponse({"object": "list", "data": data})
 
@@ -151,6 +166,20 @@ class _Handlers:
         digest = await asyncio.wrap_future(await run_in_threadpool(self.engine.unload_adapter, ref))
         return JSONResponse({"id": ref, "digest": digest, "loaded": False})
 
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's route: {"lora_name", "lora_path"}; the path is a registry ref, a PEFT directory or hf://…"""
+        body = await run_in_threadpool(parse_json, await _read_body(request))
+        name, path = _vllm_fields(body, ("lora_name", "lora_path"))
+        digest = await asyncio.wrap_future(await run_in_threadpool(self.engine.add_named_adapter, name, path))
+        return JSONResponse({"lora_name": name, "lora_path": path, "digest": digest, "loaded": True})
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's route: {"lora_name"}."""
+        body = await run_in_threadpool(parse_json, await _read_body(request))
+        (name,) = _vllm_fields(body, ("lora_name",), optional=("lora_int_id",))
+        digest = await asyncio.wrap_future(await run_in_threadpool(self.engine.remove_named_adapter, name))
+        return JSONResponse({"lora_name": name, "digest": digest, "loaded": False})
+
     async def health(self, request: Request) -> Response:
         stats = self.engine.metrics.snapshot()
         return JSONResponse({"status": "ok", "base": self.engine.base_name,
@@ -166,27 +195,91 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error(RequestError(f"{request.method} {request.url.path}: {exc.detail}"), exc.status_code)
 
 
-async def _sse(handle, request_id: str, is_chat: bool, has_usage: bool):
-    """OpenAI chunk stream; an error after the headers went out becomes an error event."""
-    is_first = True
+class _LogprobsJson:
+    """Turns a choice's `TokenLogprob`s into OpenAI's JSON of the route (None when not asked for); for a stream,
+    the completions' character offsets continue across the chunks of each choice."""
+
+    def __init__(self, tokenizer, is_chat: bool, is_wanted: bool):
+        self.tokenizer, self.is_chat, self.is_wanted = tokenizer, is_chat, is_wanted
+        self._offsets: dict[int, int] = {}
+
+    def of(self, entries, index: int = 0) -> dict | None:
+        if not self.is_wanted:
+            return None
+        if self.is_chat:
+            return chat_logprobs_json(self.tokenizer, entries)
+        out = completion_logprobs_json(self.tokenizer, entries, self._offsets.get(index, 0))
+        if out["tokens"]:
+            self._offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+
+async def _events(handles: list[RequestHandle]):
+    """(choice index, event) from every handle as they come; an error in any ends the whole stream."""
+    if len(handles) == 1:
+        async for event in handles[0].stream():
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for event in handle.stream():
+                await queue.put((index, event))
+        except Exception as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
     try:
-        async for event in handle.stream():
+        running = len(handles)
+        while running:
+            index, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            running -= isinstance(event, Finished)
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _sse(handles: list[RequestHandle], request_id: str, is_chat: bool, has_usage: bool,
+               logprobs: _LogprobsJson):
+    """OpenAI chunk stream, the n choices interleaved; an error after the headers went out becomes an error event."""
+    model, started, completion_tokens = handles[0].model, set(), 0
+    try:
+        async for index, event in _events(handles):
+            is_first = index not in started
+            started.add(index)
             if isinstance(event, Delta):
-                chunk = chunk_json(request_id, handle.model, event.text, None, is_chat, is_first)
-                is_first = False
+                chunk = chunk_json(request_id, model, event.text, None, is_chat, is_first, index,
+                                   logprobs.of(event.logprobs, index))
             else:
                 assert isinstance(event, Finished)
-                chunk = chunk_json(request_id, handle.model, None, event.finish_reason, is_chat, is_first)
-                if has_usage:
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    chunk = usage_chunk_json(request_id, handle.model, event, is_chat)
+                completion_tokens += event.completion_tokens
+                chunk = chunk_json(request_id, model, None, event.finish_reason, is_chat, is_first, index)
             yield f"data: {json.dumps(chunk)}\n\n"
+        if has_usage:
+            usage = usage_chunk_json(request_id, model, handles[0].prompt_tokens, completion_tokens, is_chat)
+            yield f"data: {json.dumps(usage)}\n\n"
     except Exception as error:  # this request failed (the engine logged why; the others go on): end it properly
         status = error.http_status if isinstance(error, AdapterHubError) else 500
         yield f"data: {json.dumps(error_json(error, status))}\n\n"
     finally:
-        handle.cancel()  # the client went away, or the stream ended: never keep decoding for nobody
+        for handle in handles:
+            handle.cancel()  # the client went away, or the stream ended: never keep decoding for nobody
     yield "data: [DONE]\n\n"
+
+
+def _vllm_fields(body: dict, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[str]:
+    """The string fields of a vLLM adapter route, every one required; any other field is refused."""
+    unknown = sorted(set(body) - set(names) - set(optional))
+    if unknown:
+        raise RequestError(f"'{unknown[0]}' is not a field of this route; send {{{', '.join(map(repr, names))}}}")
+    for name in names:
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise RequestError(f"'{name}' must be a non-empty string, got {body.get(name)!r}"[:300])
+    return [body[name] for name in names]
 
 
 # `curl -d` sends application/x-www-form-urlencoded (the README's example); no header is accepted too.

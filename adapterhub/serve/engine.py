@@ -93,18 +93,29 @@ class Engine:
         Blocking (registry I/O): call it from a worker thread in async code. Raises RequestError (400),
         RefNotFoundError (404), IncompatibleAdapterError (422) or QueueFullError (429) before admission.
         """
-        validate_request(prompt, params, self.max_seq, self.vocab_size)
-        self._check_queue()
+        return self.submit_many(prompt, model, [params], loop, is_streaming)[0]
+
+    def submit_many(self, prompt: list[int], model: str | None, params: list[SamplingParams],
+                    loop: asyncio.AbstractEventLoop | None = None, is_streaming: bool = True) -> list[RequestHandle]:
+        """Several completions of one prompt (OpenAI's `n`), each its own row: one adapter version for all, and
+        all queued or none. Otherwise as `submit`."""
+        for p in params:
+            validate_request(prompt, p, self.max_seq, self.vocab_size)
+        if len(params) > self.config.max_queue:
+            raise RequestError(f"n={len(params)} choices can never fit the queue of {self.config.max_queue} requests; "
+                               "ask for fewer, or start the server with a larger --max-queue")
+        self._check_queue(len(params))
         resolved = self.source.resolve(model)
         adapter = None
         if resolved.digest is not None and resolved.digest not in self._resident_snapshot():
             adapter = self.source.load(resolved)
-        handle = RequestHandle(f"cmpl-{next(self._ids)}", resolved.model, len(prompt), loop, is_streaming)
+        handles = [RequestHandle(f"cmpl-{next(self._ids)}", resolved.model, len(prompt), loop, is_streaming)
+                   for _ in params]
         with self._cv:
-            self._check_queue()
-            self._waiting.append(_Waiting(handle, resolved, adapter, list(prompt), params))
+            self._check_queue(len(params))
+            self._waiting.extend(_Waiting(h, resolved, adapter, list(prompt), p) for h, p in zip(handles, params))
             self._cv.notify()
-        return handle
+        return handles
 
     def load_adapter(self, model: str) -> Future:
         """Reads (this thread) and installs (engine thread) an adapter; the future gives its digest."""
@@ -118,6 +129,30 @@ class Engine:
         """Removes an adapter version from the pool (an error while a running request uses it)."""
         digest = self.source.resolve(model).digest
         return self._call(lambda: self._remove(digest, model))
+
+    def add_named_adapter(self, name: str, source: str) -> Future:
+        """Serves the adapter `source` (a registry ref, a PEFT directory path or hf://…) under the model name `name`
+        (vLLM's load_lora_adapter): read now (this thread), installed on the engine thread; the future gives
+        its digest."""
+        resolved = self.source.add_alias(name, source)
+        try:
+            adapter = self.source.load(resolved)
+        except BaseException:
+            self.source.remove_alias(name)
+            raise
+        return self._call(lambda: self._install(resolved, adapter) or resolved.digest)
+
+    def remove_named_adapter(self, name: str) -> Future:
+        """Stops serving `name` (vLLM's unload_lora_adapter); an error while a running request uses it."""
+        digest = self.source.alias(name).digest  # RefNotFoundError (404) for a name never added
+
+        def remove() -> str:
+            if digest in self.base.pool.names():
+                self._remove(digest, name)
+            self.source.remove_alias(name)
+            return digest
+
+        return self._call(remove)
 
     def resident(self) -> dict[str, str]:
         """digest -> label ("task@v3"), for the adapters now in the pool."""
@@ -250,8 +285,8 @@ class Engine:
             self._cv.notify()
         return future
 
-    def _check_queue(self) -> None:
-        if len(self._waiting) >= self.config.max_queue:
+    def _check_queue(self, n: int = 1) -> None:
+        if len(self._waiting) + n > self.config.max_queue:
             raise QueueFullError(
                 f"{len(self._waiting)} requests are waiting (max_queue={self.config.max_queue}); "
                 f"retry later or start the server with a larger --max-queue"

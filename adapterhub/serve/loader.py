@@ -9,17 +9,23 @@ With ``allow_hub`` (``serve --allow-hub``) a ``model`` may also be ``hf://org/na
 request imports that revision's commit into the registry (registry/hub.py `pull_through`) and the name is
 then pinned to that version's digest for the life of the server, so later requests neither contact the
 Hub nor re-read its cache, and a revision moved on the Hub is picked up by a restart.
+
+Named adapters (vLLM's `load_lora_adapter` and `--lora-modules name=ref`) pin a name to one version when it
+is added: a registry ref resolved then, hf://… imported then, or a PEFT directory read then and kept in memory
+(its pool key is a sha256 of its PEFT files, so the same directory under two names is one slot).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
-from adapterhub.adapter import Adapter
-from adapterhub.errors import ConfigError, InvalidNameError, RefNotFoundError
+from adapterhub.adapter import Adapter, adapter_source
+from adapterhub.errors import ConfigError, InvalidNameError, RefNotFoundError, RequestError
 from adapterhub.registry.hub import is_hub_url, pull_through
 from adapterhub.registry.refs import parse_ref
 
@@ -32,6 +38,7 @@ class ResolvedModel:
     digest: str | None  # manifest digest "sha256:…", the pool key
     pinned_ref: str | None  # "task@sha256:…": reads exactly this version
     label: str  # "task@v3" where the registry says, for listings
+    root: str | None = None  # a named adapter: what it was loaded from (vLLM's `root` in /v1/models)
 
 
 class AdapterSource:
@@ -47,10 +54,15 @@ class AdapterSource:
         self._loading: dict[str, Future] = {}
         self._hub_pins: dict[str, ResolvedModel] = {}  # "hf://…" -> the version its first use imported
         self._hub_lock = threading.Lock()  # one import at a time: a second request for it waits, then reuses it
+        self._aliases: dict[str, ResolvedModel] = {}  # named adapters: name -> the version it was added as
+        self._directories: dict[str, Adapter] = {}  # pool key -> an adapter read from a PEFT directory
 
     def resolve(self, model: str | None) -> ResolvedModel:
         if model in (None, "", self.base_name):
             return ResolvedModel(model or self.base_name, None, None, self.base_name)
+        named = self._aliases.get(model)
+        if named is not None:
+            return named
         if self.registry is None:
             raise RefNotFoundError(
                 f"model '{model}' is not the base '{self.base_name}' and this server has no registry; "
@@ -82,6 +94,51 @@ class AdapterSource:
                 pinned = self._hub_pins[model] = ResolvedModel(model, ref.digest, f"{ref.task}@{ref.digest}", str(ref))
         return pinned
 
+    def add_alias(self, name: str, source: str) -> ResolvedModel:
+        """Pins `name` to the adapter `source` names now; 400 when the name is taken (vLLM's answer)."""
+        if not isinstance(name, str) or not name or name == self.base_name:
+            raise RequestError(f"the adapter name {name!r} must be a non-empty string other than the base's name "
+                               f"'{self.base_name}'")
+        with self._lock:
+            if name in self._aliases:
+                raise RequestError(f"an adapter named '{name}' is already loaded; unload it first "
+                                   "(POST /v1/unload_lora_adapter) or pick another name")
+        kind = adapter_source(source)
+        if isinstance(kind, Path):
+            adapter = Adapter.from_peft_dir(kind)
+            hashed = hashlib.sha256()
+            for content in adapter.peft_files().values():
+                hashed.update(hashlib.sha256(content).digest())
+            digest = f"sha256:{hashed.hexdigest()}"
+            with self._lock:
+                self._directories[digest] = adapter
+            resolved = ResolvedModel(name, digest, None, name, str(kind))
+        else:
+            version = self.resolve(source)
+            if version.digest is None:
+                raise RequestError(f"{source!r} is the base model, not an adapter; pass an adapter ref or directory")
+            resolved = ResolvedModel(name, version.digest, version.pinned_ref, name, version.label)
+        with self._lock:
+            self._aliases[name] = resolved
+        return resolved
+
+    def alias(self, name: str) -> ResolvedModel:
+        with self._lock:
+            resolved = self._aliases.get(name)
+        if resolved is None:
+            raise RefNotFoundError(f"no adapter named {name!r} was loaded; GET /v1/models lists the names")
+        return resolved
+
+    def remove_alias(self, name: str) -> None:
+        with self._lock:
+            gone = self._aliases.pop(name, None)
+            if gone is not None and all(r.digest != gone.digest for r in self._aliases.values()):
+                self._directories.pop(gone.digest, None)
+
+    def aliases(self) -> dict[str, ResolvedModel]:
+        with self._lock:
+            return dict(self._aliases)
+
     def load(self, resolved: ResolvedModel) -> Adapter:
         """Reads and validates one adapter version; callers asking for the same digest wait on one read."""
         with self._lock:
@@ -103,7 +160,9 @@ class AdapterSource:
                 del self._loading[resolved.digest]
 
     def _read(self, resolved: ResolvedModel) -> Adapter:
-        adapter = self.registry.load(resolved.pinned_ref)  # every blob re-hashed on the way
+        adapter = self._directories.get(resolved.digest)
+        if adapter is None:
+            adapter = self.registry.load(resolved.pinned_ref)  # every blob re-hashed on the way
         self._check(adapter, resolved.model)  # the pool's check, before the request queues
         return adapter
 

@@ -22,11 +22,31 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Penalties (reference/sampling.py): OpenAI's over the generated tokens, the repetition one over all.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
+    ignore_eos: bool = False  # end-of-sequence tokens are ordinary tokens: only max_tokens or a stop string end
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the raw logits, and the `top` most likely (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str  # complete characters only; a possible stop-string prefix is held back
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the last delta, when asked for
 
 
 @dataclass(frozen=True)
@@ -71,7 +91,12 @@ RANGES = {
     "top_p": Range(0, 1, is_integer=False, is_low_open=True),
     "top_k": Range(0, 2**31 - 1, is_integer=True),  # 0 disables it
     "seed": Range(-(2**63), 2**63 - 1, is_integer=True),
+    "presence_penalty": Range(-2, 2, is_integer=False),  # OpenAI's range
+    "frequency_penalty": Range(-2, 2, is_integer=False),
+    "repetition_penalty": Range(0, 100, is_integer=False, is_low_open=True),
+    "logprobs": Range(0, 20, is_integer=True),  # vLLM's default --max-logprobs
 }
+_OPTIONAL = {"seed", "logprobs"}  # None is a value: no seed, no logprobs
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # the engine thread scans a stop string's prefixes once per token and row
 
@@ -90,7 +115,7 @@ def validate_request(prompt: list[int], p: SamplingParams, max_seq: int, vocab_s
     _check_max_tokens(p.max_tokens, len(prompt), max_seq)
     for name, allowed in RANGES.items():
         value = getattr(p, name)
-        if not (value is None and name == "seed") and not allowed.contains(value):
+        if not (value is None and name in _OPTIONAL) and not allowed.contains(value):
             raise RequestError(f"{name} must be {allowed.describe()}, got {value!r}")
     _check_stop(p.stop)
 
@@ -125,16 +150,16 @@ class RequestHandle:
         self.is_cancelled = False
         self._loop = loop
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
-        self._held: list[str] = []  # not streaming: deltas wait here, one wake-up of the client at the end
+        self._held: list[Delta] = []  # not streaming: deltas wait here, one wake-up of the client at the end
 
     # engine side
     def emit(self, event) -> None:
         if not self.is_streaming:
             if isinstance(event, Delta):
-                self._held.append(event.text)
+                self._held.append(event)
                 return
             if self._held:
-                self._deliver(Delta("".join(self._held)))
+                self._deliver(Delta("".join(d.text for d in self._held), sum((d.logprobs for d in self._held), ())))
                 self._held = []
         self._deliver(event)
 
@@ -182,9 +207,15 @@ class RequestHandle:
         return "".join(parts), event
 
     async def aresult(self) -> tuple[str, Finished]:
-        parts = []
+        text, _, done = await self.acomplete()
+        return text, done
+
+    async def acomplete(self) -> tuple[str, tuple[TokenLogprob, ...], Finished]:
+        """(text, the tokens' log-probabilities when asked for, Finished)."""
+        parts, logprobs = [], []
         async for event in self.stream():
             if isinstance(event, Delta):
                 parts.append(event.text)
-        return "".join(parts), event
+                logprobs.extend(event.logprobs)
+        return "".join(parts), tuple(logprobs), event
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterhub.runtime.generate import SamplingBatch, sample
-from adapterhub.serve.requests import Delta, Finished, RequestHandle, SamplingParams
+from adapterhub.serve.logits import Penalties, token_logprobs
+from adapterhub.serve.requests import Delta, Finished, RequestHandle, SamplingParams, TokenLogprob
 from adapterhub.serve.text import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger("adapterhub.serve")
@@ -36,6 +37,7 @@ class Row:
     last_token: int = -1
     decoder: IncrementalDecoder | None = None
     stops: StopMatcher | None = None
+    pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities of tokens whose text is held back
     is_released: bool = False  # its cache row and slot pin are given back (finished or failed)
 
 
@@ -46,11 +48,13 @@ class RowBatch:
         self.metrics = metrics
         self._on_finish = on_finish  # (row, status) -> None: releases the slot pin
         self._eos = set(base.stop_token_ids())  # the same stop ids as Base.generate
+        self._penalties = Penalties(max_batch, base.config.vocab_size)
         self._free = list(range(max_batch - 1, -1, -1))
         self._active: list[Row] = []
         self._is_dirty = True
         self._rows_t = self._ids_t = self._tokens_t = None
         self._sampling = None
+        self._params: list[SamplingParams] = []
 
     def __len__(self) -> int:
         return len(self._active)
@@ -61,19 +65,20 @@ class RowBatch:
     def prefill(self, rows: list[Row]) -> None:
         """Admits new requests: one batched prefill of their prompts, first token sampled."""
         firsts = self._first_tokens([row for row in rows if self._guarded(row, self._prepare)])
-        for row, token in firsts:
-            self._guarded(row, self._advance, token)
+        for row, token, logprob in firsts:
+            self._guarded(row, self._advance, token, logprob)
         self.metrics.add_tokens(len(firsts))
 
     def step(self) -> None:
         """One decode step for every active row, whatever its adapter."""
         if self._is_dirty:
             self._rebuild()
-        active = list(self._active)
-        logits = self.base.decode(self.cache, self._rows_t, self._tokens_t, self._ids_t)  # (B, V)
-        for row, token in zip(active, self._sample(active, logits)):
+        active, params = list(self._active), self._params
+        raw = self.base.decode(self.cache, self._rows_t, self._tokens_t, self._ids_t)  # (B, V)
+        tokens = self._sample(active, self._penalties.apply(raw, self._rows_t, params))
+        for row, token, logprob in zip(active, tokens, self._extras(self._rows_t, raw, tokens, params)):
             if token is not None:
-                self._guarded(row, self._advance, token)
+                self._guarded(row, self._advance, token, logprob)
         self.metrics.add_tokens(len(active))
 
     def fail_all(self, error: Exception) -> None:
@@ -88,17 +93,20 @@ class RowBatch:
         row.decoder = IncrementalDecoder(self.base.tokenizer.decode)
         row.stops = StopMatcher(row.params.stop)
         _sampling_batch([row.params], [0])  # parameters torch cannot hold fail this row here, not the batch later
+        self._penalties.start(row.index, row.prompt, row.params, self.base.model.device)
 
-    def _first_tokens(self, rows: list[Row]) -> list[tuple[Row, int]]:
+    def _first_tokens(self, rows: list[Row]) -> list[tuple[Row, int, TokenLogprob | None]]:
         """Prefill and first sample of `rows`; if the batch raises, each row alone (prefill rewrites positions
         0..len-1 of its cache row, so a half-done batch leaves nothing behind)."""
         if not rows:
             return []
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            logits = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
-            tokens = sample(logits, _sampling_batch([r.params for r in rows], [0] * len(rows))).tolist()
-            return list(zip(rows, tokens))
+            raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
+            params, rows_t = [r.params for r in rows], torch.tensor([r.index for r in rows], dtype=torch.long)
+            logits = self._penalties.apply(raw, rows_t, params)
+            tokens = sample(logits, _sampling_batch(params, [0] * len(rows))).tolist()
+            return list(zip(rows, tokens, self._extras(rows_t, raw, tokens, params)))
         except Exception as error:
             if len(rows) == 1:
                 self._fail(rows[0], error)
@@ -115,6 +123,15 @@ class RowBatch:
             log.warning("sampling %d rows failed (%r); sampling them one by one", len(active), error)
             self._is_dirty = True  # the batch's offsets are unknown now: rebuilt from each row's count
             return [self._sample_alone(row, logits[i : i + 1]) for i, row in enumerate(active)]
+
+    def _extras(self, rows_t: torch.Tensor, raw: torch.Tensor, tokens: list[int | None],
+                params: list[SamplingParams]) -> list[TokenLogprob | None]:
+        """After sampling: counts the tokens for the penalties, and the log-probabilities of the raw logits."""
+        if not any(p.logprobs is not None or p.has_penalties for p in params):
+            return [None] * len(params)
+        tokens_t = torch.tensor([t if t is not None else 0 for t in tokens], dtype=torch.long)  # None: a failed row
+        self._penalties.record(rows_t, tokens_t, params)
+        return token_logprobs(raw, tokens_t, params)
 
     def _sample_alone(self, row: Row, logits: torch.Tensor) -> int | None:
         try:  # offset = tokens sampled so far, as in the batch: the same token the batch would have drawn
@@ -145,29 +162,35 @@ class RowBatch:
         self._rows_t = torch.tensor([r.index for r in rows], dtype=torch.long)
         self._ids_t = torch.cat([r.slot_ids for r in rows])
         self._tokens_t = torch.tensor([r.last_token for r in rows], dtype=torch.long)
-        self._sampling = _sampling_batch([r.params for r in rows], [r.generated for r in rows])
+        self._params = [r.params for r in rows]
+        self._sampling = _sampling_batch(self._params, [r.generated for r in rows])
         self._is_dirty = False
 
-    def _advance(self, row: Row, token: int) -> None:
+    def _advance(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> None:
         row.last_token = token
         if row.handle.is_cancelled:
             return self._finish(row, "cancelled", has_tail=False)
-        if token in self._eos:
+        if token in self._eos and not row.params.ignore_eos:
             return self._finish(row, "stop")
         row.generated += 1
+        if logprob is not None:
+            row.pending.append(logprob)
         text, is_stop = row.stops.push(row.decoder.push(token))
         if text:
-            row.handle.emit(Delta(text))
+            row.handle.emit(Delta(text, tuple(row.pending)))
+            row.pending.clear()
         if is_stop:  # the stop string and what follows it are dropped
             return self._finish(row, "stop", has_tail=False)
         if row.generated >= row.params.max_tokens:
             self._finish(row, "length")
 
     def _finish(self, row: Row, reason: str, has_tail: bool = True) -> None:
+        tail = ""
         if has_tail:  # held-back text: an incomplete character, a partial stop string
             tail = row.stops.push(row.decoder.flush())[0] + row.stops.flush()
-            if tail:
-                row.handle.emit(Delta(tail))
+        if tail or row.pending:  # the last tokens' log-probabilities go with the last delta
+            row.handle.emit(Delta(tail, tuple(row.pending)))
+            row.pending.clear()
         self._release(row, "ok" if reason != "cancelled" else "cancelled")
         row.handle.emit(Finished(reason, len(row.prompt), row.generated))
 

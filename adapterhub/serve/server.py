@@ -22,6 +22,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from adapterhub.errors import ConfigError
 from adapterhub.serve.limits import HttpLimits
 
 _TIMEOUT_BODY = json.dumps({"error": {"message": "the request headers did not arrive in time; send them at once",
@@ -111,9 +112,30 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, limits: HttpL
                           h11_max_incomplete_event_size=limits.max_header_bytes, **options)
 
 
-def run_server(app, host: str, port: int, limits: HttpLimits = HttpLimits()) -> None:
-    """Serves until interrupted (Ctrl-C)."""
-    uvicorn.Server(uvicorn_config(app, host, port, limits)).run()
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, opened before the model loads so that a busy port fails at once
+    (one line, ConfigError) instead of after minutes of loading; uvicorn then serves on it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host!r} does not resolve ({error.strerror}); use an address such as 127.0.0.1")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free; a listening one not
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror} (errno {error.errno}); stop what uses "
+                          "that port or pick another with --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app, host: str, port: int, limits: HttpLimits = HttpLimits(), sock: socket.socket | None = None) -> None:
+    """Serves until interrupted (Ctrl-C); on `sock` when given (`bind_socket`)."""
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits))
+    server.run(sockets=[sock] if sock is not None else None)
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

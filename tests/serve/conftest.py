@@ -1,14 +1,19 @@
 """Fixtures: a registry with three adapters of different kinds, a served tiny base on loopback, and an
-independent offline base (same deterministic tiny weights) that computes the expected completions."""
+independent offline base (same deterministic tiny weights) that computes the expected completions; and a
+real Hugging Face chat checkpoint built with transformers (hf_chat_setup.py), served in fp32 as "smol"
+with a registry of its own."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
+import torch
+from hf_chat_setup import build_checkpoint
 from serving_setup import ADAPTERS, Offline, Served, make_base
 
 from adapterhub.adapter import random_adapter
 from adapterhub.registry import Registry
+from adapterhub.runtime import load_base
 from adapterhub.serve.api import create_app
 from adapterhub.serve.engine import Engine, EngineConfig
 from adapterhub.serve.server import serve_in_thread
@@ -36,3 +41,28 @@ def served(registry):
 @pytest.fixture(scope="session")
 def offline(registry) -> Offline:
     return Offline(registry)
+
+
+@pytest.fixture(scope="session")
+def hf_chat(tmp_path_factory):
+    """The directory of the transformers-saved chat checkpoint."""
+    pytest.importorskip("transformers")
+    return build_checkpoint(tmp_path_factory.mktemp("hf-chat"))
+
+
+def load_hf_chat(path, max_adapters: int = 4):
+    return load_base(path, quantize=None, compute_dtype=torch.float32, max_adapters=max_adapters)
+
+
+@pytest.fixture(scope="module")
+def chat_served(hf_chat, tmp_path_factory):
+    """The chat checkpoint served as "smol" (fp32, dense), its registry holding one adapter task, "hfsql"."""
+    base = load_hf_chat(hf_chat)
+    registry = Registry(tmp_path_factory.mktemp("hf-registry"))
+    registry.push(random_adapter(base.module_shapes(), r=4, seed=5, target_modules=("q_proj", "v_proj")), "hfsql")
+    engine = Engine(base, registry, EngineConfig(max_batch=4, max_queue=32, base_name="smol"))
+    try:
+        with serve_in_thread(create_app(engine, api_key="")) as url, httpx.Client(base_url=url, timeout=120) as c:
+            yield Served(url, engine, c)
+    finally:
+        engine.close()

@@ -83,7 +83,7 @@ CASES = [
     ("seed-2**64", completion(seed=2**64), 400, "'seed' must be an integer in [-9223372036854775808"),
     ("seed-float", completion(seed=1.5), 400, "'seed'"),
     # n, stop, stream, model, unsupported fields
-    ("n-2", completion(n=2), 400, "'n'"),
+    ("n-17", completion(n=17), 400, "'n'"),
     ("n-0", completion(n=0), 400, "'n'"),
     ("n-string", completion(n="1"), 400, "'n'"),
     ("stop-int", completion(stop=5), 400, "'stop'"),
@@ -99,8 +99,12 @@ CASES = [
     ("model-path", completion(model="../../etc/passwd"), 400, "'model'"),
     ("model-unknown-adapter", completion(model="no-such-task"), 404, "'model'"),
     ("model-unknown-version", completion(model="summarize@v99"), 404, "'model'"),
-    ("logprobs", completion(logprobs=5), 400, "'logprobs'"),
-    ("presence_penalty", completion(presence_penalty=1.0), 400, "'presence_penalty'"),
+    ("logprobs-21", completion(logprobs=21), 400, "'logprobs'"),
+    ("logprobs-bool", completion(logprobs=True), 400, "'logprobs'"),
+    ("presence_penalty-2.5", completion(presence_penalty=2.5), 400, "'presence_penalty'"),
+    ("field-unknown", completion(temprature=0.5), 400, "'temprature'"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "'tools'"),
+    ("response_format-json", chat(response_format={"type": "json_object"}), 400, "'response_format'"),
     ("best_of", completion(best_of=3), 400, "'best_of'"),
     ("echo", completion(echo=True), 400, "'echo'"),
     # chat messages

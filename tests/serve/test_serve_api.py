@@ -30,7 +30,7 @@ def test_bad_requests_get_400_with_a_json_message(served):
     assert_error(served.complete(prompt="hi", max_tokens=max_seq + 1), 400, "RequestError", "exceeds the context")
     assert_error(served.complete(prompt="hi", max_tokens=0), 400, "RequestError", "max_tokens")
     assert_error(served.complete(prompt=[1] * max_seq, max_tokens=1), 400, "RequestError", "prompt has")
-    assert_error(served.complete(prompt="hi", n=2), 400, "RequestError", "n=1")
+    assert_error(served.complete(prompt="hi", n=17), 400, "RequestError", "'n'")
     assert_error(served.complete(prompt={"x": 1}), 400, "RequestError", "'prompt'")
     assert_error(served.complete(prompt="hi", max_tokens="ten"), 400, "RequestError", "max_tokens")
     assert_error(served.complete(prompt=[10**9]), 400, "RequestError", "outside the vocabulary")

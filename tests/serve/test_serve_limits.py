@@ -307,7 +307,8 @@ def test_exposure_warning_only_for_a_network_host_without_a_key():
 
 def test_serve_warns_on_stderr_and_passes_the_limits(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(server_module, "run_server", lambda app, host, port, limits: calls.append((host, limits)))
+    monkeypatch.setattr(server_module, "run_server", lambda app, host, port, limits, sock: calls.append((host, limits)))
+    monkeypatch.setattr(server_module, "bind_socket", lambda host, port: socket.socket())  # no real port taken
     monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path))
     monkeypatch.delenv("ADAPTERHUB_API_KEY", raising=False)
     args = ["serve", "--host", "0.0.0.0", "--max-body-bytes", "12345", "--header-timeout", "3",

@@ -7,7 +7,9 @@
 - ``layers.py``      norms, attention, MLP, decoder layer; each variant picked from the family's traits
 - ``model.py``       the decoder with Hugging Face module names; projections are ``AdapterLinear``
 - ``kv_cache.py``    preallocated keys / values with a length per cache row
-- ``tokenizer.py``   ``tokenizers`` + ``tokenizer_config.json`` (bos / eos, chat template)
+- ``tokenizer.py``   ``tokenizers`` + ``tokenizer_config.json`` (special tokens); ``chat_template.py`` reading
+                     and rendering Jinja chat templates as transformers does
+- ``generation_config.py``  ``SamplingDefaults`` from ``generation_config.json`` (the server's defaults)
 - ``checkpoint.py``  finding, reading and writing a Hugging Face checkpoint directory
 - ``loader.py``      building a model from a checkpoint (weights in a ``quant/`` format)
 - ``tiny.py``        the embedded default model, and random checkpoints for tests

@@ -20,6 +20,7 @@ from adapterhub.errors import ConfigError, ModelLoadError
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.model import checkpoint, tiny
 from adapterhub.runtime.model.config import ModelConfig, QuantConfig
+from adapterhub.runtime.model.generation_config import SamplingDefaults
 from adapterhub.runtime.model.model import Transformer
 from adapterhub.runtime.model.tokenizer import Tokenizer
 from adapterhub.runtime.quant import formats
@@ -80,6 +81,13 @@ def load_identity(path_or_id) -> BaseIdentity:
     tensors = checkpoint.TensorFile(path)
     return identity_of(json.loads((path / "config.json").read_text()),
                        lambda tensor, rows: _rows(tensors.slice(tensor, rows), None), name)
+
+
+def load_sampling_defaults(path_or_id) -> SamplingDefaults:
+    """What the checkpoint's generation_config.json asks of sampling (none for the tiny model)."""
+    if str(path_or_id) == "tiny":
+        return SamplingDefaults()
+    return SamplingDefaults.from_dir(checkpoint.resolve_dir(path_or_id))
 
 
 def _rows(t: torch.Tensor | None, rows: int | None):

@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 from adapterhub.runtime.model.checkpoint import write_checkpoint
 from adapterhub.runtime.model.config import ModelConfig
-from adapterhub.runtime.model.tokenizer import Tokenizer
+from adapterhub.runtime.model.tokenizer import Tokenizer, bytes_to_unicode
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 TINY_SEED = 7  # picked among a few seeds: its greedy text is varied and printable
@@ -44,22 +44,9 @@ def tiny_chat(messages, add_generation_prompt: bool = True) -> str:
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, the alphabet of the ByteLevel pre-tokenizer."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def byte_tokenizer() -> Tokenizer:
     """Byte-level BPE with no merges: token id = byte value; <s> is prepended on encode."""
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
