@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
-from hf_chat_setup import build_checkpoint
+from hf_chat_setup import build_checkpoint, load_hf_chat
 from serving_setup import ADAPTERS, Offline, Served, make_base
 
 from adapterhub.adapter import random_adapter
 from adapterhub.registry import Registry
-from adapterhub.runtime import load_base
 from adapterhub.serve.api import create_app
 from adapterhub.serve.engine import Engine, EngineConfig
 from adapterhub.serve.server import serve_in_thread
@@ -48,10 +46,6 @@ def hf_chat(tmp_path_factory):
     """The directory of the transformers-saved chat checkpoint."""
     pytest.importorskip("transformers")
     return build_checkpoint(tmp_path_factory.mktemp("hf-chat"))
-
-
-def load_hf_chat(path, max_adapters: int = 4):
-    return load_base(path, quantize=None, compute_dtype=torch.float32, max_adapters=max_adapters)
 
 
 @pytest.fixture(scope="module")

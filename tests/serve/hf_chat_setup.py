@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from adapterhub.runtime import load_base
+
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
     "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
@@ -101,3 +105,8 @@ def chat_ids(hf_tokenizer, messages, **kwargs) -> list[int]:
     kwargs = {"add_generation_prompt": True, **kwargs}
     out = hf_tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def load_hf_chat(path, max_adapters: int = 4):
+    """The chat checkpoint loaded dense in fp32, as the tests compare it to transformers."""
+    return load_base(path, quantize=None, compute_dtype=torch.float32, max_adapters=max_adapters)

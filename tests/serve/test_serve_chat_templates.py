@@ -10,8 +10,7 @@ import shutil
 import httpx
 import pytest
 import torch
-from conftest import load_hf_chat
-from hf_chat_setup import CHAT_TEMPLATE, CONVERSATIONS, build_checkpoint, chat_ids, load_transformers
+from hf_chat_setup import load_hf_chat, CHAT_TEMPLATE, CONVERSATIONS, build_checkpoint, chat_ids, load_transformers
 
 from adapterhub.errors import ModelLoadError, RequestError
 from adapterhub.runtime.model.generation_config import SamplingDefaults

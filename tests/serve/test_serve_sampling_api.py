@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_hf_chat
-from hf_chat_setup import CONVERSATIONS, chat_ids, load_transformers
+from hf_chat_setup import load_hf_chat, CONVERSATIONS, chat_ids, load_transformers
 
 from adapterhub.serve.logits import Penalties, token_logprobs
 from adapterhub.serve.requests import SamplingParams

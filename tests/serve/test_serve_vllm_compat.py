@@ -16,8 +16,7 @@ import httpx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_hf_chat
-from hf_chat_setup import CONVERSATIONS, chat_ids, load_transformers
+from hf_chat_setup import load_hf_chat, CONVERSATIONS, chat_ids, load_transformers
 
 from adapterhub.adapter import random_adapter
 from adapterhub.cli import main
