@@ -6,7 +6,7 @@
 - ``rope.py``        rotary embeddings (default, llama3 and linear scaling)
 - ``layers.py``      norms, attention, MLP, decoder layer; each variant picked from the family's traits
 - ``model.py``       the decoder with Hugging Face module names; projections are ``AdapterLinear``
-- ``kv_cache.py``    preallocated keys / values with a length per cache row
+- ``kv_cache.py``    paged keys / values (blocks under a budget, a block table and length per cache row)
 - ``tokenizer.py``   ``tokenizers`` + ``tokenizer_config.json`` (bos / eos, chat template)
 - ``checkpoint.py``  finding, reading and writing a Hugging Face checkpoint directory
 - ``loader.py``      building a model from a checkpoint (weights in a ``quant/`` format)
