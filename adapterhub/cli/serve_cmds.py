@@ -7,7 +7,7 @@ import os
 import click
 
 from adapterhub.cli import main
-from adapterhub.cli.options import allow_base_mismatch_option, open_registry, registry_option
+from adapterhub.cli.options import adapter_dtype_option, allow_base_mismatch_option, open_registry, registry_option
 from adapterhub.errors import ConfigError
 from adapterhub.serve.limits import HttpLimits
 
@@ -28,6 +28,11 @@ from adapterhub.serve.limits import HttpLimits
               help="Tokens per request (prompt + completion); default: the context length, at most 4096.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
               help="Compute dtype. float32 makes a row's result independent of the batch it runs in.")
+@adapter_dtype_option
+@click.option("--kv-cache-memory", default=None, metavar="SIZE",
+              help="KV cache budget, e.g. 512MB, 2GiB: blocks of 16 tokens given to requests as tokens arrive; "
+                   "requests wait (or are preempted and recomputed) when it is full. Default: 1/8 of the memory "
+                   "available, at most the base's weight bytes, at least one request of --max-seq tokens.")
 @click.option("--max-body-bytes", default=HttpLimits.max_body_bytes, show_default=True, type=click.IntRange(1),
               help="Largest request body; bigger ones get HTTP 413 before they are read.")
 @click.option("--header-timeout", default=HttpLimits.header_timeout_s, show_default=True,
@@ -42,7 +47,8 @@ from adapterhub.serve.limits import HttpLimits
               help="Let a request's model be hf://org/name[@revision]: imported into the registry on first use "
                    "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
-          max_batch: int, max_seq: int | None, dtype: str, max_body_bytes: int, header_timeout: float,
+          max_batch: int, max_seq: int | None, dtype: str, adapter_dtype: str, kv_cache_memory: str | None,
+          max_body_bytes: int, header_timeout: float,
           body_timeout: float, max_connections: int, allow_base_mismatch: bool, allow_hub: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
@@ -52,6 +58,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     ADAPTERHUB_API_KEY=s3cret adapterhub serve --host 0.0.0.0   # reachable from the network: set a key
     """
     from adapterhub.runtime import load_base
+    from adapterhub.runtime.export import parse_size
     from adapterhub.serve import server
     from adapterhub.serve.api import create_app
     from adapterhub.serve.engine import Engine, EngineConfig
@@ -63,16 +70,25 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         click.echo(warning, err=True)
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
+    kv_bytes = None
+    if kv_cache_memory is not None:
+        try:
+            kv_bytes = parse_size(kv_cache_memory)
+        except ConfigError:
+            raise ConfigError(f"--kv-cache-memory {kv_cache_memory!r} is not a size; write e.g. 512MB, 2GiB "
+                              "or a number of bytes") from None
     reg = open_registry(registry)
-    base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
+    base = load_base(base_name, compute_dtype=getattr(torch, dtype), max_adapters=max_adapters,
+                     adapter_dtype=adapter_dtype)
     if base.tokenizer is None:
         raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save it "
                           "beside the weights (transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq,
-                          allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub)
+                          allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub, kv_cache_memory=kv_bytes)
     engine = Engine(base, reg, config)
     click.echo(f"adapterhub: serving base '{base_name}' ({dtype}) on http://{host}:{port} (max_batch={max_batch}, "
                f"max_adapters={max_adapters}, max_queue={max_queue}, max_seq={engine.max_seq})")
+    click.echo(f"adapterhub: {engine.memory_summary()}")
     try:
         server.run_server(create_app(engine, limits=limits), host, port, limits)
     finally:

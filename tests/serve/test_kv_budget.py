@@ -1,0 +1,74 @@
+"""The engine under a KV cache budget of a few blocks: many concurrent mixed-adapter requests all finish with the
+text each gets alone (fp32 greedy), rows are preempted and recomputed when blocks run out, and /metrics shows the
+budget, the preemptions and every block back once the requests are done."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+from serving_setup import PROMPTS, make_base
+
+from adapterhub.errors import ConfigError
+from adapterhub.serve.api import create_app
+from adapterhub.serve.engine import Engine, EngineConfig, default_kv_memory
+from adapterhub.serve.server import serve_in_thread
+
+MODELS = [None, "summarize", "sql:prod", "translate@v1"]
+BLOCKS = 5  # of 16 tokens: a prompt here is up to ~25 tokens, a finished row up to ~45 (3 blocks)
+
+
+def _metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_a_few_blocks_serve_many_concurrent_requests_equal_to_solo_runs(registry, offline):
+    base = make_base()
+    per_block = 16 * base.kv_bytes_per_token()
+    engine = Engine(base, registry, EngineConfig(max_batch=8, max_seq=64, kv_cache_memory=BLOCKS * per_block))
+    requests = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)], 10 + i % 9) for i in range(24)]
+
+    async def send_all(url):
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": n, "temperature": 0})
+                for m, p, n in requests))
+
+    try:
+        with serve_in_thread(create_app(engine, api_key="")) as url:
+            responses = asyncio.run(send_all(url))
+            metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        engine.close()
+    assert [r.status_code for r in responses] == [200] * len(requests)
+    for (model, prompt, n), response in zip(requests, responses):
+        assert response.json()["choices"][0]["text"] == offline.complete(model, prompt, n), (model, prompt, n)
+    assert _metric(metrics, "adapterhub_kv_cache_blocks") == BLOCKS
+    assert _metric(metrics, "adapterhub_kv_cache_bytes") == (BLOCKS + 1) * per_block  # + the padding block
+    assert _metric(metrics, "adapterhub_kv_cache_blocks_free") == BLOCKS  # every block given back
+    preemptions = _metric(metrics, "adapterhub_preemptions_total")
+    assert preemptions >= 1 and preemptions == engine.metrics.snapshot()["preemptions"]
+    assert _metric(metrics, "adapterhub_adapter_pool_bytes") > 0  # the three adapters' stacks
+    assert engine.metrics.snapshot()["requests"] == {"ok": len(requests)}
+
+
+def test_the_budget_must_hold_one_request_and_defaults_to_a_bounded_share():
+    base = make_base()
+    one_row = 4 * 16 * base.kv_bytes_per_token()  # max_seq 64 = 4 blocks
+    with pytest.raises(ConfigError, match="less than one request of max_seq=64"):
+        Engine(base, None, EngineConfig(max_seq=64, kv_cache_memory=one_row - 1))
+    # The default: 1/8 of what is available, at most the base's weights and what max_batch full rows use,
+    # at least one full row.
+    assert default_kv_memory(base, 16, 64, available=8 * 2 * one_row) == 2 * one_row
+    assert default_kv_memory(base, 16, 64, available=1) == one_row
+    assert default_kv_memory(base, 2, 64, available=2**40) == 2 * one_row
+    weights = base.weight_bytes()
+    assert default_kv_memory(base, 10**6, 64, available=2**50) == weights
+    engine = Engine(base, None, EngineConfig(max_batch=4, max_seq=64))
+    try:
+        assert engine.metrics.snapshot()["kv_cache_bytes"] == (4 * 4 + 1) * 16 * base.kv_bytes_per_token()
+        assert "KV cache" in engine.memory_summary() and "adapter pool 0 bytes" in engine.memory_summary()
+    finally:
+        engine.close()
