@@ -5,17 +5,26 @@ budget, the preemptions and every block back once the requests are done."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from serving_setup import PROMPTS, make_base
 
+from adapterhub.cli import main
 from adapterhub.errors import ConfigError
 from adapterhub.serve.api import create_app
 from adapterhub.serve.engine import Engine, EngineConfig, default_kv_memory
 from adapterhub.serve.server import serve_in_thread
 
+REPO = Path(__file__).resolve().parents[2]
 MODELS = [None, "summarize", "sql:prod", "translate@v1"]
 BLOCKS = 5  # of 16 tokens: a prompt here is up to ~25 tokens, a finished row up to ~45 (3 blocks)
 
@@ -72,3 +81,39 @@ def test_the_budget_must_hold_one_request_and_defaults_to_a_bounded_share():
         assert "KV cache" in engine.memory_summary() and "adapter pool 0 bytes" in engine.memory_summary()
     finally:
         engine.close()
+
+
+def test_serve_takes_the_budget_and_the_adapter_dtype_and_prints_them(registry):
+    """`adapterhub serve --kv-cache-memory 1MB --adapter-dtype float32`: the tiny base in bf16 holds 2,048 bytes
+    of keys and values per token (2 x 4 layers x 4 KV heads x 32 x 2 bytes), so 1,000,000 bytes are 30 blocks."""
+    bad = CliRunner().invoke(main, ["serve", "--kv-cache-memory", "lots"])
+    assert bad.exit_code != 0 and "--kv-cache-memory 'lots' is not a size" in bad.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "from adapterhub.cli import main; main()", "serve", "--port", str(port),
+               "--registry", registry.location, "--max-seq", "64", "--kv-cache-memory", "1MB",
+               "--adapter-dtype", "float32"]
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTERHUB_API_KEY"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "adapterhub serve did not come up"
+                time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "model": "sql:prod"}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert _metric(metrics, "adapterhub_kv_cache_blocks") == 30
+    assert _metric(metrics, "adapterhub_adapter_pool_bytes") > 0
+    assert "KV cache 1.0 MiB: 30 blocks of 16 tokens (480 tokens, 2048 bytes each)" in output
+    assert "adapter pool 0 bytes now, in float32" in output
