@@ -133,7 +133,7 @@ def run_memory(args) -> None:
     codes = sorted({r.status_code for r in responses})
     usage = [r.json()["usage"] for r in responses if r.status_code == 200]
     print("server start:\n  " + "\n  ".join(line for line in banner.splitlines() if line.startswith("adapterhub:")))
-    print(f"135M Llama (hidden 576, 30 layers, 9/3 heads, vocab 49152), `adapterhub serve` defaults (NF4, bf16)")
+    print("135M Llama (hidden 576, 30 layers, 9/3 heads, vocab 49152), `adapterhub serve` defaults (NF4, bf16)")
     print(f"idle resident memory: {idle:.0f} MiB")
     print(f"{args.concurrent} concurrent requests, {statistics.mean(u['prompt_tokens'] for u in usage):.0f}-token "
           f"prompts, {args.max_tokens} max tokens: status codes {codes}, {len(usage)} completed in {elapsed:.1f} s, "
