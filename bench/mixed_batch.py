@@ -7,9 +7,11 @@ KV cache. Reports tokens/s (medians) and the ratio to one merged adapter in the 
 model's speed is timed after a real merge_adapter; each ratio is the median over back-to-back pairs of
 a plain ids=None forward (the same ops and shapes as merged weights) and the mixed forward, so it
 stays meaningful on a shared machine. PEFT (LoRA only: it refuses DoRA in mixed batches) is timed the
-same way against its own adapter_names=["__base__"] forward.
+same way against its own adapter_names=["__base__"] forward. The adapter dtype section times LoRA with
+adapters kept in bf16 (`adapter_dtype="auto"`, the compiled kernels) against fp32 adapters inside the bf16
+base (`"float32"`, PEFT's numerics), each as a ratio to the plain forward.
 
-    python -m bench.mixed_batch [--quick] [--no-peft]
+    python -m bench.mixed_batch [--quick] [--no-peft] [--adapter-dtype-only]
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def make_workloads(model):
     last = torch.full((ROWS,), PROMPT - 1)
     cache = KVCache(CONFIG.num_hidden_layers, ROWS, CONFIG.num_key_value_heads, PROMPT + 8, CONFIG.head_dim,
                     dtype=torch.bfloat16)
+    cache.allocate(range(ROWS), [PROMPT + 1] * ROWS)  # the blocks of a 64-token prompt and the decoded token
     step = cache.step(torch.arange(ROWS), 1, starts=torch.full((ROWS,), PROMPT))  # decode at position 64
     token = torch.randint(0, CONFIG.vocab_size, (ROWS, 1), generator=g)
 
@@ -97,6 +100,30 @@ def bench_runtime(model, pool, adapters, kind: str, counts, repeats: int, rows_o
     for i in range(len(adapters)):
         pool.remove(f"{kind}{i}")
     return merged
+
+
+def bench_adapter_dtype(model, adapters, counts, repeats: int) -> list:
+    """LoRA mixed batches with the stacks in bf16 ("auto") and in fp32 inside the bf16 base ("float32"):
+    [(dtype, N, phase, tokens/s, ratio to the plain forward)]."""
+    out = []
+    prefill, decode = make_workloads(model)
+    for label, dtype in (("auto (bf16)", torch.bfloat16), ("float32", torch.float32)):
+        pool = AdapterPool(model.linears(), capacity=max(counts), adapter_dtype=dtype)
+        for i, adapter in enumerate(adapters):
+            pool.add(adapter, f"a{i}")
+        for n in counts:
+            ids = pool.acquire([f"a{b % n}" for b in range(ROWS)])
+            for phase, fn, tokens in (("prefill", prefill, ROWS * PROMPT), ("decode", decode, ROWS)):
+                t, ratio = paired(lambda: fn(None), lambda: fn(ids), repeats)
+                out.append((label, n, phase, tokens / t, ratio))
+                print(f"  measured adapter dtype {label} N={n} {phase}: {tokens / t:.1f} tok/s, {ratio:.2f}x plain",
+                      flush=True)
+            pool.release(ids)
+        for i in range(len(adapters)):
+            pool.remove(f"a{i}")
+    for linear in model.linears().values():
+        linear.set_adapter_dtype(torch.bfloat16)
+    return out
 
 
 def bench_peft(weights, adapters, counts, repeats: int):
@@ -148,6 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 1, 32 only and 3 repeats")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+    parser.add_argument("--adapter-dtype-only", action="store_true", help="only the adapter dtype section")
     args = parser.parse_args()
     counts, repeats = ((1, 32), 3) if args.quick else ((1, 4, 16, 32), 7)
     weights = random_weights(CONFIG, seed=0)
@@ -161,6 +189,13 @@ def main() -> None:
 
     rows: list = []
     lora = adapters(False)
+    by_dtype = bench_adapter_dtype(model, lora, counts, repeats)
+    print(f"adapter dtype (LoRA r={RANK}, all linears, bf16 base, {ROWS} rows; ratio to the plain forward):")
+    print(f"{'adapter dtype':<13} {'N':>3} {'phase':<8} {'tok/s':>9} {'x plain':>8}")
+    for label, n, phase, tps, ratio in by_dtype:
+        print(f"{label:<13} {n:>3} {phase:<8} {tps:>9.1f} {ratio:>8.2f}")
+    if args.adapter_dtype_only:
+        return
     merged = {"lora": bench_runtime(model, pool, lora, "lora", counts, repeats, rows)}
     dora = adapters(True)
     merged["dora"] = bench_runtime(model, pool, dora, "dora", counts, repeats, rows)

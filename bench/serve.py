@@ -6,6 +6,14 @@ The server (tiny base, engine, uvicorn) runs in this process on 127.0.0.1; `--cl
 clients keep one request each in flight. Scenario "one": every request names the same adapter;
 "mixed": each names one of 16 adapters at random (LoRA r=16 on q/k/v/o). Both scenarios run
 alternately `--rounds` times; the table shows medians, and the ratio mixed / one (goal >= 0.85).
+
+    python -m bench.serve --memory [--concurrent 64] [--prompt-tokens 512]
+
+`--memory`: a 135M Llama-architecture base (hidden 576, 30 layers, 9 / 3 heads, vocab 49152, as SmolLM2-135M)
+built from its config by transformers with random weights and saved (no download) is served by
+`adapterhub serve` with default settings in a child process: its resident memory idle (VmRSS), then
+`--concurrent` requests of `--prompt-tokens`-token prompts sent at once, which fit the KV budget or wait
+for it (preemptions counted from /metrics), and the peak resident memory (VmHWM).
 """
 
 from __future__ import annotations
@@ -55,6 +63,87 @@ def load_in_process(url: str, models: list[str], requests: int, seed: int, *, cl
     return asyncio.run(run_load(url, models, clients, requests, max_tokens, seed))
 
 
+SMOL_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257)
+
+
+def build_135m(path) -> None:
+    """The 135M config's model with transformers' random init, saved in bf16, and the byte tokenizer."""
+    import torch
+    import transformers
+
+    from adapterhub.runtime.model.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOL_135M))
+    model.to(torch.bfloat16).save_pretrained(path)
+    byte_tokenizer().save(path)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def _burst(url: str, n: int, prompt_tokens: int, max_tokens: int):
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_tokens - 1)) for _ in range(n)]
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        return await asyncio.gather(*(client.post("/v1/completions", json={
+            "prompt": p, "max_tokens": max_tokens, "temperature": 0}) for p in prompts))
+
+
+def run_memory(args) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="adapterhub-135m-") as tmp:
+        build_135m(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, ADAPTERHUB_HOME=f"{tmp}/registry")
+        cmd = [sys.executable, "-c", "from adapterhub.cli import main; main()", "serve", "--base", tmp, "--port", str(port)]
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            time.sleep(5)  # idle
+            idle = _status_kib(server.pid, "VmRSS") / 1024
+            started = time.perf_counter()
+            responses = asyncio.run(_burst(url, args.concurrent, args.prompt_tokens, args.max_tokens))
+            elapsed = time.perf_counter() - started
+            metrics = httpx.get(f"{url}/metrics").text
+            peak, after = _status_kib(server.pid, "VmHWM") / 1024, _status_kib(server.pid, "VmRSS") / 1024
+        finally:
+            server.terminate()
+            banner = server.communicate(timeout=60)[0]
+    codes = sorted({r.status_code for r in responses})
+    usage = [r.json()["usage"] for r in responses if r.status_code == 200]
+    print("server start:\n  " + "\n  ".join(line for line in banner.splitlines() if line.startswith("adapterhub:")))
+    print("135M Llama (hidden 576, 30 layers, 9/3 heads, vocab 49152), `adapterhub serve` defaults (NF4, bf16)")
+    print(f"idle resident memory: {idle:.0f} MiB")
+    print(f"{args.concurrent} concurrent requests, {statistics.mean(u['prompt_tokens'] for u in usage):.0f}-token "
+          f"prompts, {args.max_tokens} max tokens: status codes {codes}, {len(usage)} completed in {elapsed:.1f} s, "
+          f"{int(_metric(metrics, 'adapterhub_preemptions_total'))} preemptions; KV budget "
+          f"{_metric(metrics, 'adapterhub_kv_cache_bytes') / 2**20:.1f} MiB "
+          f"({int(_metric(metrics, 'adapterhub_kv_cache_blocks'))} blocks of "
+          f"{int(_metric(metrics, 'adapterhub_kv_cache_block_tokens'))} tokens)")
+    print(f"resident memory: peak {peak:.0f} MiB, after the burst {after:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds: fewer requests, one round")
@@ -63,7 +152,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--memory", action="store_true", help="the 135M base's idle memory and a burst of long prompts")
+    parser.add_argument("--concurrent", type=int, default=64, help="--memory: requests sent at once")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="--memory: tokens per prompt")
     args = parser.parse_args()
+    if args.memory:
+        return run_memory(args)
     if args.quick:
         args.requests, args.rounds, args.max_tokens = 32, 1, 16
 

@@ -34,6 +34,12 @@ allow_base_mismatch_option = click.option(
          "warning instead of an error.")
 
 
+adapter_dtype_option = click.option(
+    "--adapter-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32"]),
+    help="Adapter weights and the LoRA term: 'auto' in the compute dtype (the fast compiled kernels), 'float32' "
+         "inside a bf16 base as PEFT computes them (greedy output equal to PEFT's in bf16).")
+
+
 def output_options(command):
     """--json and --quiet, in that order in --help."""
     return json_option(quiet_option(command))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub.cli import main
-from adapterhub.cli.options import allow_base_mismatch_option, emit, open_registry, output_options, registry_option
+from adapterhub.cli.options import adapter_dtype_option, allow_base_mismatch_option, emit, open_registry, output_options, registry_option
 
 
 @main.command("generate")
@@ -28,10 +28,11 @@ from adapterhub.cli.options import allow_base_mismatch_option, emit, open_regist
               help="Compute dtype (and the dtype of a dense base with --quantize none).")
 @click.option("--token-ids", "is_token_ids", is_flag=True,
               help="PROMPT is comma-separated token ids (for a base without tokenizer.json; prints the ids).")
+@adapter_dtype_option
 @allow_base_mismatch_option
 @output_options
 def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_p, seed, quantize, dtype, is_token_ids,
-             allow_base_mismatch, as_json, quiet):
+             adapter_dtype, allow_base_mismatch, as_json, quiet):
     """Complete PROMPT with a base model, optionally through one adapter.
 
     \b
@@ -55,7 +56,8 @@ def generate(prompt, base_name, adapter, registry, max_tokens, temperature, top_
         source = adapter_source(adapter) if adapter else None  # a bad or ambiguous name fails before the model loads
     tokens = _token_ids(prompt) if is_token_ids else None
     reg = open_registry(registry) if isinstance(source, str) else None
-    base = load_base(base_name, quantize=None if quantize == "none" else quantize, compute_dtype=getattr(torch, dtype))
+    base = load_base(base_name, quantize=None if quantize == "none" else quantize, compute_dtype=getattr(torch, dtype),
+                     adapter_dtype=adapter_dtype)
     name = None
     if source is not None:
         name = base.add_adapter(reg.load(source) if reg else source, name=adapter,

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli import main
-from adapterhub.cli.options import allow_base_mismatch_option, open_registry, registry_option
+from adapterhub.cli.options import adapter_dtype_option, allow_base_mismatch_option, open_registry, registry_option
 from adapterhub.errors import ConfigError
 from adapterhub.serve.limits import HttpLimits
 
@@ -51,6 +51,11 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
 @click.option("--lora-modules", "lora_modules", multiple=True, metavar="NAME=REF", callback=_name_ref_pairs,
               help="Serve an adapter under a model name from the start (as vLLM's option): REF is a registry ref, a "
                    "PEFT directory path (./dir, /dir) or hf://org/name. Repeat it for several.")
+@adapter_dtype_option
+@click.option("--kv-cache-memory", default=None, metavar="SIZE",
+              help="KV cache budget, e.g. 512MB, 2GiB: blocks of 16 tokens given to requests as tokens arrive; "
+                   "requests wait (or are preempted and recomputed) when it is full. Default: 1/8 of the memory "
+                   "available, at most the base's weight bytes, at least one request of --max-seq tokens.")
 @click.option("--max-body-bytes", default=HttpLimits.max_body_bytes, show_default=True, type=click.IntRange(1),
               help="Largest request body; bigger ones get HTTP 413 before they are read.")
 @click.option("--header-timeout", default=HttpLimits.header_timeout_s, show_default=True,
@@ -66,9 +71,9 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
                    "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, quantize: str, served_model_name: str | None,
-          chat_template_file: Path | None, lora_modules: list[tuple[str, str]], max_body_bytes: int,
-          header_timeout: float, body_timeout: float, max_connections: int, allow_base_mismatch: bool,
-          allow_hub: bool) -> None:
+          chat_template_file: Path | None, lora_modules: list[tuple[str, str]], adapter_dtype: str,
+          kv_cache_memory: str | None, max_body_bytes: int, header_timeout: float, body_timeout: float,
+          max_connections: int, allow_base_mismatch: bool, allow_hub: bool) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -78,6 +83,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     adapterhub serve --base ./SmolLM2-135M-Instruct --served-model-name smol --lora-modules sql=sql:prod
     """
     from adapterhub.runtime import load_base
+    from adapterhub.runtime.export import parse_size
     from adapterhub.runtime.model.chat_template import ChatTemplate
     from adapterhub.serve import server
     from adapterhub.serve.api import create_app
@@ -90,6 +96,13 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         click.echo(warning, err=True)
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
+    kv_bytes = None
+    if kv_cache_memory is not None:
+        try:
+            kv_bytes = parse_size(kv_cache_memory)
+        except ConfigError:
+            raise ConfigError(f"--kv-cache-memory {kv_cache_memory!r} is not a size; write e.g. 512MB, 2GiB "
+                              "or a number of bytes") from None
     template = None
     if chat_template_file is not None:  # checked before the model loads, like the port
         template = chat_template_file.read_text(encoding="utf-8")
@@ -99,7 +112,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     engine = None
     try:
         base = load_base(base_name, quantize=None if quantize == "none" else quantize,
-                         compute_dtype=getattr(torch, dtype), max_adapters=max_adapters)
+                         compute_dtype=getattr(torch, dtype), max_adapters=max_adapters, adapter_dtype=adapter_dtype)
         if base.tokenizer is None:
             raise ConfigError(f"base {base_name!r} has no tokenizer.json; the server takes text, so it needs one: save "
                               "it beside the weights (transformers: AutoTokenizer.from_pretrained(...)"
@@ -107,13 +120,14 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         if template is not None:
             base.tokenizer = base.tokenizer.with_chat_template(template)
         config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, base_name=served_model_name,
-                              allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub)
+                              allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub, kv_cache_memory=kv_bytes)
         engine = Engine(base, reg, config)
         for name, source in lora_modules:
             engine.add_named_adapter(name, source).result()
         click.echo(f"adapterhub: serving base '{engine.base_name}' ({dtype}, {quantize}) on http://{host}:{port} "
                    f"(max_batch={max_batch}, max_adapters={max_adapters}, max_queue={max_queue}, "
                    f"max_seq={engine.max_seq})")
+        click.echo(f"adapterhub: {engine.memory_summary()}")
         server.run_server(create_app(engine, limits=limits), host, port, limits, sock)
     finally:
         sock.close()

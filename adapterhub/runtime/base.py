@@ -25,7 +25,7 @@ from adapterhub.runtime.adapters.pool import AdapterPool
 from adapterhub.runtime.model import loader
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.generation_config import SamplingDefaults
-from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token
 from adapterhub.runtime.model.model import Transformer
 from adapterhub.runtime.model.tokenizer import Tokenizer
 from adapterhub.runtime.quant import formats
@@ -39,18 +39,34 @@ class AdapterStore(Protocol):
 
 def load_base(path_or_id: str | Path = "tiny", quantize: str | None = "nf4",
               compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-              max_adapters: int = 16) -> Base:
+              max_adapters: int = 16, adapter_dtype: str | torch.dtype = "auto") -> Base:
     """A base model with an adapter pool: "tiny" (embedded), a Hugging Face checkpoint dir, or a hub id
     found in the local HF cache. quantize names the format of the decoder linears (quant/formats.py:
     "nf4", ...; a bitsandbytes 4-bit checkpoint loads as saved whatever it says); None keeps them dense
-    in `compute_dtype`."""
+    in `compute_dtype`. adapter_dtype: "auto" stores and runs adapters in `compute_dtype`; "float32" keeps
+    them in fp32 inside a bf16 / fp16 base, as PEFT does (adapters/linear.py)."""
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise ConfigError(f"compute_dtype must be a floating torch dtype such as torch.bfloat16, got {compute_dtype!r}")
     formats.format_class(quantize)  # an unknown format fails before anything is read
+    adapter_dtype = resolve_adapter_dtype(adapter_dtype, compute_dtype)
     config, tokenizer, model = loader.load_parts(path_or_id, quantize, compute_dtype, torch.device(device))
     return Base(config, tokenizer, model, max_adapters=max_adapters, name=str(path_or_id),
-                identity=loader.load_identity(path_or_id),
+                identity=loader.load_identity(path_or_id), adapter_dtype=adapter_dtype,
                 sampling_defaults=loader.load_sampling_defaults(path_or_id))
+
+
+ADAPTER_DTYPES = {"float32": torch.float32, "fp32": torch.float32}  # besides "auto": the compute dtype
+
+
+def resolve_adapter_dtype(adapter_dtype: str | torch.dtype | None, compute_dtype: torch.dtype) -> torch.dtype:
+    """"auto" / None -> compute_dtype; "float32" (or torch.float32) -> float32; anything else is refused."""
+    if adapter_dtype in (None, "auto"):
+        return compute_dtype
+    resolved = adapter_dtype if isinstance(adapter_dtype, torch.dtype) else ADAPTER_DTYPES.get(str(adapter_dtype))
+    if resolved not in (torch.float32, compute_dtype):
+        raise ConfigError(f"adapter dtype {adapter_dtype!r} is not 'auto' (the compute dtype, {compute_dtype}) "
+                          "or 'float32'; pass one of those")
+    return resolved
 
 
 class Base:
@@ -61,11 +77,11 @@ class Base:
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None, model: Transformer, *,
                  max_adapters: int = 16, name: str = "base", identity: BaseIdentity | None = None,
-                 sampling_defaults: SamplingDefaults = SamplingDefaults()):
+                 adapter_dtype: torch.dtype | None = None, sampling_defaults: SamplingDefaults = SamplingDefaults()):
         self.config, self.tokenizer, self.model, self.name = config, tokenizer, model, name
         self.identity = identity
         self.sampling_defaults = sampling_defaults
-        self.pool = AdapterPool(model.linears(), capacity=max_adapters, identity=identity)
+        self.pool = AdapterPool(model.linears(), capacity=max_adapters, identity=identity, adapter_dtype=adapter_dtype)
 
     # --- adapters -------------------------------------------------------------------------------------
 
@@ -155,10 +171,30 @@ class Base:
 
     # --- step API (serving engine) --------------------------------------------------------------------
 
-    def new_cache(self, max_batch: int, max_seq: int) -> KVCache:
+    def new_cache(self, max_batch: int, max_seq: int, memory: int | None = None,
+                  block_size: int = BLOCK_SIZE) -> KVCache:
+        """A paged KVCache: `memory` bytes of blocks (None: enough for every row at max_seq). A budget
+        that cannot hold one row of max_seq tokens is refused (such a request could never run)."""
         c = self.config
+        num_blocks = None
+        if memory is not None:
+            num_blocks = int(memory) // (block_size * self.kv_bytes_per_token())
+            if num_blocks < -(-max_seq // block_size):
+                raise ConfigError(f"a KV cache of {int(memory)} bytes holds {num_blocks * block_size} tokens of this "
+                                  f"base ({self.kv_bytes_per_token()} bytes each), less than one request of max_seq="
+                                  f"{max_seq}; give it more memory or lower max_seq")
         return KVCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, max_seq, c.head_dim,
-                       dtype=self.model.dtype, device=self.model.device)
+                       dtype=self.model.dtype, device=self.model.device, num_blocks=num_blocks, block_size=block_size)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys + values one token takes in the KV cache (every layer)."""
+        c = self.config
+        return kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the base's weights as held (4-bit linears packed, tied embeddings once)."""
+        tensors = {t.data_ptr(): t.nbytes for t in [*self.model.parameters(), *self.model.buffers()] if t is not None}
+        return sum(tensors.values()) + sum(m.weight.nbytes for m in self.model.linears().values())
 
     def prefill(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]], ids) -> torch.Tensor:
         with torch.inference_mode():

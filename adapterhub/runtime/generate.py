@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from adapterhub.errors import RequestError
-from adapterhub.runtime.model.kv_cache import KVCache
+from adapterhub.runtime.model.kv_cache import BLOCK_SIZE, KVCache
 from adapterhub.runtime.model.model import Transformer
 
 _M32 = 0xFFFFFFFF
@@ -133,6 +133,7 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
     if int(tokens.min()) < 0 or int(tokens.max()) >= V:
         raise RequestError(f"prompt token ids must be in [0, {V}) for this base; "
                            f"got {int(tokens.min())}..{int(tokens.max())}")
+    cache.allocate(rows, lengths)  # CapacityError when the cache's free blocks do not hold the prompts
     step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
     last = torch.tensor(lengths, dtype=torch.long) - 1
     logits = model(tokens.to(model.device), ids, cache, step=step, logits_at=last.to(model.device))  # (B, V)
@@ -144,13 +145,15 @@ def decode(model: Transformer, cache: KVCache, rows: torch.Tensor, tokens: torch
            ids: torch.Tensor | None) -> torch.Tensor:
     """One token per row at position lengths[row], which then advances.  # rows (B,), tokens (B,) -> (B, V)
 
-    Keep `rows` on the CPU: the cache plans positions and the key span on the host.
+    Keep `rows` on the CPU: the cache plans positions and the key span on the host. A row whose next
+    position starts a block takes one (CapacityError when none is free: the serving engine preempts first).
     """
     rows = torch.as_tensor(rows, dtype=torch.long).cpu()
     if rows.numel() == 0:
         raise RequestError("decode needs at least one row")
     if int(cache.lengths[rows].max()) >= cache.max_seq:
         raise RequestError(f"KV cache row is full (max_seq={cache.max_seq}); free rows or use a longer cache")
+    cache.allocate(rows, cache.lengths[rows] + 1)
     step = cache.step(rows, 1)
     logits = model(tokens.view(-1, 1), ids, cache, step=step)[:, 0]  # (B, V)
     cache.lengths[rows] += 1
@@ -181,7 +184,10 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], id
         raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B = len(prompts)
     c, S = model.config, max(map(len, prompts)) + max_new_tokens
-    cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim, dtype=model.dtype, device=model.device)
+    # Blocks for exactly what this batch can hold (rows never wait: no preemption here).
+    blocks = sum(-(-(len(p) + max_new_tokens) // BLOCK_SIZE) for p in prompts)
+    cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim, dtype=model.dtype,
+                    device=model.device, num_blocks=blocks)
     rows = torch.arange(B)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=model.device)  # (B, max_new)
     stop_t = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)

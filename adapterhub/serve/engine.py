@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from adapterhub.errors import CapacityError, QueueFullError, RequestError
+from adapterhub.runtime.model.kv_cache import BLOCK_SIZE
 from adapterhub.serve.heap import HeapTrimmer
 from adapterhub.serve.loader import AdapterSource, ResolvedModel
 from adapterhub.serve.metrics import Metrics
@@ -33,8 +35,32 @@ from adapterhub.serve.rows import Row, RowBatch
 log = logging.getLogger("adapterhub.serve")
 
 
-# The KV cache holds L x max_batch x S x Hkv x Dh keys and values: a 128k context per row would not fit.
+# Tokens per request at most, by default (a 128k context is the model's, not what one server row needs).
 DEFAULT_MAX_SEQ = 4096
+# Default KV budget: at most this fraction of the memory available at start, and never more than the base's
+# own weights (the 135M Llama of bench/serve.py then idles under 600 MB resident) nor more than every row at
+# max_seq could use; at least one row of max_seq tokens.
+KV_MEMORY_FRACTION = 0.125
+
+
+def default_kv_memory(base, max_batch: int, max_seq: int, available: int | None = None) -> int:
+    """The KV cache budget in bytes when none is given (see KV_MEMORY_FRACTION)."""
+    per_token = base.kv_bytes_per_token()
+    one_row = -(-max_seq // BLOCK_SIZE) * BLOCK_SIZE * per_token
+    available = available_memory() if available is None else available
+    return max(one_row, min(int(available * KV_MEMORY_FRACTION), base.weight_bytes(), max_batch * one_row))
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,7 @@ class EngineConfig:
     base_name: str | None = None  # the `model` value meaning "no adapter"; None: `base.name`
     allow_base_mismatch: bool = False  # load adapters recorded against another base (warns instead of HTTP 422)
     allow_hub: bool = False  # a `model` may be hf://org/name[@revision], imported into the registry on first use
+    kv_cache_memory: int | None = None  # KV cache budget in bytes; None: default_kv_memory
 
 
 @dataclass
@@ -76,7 +103,13 @@ class Engine:
         self._commands: deque[tuple[Callable, Future]] = deque()
         self._resident: dict[str, str] = {}  # digest -> label ("task@v3")
         self._is_stopping = False
-        self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row)
+        kv_memory = config.kv_cache_memory or default_kv_memory(base, config.max_batch, self.max_seq)
+        self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row, kv_memory)
+        cache = self._rows.cache
+        self.metrics.set_memory(kv_cache_bytes=cache.nbytes, kv_blocks=cache.num_blocks, kv_block_tokens=cache.block_size,
+                                kv_bytes_per_token=base.kv_bytes_per_token(), adapter_dtype=str(base.pool.adapter_dtype),
+                                adapter_bytes_per_rank=base.pool.bytes_per_rank())
+        self.metrics.set_gauges(queue_depth=0, batch_size=0, adapter_pool_bytes=base.pool.nbytes())
         self._heap = HeapTrimmer()
         self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
         self._thread.start()
@@ -158,6 +191,14 @@ class Engine:
         """digest -> label ("task@v3"), for the adapters now in the pool."""
         return self._resident_snapshot()
 
+    def memory_summary(self) -> str:
+        """One line for the server's start: the KV budget and the adapter pool's bytes."""
+        m, cache = self.metrics.snapshot(), self._rows.cache
+        return (f"KV cache {m['kv_cache_bytes'] / 2**20:.1f} MiB: {cache.num_blocks} blocks of {cache.block_size} tokens "
+                f"({cache.num_blocks * cache.block_size} tokens, {m['kv_bytes_per_token']} bytes each); adapter pool "
+                f"{m['adapter_pool_bytes']} bytes now, in {m['adapter_dtype'].removeprefix('torch.')}, "
+                f"+{16 * m['adapter_bytes_per_rank'] / 2**20:.1f} MiB per r=16 adapter on every linear")
+
     def close(self) -> None:
         with self._cv:
             self._is_stopping = True
@@ -169,7 +210,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._is_stopping or self._commands or self._waiting or len(self._rows)):
+                while not (self._is_stopping or self._commands or self._waiting or len(self._rows)
+                           or self._rows.preempted):
                     self._cv.wait()
                 if self._is_stopping:
                     break
@@ -184,17 +226,25 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._rows.fail_all(error)
             self._heap.maybe_trim()  # between steps: the prefills' freed activations back to the OS (heap.py)
-            self.metrics.set_gauges(queue_depth=len(self._waiting), batch_size=len(self._rows))
+            self.metrics.set_gauges(queue_depth=len(self._waiting) + len(self._rows.preempted), batch_size=len(self._rows),
+                                    kv_blocks_free=self._rows.cache.free_blocks, adapter_pool_bytes=self.base.pool.nbytes())
         self._shutdown()
 
     def _admit(self) -> None:
-        """Moves waiting requests into free rows: install adapters, pin their slots, one prefill."""
+        """Moves waiting requests into free rows while the KV cache has blocks for their prompts: preempted rows
+        first (new requests wait behind them), then install adapters, pin their slots, one prefill."""
+        self._rows.resume()
+        if self._rows.preempted:
+            return
         admitted, deferred = [], []
-        while self._rows.free_rows() > len(admitted):
+        while True:
             with self._cv:
                 if not self._waiting:
                     break
                 item = self._waiting.popleft()
+                if not self._rows.has_room([*(len(r.prompt) for r in admitted), len(item.prompt)]):
+                    self._waiting.appendleft(item)
+                    break
             if item.handle.is_cancelled:
                 item.handle.emit(Finished("cancelled", item.handle.prompt_tokens, 0))
                 self.metrics.count_request("cancelled")

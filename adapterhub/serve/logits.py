@@ -23,8 +23,10 @@ class Penalties:
         self._counts: torch.Tensor | None = None  # (Bmax, V) int32: times each token was generated
         self._in_prompt: torch.Tensor | None = None  # (Bmax, V) bool
 
-    def start(self, index: int, prompt: Sequence[int], params: SamplingParams, device) -> None:
-        """A row is admitted into cache row `index`."""
+    def start(self, index: int, prompt: Sequence[int], params: SamplingParams, device,
+              generated: Sequence[int] = ()) -> None:
+        """A row is admitted into cache row `index`; `generated`: the tokens it sampled before (a preempted row
+        resumed in another cache row counts them again, so it samples what it would have)."""
         if not params.has_penalties:
             return
         if self._counts is None:
@@ -33,6 +35,9 @@ class Penalties:
         self._counts[index] = 0
         self._in_prompt[index] = False
         self._in_prompt[index, torch.as_tensor(list(prompt), dtype=torch.long, device=device)] = True
+        if generated:
+            tokens = torch.as_tensor(list(generated), dtype=torch.long, device=device)
+            self._counts[index].index_put_((tokens,), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
 
     def apply(self, logits: torch.Tensor, rows: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """The penalised logits (float32) of the rows with a penalty; the input itself when none has one.

@@ -23,12 +23,33 @@ class Metrics:
         self.steps_total = 0
         self.adapter_loads = 0
         self.adapter_evictions = 0
+        self.preemptions = 0
+        self.kv_blocks_free = 0
+        self.adapter_pool_bytes = 0
+        self.memory: dict = {}  # set once at start: the KV budget, its blocks, the adapter dtype (set_memory)
         self.requests: Counter[str] = Counter()  # status -> count
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
 
-    def set_gauges(self, *, queue_depth: int, batch_size: int) -> None:
+    def set_gauges(self, *, queue_depth: int, batch_size: int, kv_blocks_free: int | None = None,
+                   adapter_pool_bytes: int | None = None) -> None:
         with self._lock:
             self.queue_depth, self.batch_size = queue_depth, batch_size
+            if kv_blocks_free is not None:
+                self.kv_blocks_free = kv_blocks_free
+            if adapter_pool_bytes is not None:
+                self.adapter_pool_bytes = adapter_pool_bytes
+
+    def set_memory(self, *, kv_cache_bytes: int, kv_blocks: int, kv_block_tokens: int, kv_bytes_per_token: int,
+                   adapter_dtype: str, adapter_bytes_per_rank: int) -> None:
+        with self._lock:
+            self.memory = dict(kv_cache_bytes=kv_cache_bytes, kv_blocks=kv_blocks, kv_block_tokens=kv_block_tokens,
+                               kv_bytes_per_token=kv_bytes_per_token, adapter_dtype=adapter_dtype,
+                               adapter_bytes_per_rank=adapter_bytes_per_rank)
+            self.kv_blocks_free = kv_blocks
+
+    def add_preemption(self) -> None:
+        with self._lock:
+            self.preemptions += 1
 
     def add_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -70,6 +91,10 @@ class Metrics:
                 "tokens_per_second": rate,
                 "adapter_loads": self.adapter_loads,
                 "adapter_evictions": self.adapter_evictions,
+                "preemptions": self.preemptions,
+                "kv_blocks_free": self.kv_blocks_free,
+                "adapter_pool_bytes": self.adapter_pool_bytes,
+                **self.memory,
                 "requests": dict(self.requests),
             }
 
@@ -87,6 +112,14 @@ class Metrics:
             ("adapterhub_adapter_evictions_total", "counter", "Adapters evicted from the pool (LRU).",
              s["adapter_evictions"]),
             ("adapterhub_adapters_resident", "gauge", "Adapters resident in the pool.", resident_adapters),
+            ("adapterhub_preemptions_total", "counter", "Rows preempted (KV blocks freed, recomputed later).",
+             s["preemptions"]),
+            ("adapterhub_kv_cache_bytes", "gauge", "KV cache budget (bytes of key and value blocks).",
+             s.get("kv_cache_bytes", 0)),
+            ("adapterhub_kv_cache_blocks", "gauge", "KV cache blocks in the budget.", s.get("kv_blocks", 0)),
+            ("adapterhub_kv_cache_block_tokens", "gauge", "Tokens per KV cache block.", s.get("kv_block_tokens", 0)),
+            ("adapterhub_kv_cache_blocks_free", "gauge", "KV cache blocks no row holds.", s["kv_blocks_free"]),
+            ("adapterhub_adapter_pool_bytes", "gauge", "Bytes of the adapter stacks.", s["adapter_pool_bytes"]),
         ]
         lines = []
         for name, kind, doc, value in rows:

@@ -4,6 +4,13 @@ Engine thread only. Batch tensors (cache rows, slot ids, sampling parameters) ar
 when a row joins or leaves; in steady state a step feeds the previous step's sampled tokens (B,)
 straight back into `base.decode` and reads them to the host once (`.tolist()`) for stopping.
 
+The KV cache is paged under a memory budget (runtime/model/kv_cache.py): a row takes blocks as its tokens
+arrive. When a decode step needs more blocks than are free, the most recently admitted rows are preempted
+until it fits: their blocks are freed and they wait (`preempted`, resumed before any new request) to be
+recomputed: one prefill of the prompt and the tokens generated so far, whose logits are dropped (the next
+token was sampled already), after which decoding goes on as if nothing happened. Sampling is counter-based
+per row, so a preempted row samples what it would have.
+
 Faults are isolated per row: a row whose preparation, prefill, sampling or text handling raises fails
 alone (its handle gets the error) and every other row goes on. A batched prefill or sampling call that
 raises is retried one row at a time, which gives the same tokens (sampling is counter-based per row) and
@@ -14,6 +21,7 @@ its error cannot be tied to one row.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +43,7 @@ class Row:
     index: int = -1  # cache row
     generated: int = 0
     last_token: int = -1
+    outputs: list[int] = field(default_factory=list, repr=False)  # sampled tokens fed back (for recomputing)
     decoder: IncrementalDecoder | None = None
     stops: StopMatcher | None = None
     pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities of tokens whose text is held back
@@ -42,9 +51,10 @@ class Row:
 
 
 class RowBatch:
-    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish):
+    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish, kv_memory: int | None = None):
         self.base = base
-        self.cache = base.new_cache(max_batch, max_seq)
+        self.cache = base.new_cache(max_batch, max_seq, memory=kv_memory)
+        self.preempted: deque[Row] = deque()  # rows whose blocks were taken back, oldest preemption first
         self.metrics = metrics
         self._on_finish = on_finish  # (row, status) -> None: releases the slot pin
         self._eos = set(base.stop_token_ids())  # the same stop ids as Base.generate
@@ -62,6 +72,28 @@ class RowBatch:
     def free_rows(self) -> int:
         return len(self._free)
 
+    def has_room(self, token_counts: list[int]) -> bool:
+        """Whether rows of these many tokens can start now: a free cache row each and blocks for one more token."""
+        blocks = sum(self.cache.blocks_for(n + 1) for n in token_counts)
+        return len(token_counts) <= len(self._free) and blocks <= self.cache.free_blocks
+
+    def resume(self) -> None:
+        """Recomputes preempted rows, oldest first, while they fit (module docstring)."""
+        rows = []  # each recomputes len(prompt) + generated - 1 tokens, then decodes
+        while self.preempted and self.has_room([len(r.prompt) + r.generated - 1 for r in [*rows, self.preempted[0]]]):
+            row = self.preempted.popleft()
+            if row.handle.is_cancelled:
+                self._finish(row, "cancelled", has_tail=False)
+            else:
+                rows.append(row)
+        for row in rows:
+            row.index = self._free.pop()
+            self._active.append(row)
+            self._penalties.start(row.index, row.prompt, row.params, self.base.model.device, row.outputs)
+        if rows:
+            self._is_dirty = True
+            self._refill(rows)
+
     def prefill(self, rows: list[Row]) -> None:
         """Admits new requests: one batched prefill of their prompts, first token sampled."""
         firsts = self._first_tokens([row for row in rows if self._guarded(row, self._prepare)])
@@ -70,7 +102,8 @@ class RowBatch:
         self.metrics.add_tokens(len(firsts))
 
     def step(self) -> None:
-        """One decode step for every active row, whatever its adapter."""
+        """One decode step for every active row, whatever its adapter (rows preempted first if blocks run out)."""
+        self._make_room()
         if self._is_dirty:
             self._rebuild()
         active, params = list(self._active), self._params
@@ -82,6 +115,10 @@ class RowBatch:
         self.metrics.add_tokens(len(active))
 
     def fail_all(self, error: Exception) -> None:
+        while self.preempted:
+            row = self.preempted.popleft()
+            self._release(row, type(error).__name__)
+            row.handle.fail(error)
         for row in list(self._active):
             self._release(row, type(error).__name__)
             row.handle.fail(error)
@@ -113,6 +150,35 @@ class RowBatch:
                 return []
             log.warning("prefill of %d requests failed (%r); retrying them one by one", len(rows), error)
             return [pair for row in rows for pair in self._first_tokens([row])]
+
+    def _make_room(self) -> None:
+        """Preempts the most recently admitted rows until this step's new blocks are free (one row always fits:
+        the cache holds one row of max_seq tokens, base.new_cache)."""
+        while len(self._active) > 1:
+            indices = [r.index for r in self._active]
+            if self.cache.blocks_to_grow(indices, self.cache.lengths[indices] + 1) <= self.cache.free_blocks:
+                return
+            self._preempt(self._active[-1])
+
+    def _preempt(self, row: Row) -> None:
+        self.cache.free([row.index])
+        self._free.append(row.index)
+        row.index = -1
+        self._active.remove(row)
+        self._is_dirty = True
+        self.preempted.append(row)
+        self.metrics.add_preemption()
+
+    def _refill(self, rows: list[Row]) -> None:
+        """Rebuilds the cache of resumed rows: prompt + every generated token but the last (the next input)."""
+        try:
+            ids = torch.cat([r.slot_ids for r in rows])  # (B,)
+            self.base.prefill(self.cache, [r.index for r in rows], [r.prompt + r.outputs[:-1] for r in rows], ids)
+        except Exception as error:
+            if len(rows) == 1:
+                return self._fail(rows[0], error)
+            for row in rows:
+                self._refill([row])
 
     def _sample(self, active: list[Row], logits: torch.Tensor) -> list[int | None]:
         """The next token of every row (None: that row failed)."""
@@ -173,6 +239,7 @@ class RowBatch:
         if token in self._eos and not row.params.ignore_eos:
             return self._finish(row, "stop")
         row.generated += 1
+        row.outputs.append(token)
         if logprob is not None:
             row.pending.append(logprob)
         text, is_stop = row.stops.push(row.decoder.push(token))

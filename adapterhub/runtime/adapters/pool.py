@@ -23,11 +23,16 @@ from adapterhub.runtime.adapters.linear import AdapterLinear
 
 
 class AdapterPool:
-    def __init__(self, linears: dict[str, AdapterLinear], capacity: int, identity: BaseIdentity | None = None):
-        """identity: the base's (base_identity.py), which every adapter's recorded base is checked against."""
+    def __init__(self, linears: dict[str, AdapterLinear], capacity: int, identity: BaseIdentity | None = None,
+                 adapter_dtype: torch.dtype | None = None):
+        """identity: the base's (base_identity.py), which every adapter's recorded base is checked against.
+        adapter_dtype: where the layers keep adapters (adapters/linear.py); None leaves the layers' own."""
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"adapter pool capacity must be a positive integer, got {capacity!r}")
         self.linears, self.capacity, self.identity = dict(linears), capacity, identity
+        for linear in self.linears.values():
+            if adapter_dtype is not None:
+                linear.set_adapter_dtype(adapter_dtype)
         self._warned: set = set()  # pairs of bases a name-only mismatch was warned about (once each)
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._adapters: dict[str, Adapter] = {}
@@ -64,6 +69,19 @@ class AdapterPool:
         """adapter.check_fits against these layers and this base's identity; its modules by HF path."""
         return check_fits(adapter, self.module_shapes(), name, self.identity, allow_base_mismatch=allow_base_mismatch,
                           warned=self._warned)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype | None:
+        return next((m.adapter_dtype for m in self.linears.values()), None)
+
+    def nbytes(self) -> int:
+        """Bytes the adapter stacks hold now (they grow as adapters of new ranks or more slots load)."""
+        return sum(m.adapter_nbytes for m in self.linears.values())
+
+    def bytes_per_rank(self) -> int:
+        """Bytes one adapter adds per unit of rank when it targets every layer: r=16 takes 16 times this."""
+        return sum((m.in_features + m.out_features) * torch.empty((), dtype=m.adapter_dtype).element_size()
+                   for m in self.linears.values())
 
     def is_pinned(self, name: str) -> bool:
         return self._pins.get(self._slots.get(name, -1), 0) > 0

@@ -6,7 +6,7 @@
 - ``rope.py``        rotary embeddings (default, llama3 and linear scaling)
 - ``layers.py``      norms, attention, MLP, decoder layer; each variant picked from the family's traits
 - ``model.py``       the decoder with Hugging Face module names; projections are ``AdapterLinear``
-- ``kv_cache.py``    preallocated keys / values with a length per cache row
+- ``kv_cache.py``    paged keys / values (blocks under a budget, a block table and length per cache row)
 - ``tokenizer.py``   ``tokenizers`` + ``tokenizer_config.json`` (special tokens); ``chat_template.py`` reading
                      and rendering Jinja chat templates as transformers does
 - ``generation_config.py``  ``SamplingDefaults`` from ``generation_config.json`` (the server's defaults)

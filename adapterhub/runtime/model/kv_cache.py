@@ -1,16 +1,32 @@
-"""`KVCache`: preallocated keys and values indexed by cache row, each row with its own length.
+"""KV caches indexed by cache row, each row with its own length: `KVCache` (paged, the one that runs) and
+`ContiguousKVCache` (one `(S, Dh)` strip per row and head: the twin the paged one is tested against).
 
 Continuous batching needs rows that start and finish at different times (docs/runtime.md, step API),
 so a forward names the cache rows it runs on and every row has its own position. The lengths live on
 the host (a CPU tensor): the caller already knows them (prompt lengths, one token per decode), so
 positions and the attended key span are computed without reading anything back from the device.
+
+Paging: a preallocated `max_batch x max_seq` cache holds memory for every row at full length whatever the
+rows hold (16 x 4096 tokens of a 135M Llama were 1.9 GiB in bf16, idle). `KVCache` instead holds a fixed
+number of blocks of `block_size` tokens (the budget) and gives them to rows as tokens arrive; a block table
+per row maps position p to block `tables[row, p // block_size]`, slot `p % block_size`. Block 0 is never
+given out: table entries of positions a row does not hold point at it, so the right padding of a batched
+prefill writes there, and reads of it are masked (keys past a row's length, as in the contiguous cache).
+Attention reads a row's blocks in order, gathered into `(B, Hkv, span, Dh)`: the same values at the same
+key indices as the contiguous cache, so the scores and the softmax are those of the contiguous path.
+Storage starts as zeros so masked keys are finite (a NaN key would poison a row's softmax even when masked).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from adapterhub.errors import CapacityError, ConfigError
+
+BLOCK_SIZE = 16  # tokens per block: a row wastes under one block; the tables stay small (max_seq / 16 entries)
 
 
 @dataclass(frozen=True)
@@ -18,12 +34,109 @@ class CacheStep:
     """Where one forward of T new tokens for B rows reads and writes the cache."""
 
     rows: torch.Tensor  # (B,) cache rows, on the cache's device
-    row_slice: slice | None  # the same rows as a slice when they are consecutive (no gather needed)
     positions: torch.Tensor  # (B, T) absolute position of each new token, on the cache's device
     span: int  # keys 0..span-1 are read; every row's new positions are < span
+    row_slice: slice | None = None  # contiguous cache: the rows as a slice when consecutive (no gather)
+    blocks: torch.Tensor | None = None  # paged: (B, T) block each new token is written to
+    offsets: torch.Tensor | None = None  # paged: (B, T) its slot in that block
+    tables: torch.Tensor | None = None  # paged: (B, ceil(span / block_size)) blocks read, in position order
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys + values one token takes in every layer."""
+    return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:
+    """Paged keys and values: (L, Hkv, 1 + num_blocks, block_size, Dh) each, block 0 the padding sink.
+
+    num_blocks None: enough for every row at max_seq (the contiguous cache's capacity)."""
+
+    def __init__(self, n_layers: int, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int,
+                 *, dtype: torch.dtype, device="cpu", num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
+        if block_size < 1 or max_batch < 1 or max_seq < 1:
+            raise ConfigError(f"a KV cache needs block_size, max_batch and max_seq >= 1; got {block_size}, "
+                              f"{max_batch}, {max_seq}")
+        self.block_size, self.max_batch, self.max_seq = block_size, max_batch, max_seq
+        self.blocks_per_row = math.ceil(max_seq / block_size)
+        self.num_blocks = max_batch * self.blocks_per_row if num_blocks is None else int(num_blocks)
+        if self.num_blocks < 1:
+            raise ConfigError(f"a KV cache needs at least one block of {block_size} tokens; got {num_blocks}")
+        shape = (n_layers, n_kv_heads, 1 + self.num_blocks, block_size, head_dim)  # (L, Hkv, 1+NB, bs, Dh)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long)  # (Bmax,) host: tokens held per row
+        self.tables = torch.zeros(max_batch, self.blocks_per_row, dtype=torch.long)  # host; 0: not held
+        self._held = [0] * max_batch  # blocks each row holds (tables[row, :held])
+        self._free = list(range(self.num_blocks, 0, -1))  # a stack: the lowest block is handed out first
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key and value storage (the budget, plus the padding block)."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks a row of `tokens` tokens holds."""
+        return -(-int(tokens) // self.block_size)
+
+    def blocks_to_grow(self, rows, totals) -> int:
+        """New blocks `allocate(rows, totals)` would take."""
+        return sum(max(0, self.blocks_for(t) - self._held[r]) for r, t in zip(_ints(rows), _ints(totals)))
+
+    def allocate(self, rows, totals) -> None:
+        """Gives each row blocks for positions 0..totals[i]-1 (keeping those it holds); all or nothing.
+        Raises CapacityError when the free blocks do not suffice (the serving engine preempts before)."""
+        rows, totals = _ints(rows), _ints(totals)
+        if max(totals, default=0) > self.max_seq:
+            raise CapacityError(f"a row of {max(totals)} tokens does not fit this cache's max_seq={self.max_seq}")
+        need = self.blocks_to_grow(rows, totals)
+        if need > len(self._free):
+            raise CapacityError(f"the KV cache has {len(self._free)} free blocks of {self.block_size} tokens and "
+                                f"this step needs {need}; free rows, or give the cache more memory")
+        for r, t in zip(rows, totals):
+            while self._held[r] < self.blocks_for(t):
+                self.tables[r, self._held[r]] = self._free.pop()
+                self._held[r] += 1
+
+    def free(self, rows) -> None:
+        """Forgets rows and gives their blocks back (their stale values are never read unmasked)."""
+        for r in _ints(rows):
+            self._free.extend(reversed(self.tables[r, : self._held[r]].tolist()))
+            self.tables[r], self._held[r], self.lengths[r] = 0, 0, 0
+
+    def step(self, rows, T: int, starts: torch.Tensor | None = None) -> CacheStep:
+        """Plans a forward of T tokens per row starting at `starts` (B,) (default: each row's length).
+        Positions the rows do not hold (`allocate` first) write to the padding block."""
+        rows_host = torch.as_tensor(rows, dtype=torch.long).cpu()  # (B,)
+        starts = self.lengths[rows_host] if starts is None else starts  # (B,)
+        positions = starts[:, None] + torch.arange(T)  # (B, T)
+        span = int(starts.max()) + T
+        tables = self.tables[rows_host, : self.blocks_for(span)]  # (B, nb)
+        blocks = tables.gather(1, positions // self.block_size)  # (B, T)
+        device = self.k.device
+        to = dict(device=device, non_blocking=True)
+        return CacheStep(rows=rows_host.to(**to), positions=positions.to(**to), span=span,
+                         blocks=blocks.to(**to), offsets=(positions % self.block_size).to(**to), tables=tables.to(**to))
+
+    def update(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor):
+        """Writes new keys/values (B, Hkv, T, Dh); returns this layer's keys/values (B, Hkv, span, Dh)."""
+        B, Hkv, _, Dh = k.shape
+        out = []
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):  # (Hkv, 1+NB, bs, Dh)
+            store[:, step.blocks, step.offsets] = new.transpose(0, 1)  # (Hkv, B, T, Dh)
+            nb = step.tables.shape[1]
+            gathered = store.index_select(1, step.tables.reshape(-1))  # (Hkv, B*nb, bs, Dh)
+            out.append(gathered.view(Hkv, B, nb * self.block_size, Dh).transpose(0, 1)[:, :, : step.span])
+        return out[0], out[1]
+
+
+class ContiguousKVCache:
+    """Preallocated (L, Bmax, Hkv, S, Dh) keys and values: the paged cache's twin in tests."""
+
     def __init__(self, n_layers: int, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int,
                  *, dtype: torch.dtype, device="cpu"):
         shape = (n_layers, max_batch, n_kv_heads, max_seq, head_dim)  # (L, Bmax, Hkv, S, Dh)
@@ -32,27 +145,25 @@ class KVCache:
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # (Bmax,) host: tokens held per row
         self.max_batch, self.max_seq = max_batch, max_seq
 
+    def allocate(self, rows, totals) -> None:
+        if max(_ints(totals), default=0) > self.max_seq:
+            raise CapacityError(f"a row of {max(_ints(totals))} tokens does not fit this cache's max_seq={self.max_seq}")
+
     def free(self, rows) -> None:
         """Forgets rows; their stale keys are never read (attention stops at each row's length)."""
         self.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()] = 0
 
     def step(self, rows, T: int, starts: torch.Tensor | None = None) -> CacheStep:
-        """Plans a forward of T tokens per row starting at `starts` (B,) (default: each row's length)."""
         rows_host = torch.as_tensor(rows, dtype=torch.long).cpu()  # (B,)
         starts = self.lengths[rows_host] if starts is None else starts  # (B,)
         positions = starts[:, None] + torch.arange(T)  # (B, T)
         first, B = int(rows_host[0]), rows_host.numel()
         is_consecutive = bool((rows_host == torch.arange(first, first + B)).all())
         device = self.k.device
-        return CacheStep(
-            rows=rows_host.to(device, non_blocking=True),
-            row_slice=slice(first, first + B) if is_consecutive else None,
-            positions=positions.to(device, non_blocking=True),
-            span=int(starts.max()) + T,
-        )
+        return CacheStep(rows=rows_host.to(device, non_blocking=True), positions=positions.to(device, non_blocking=True),
+                         span=int(starts.max()) + T, row_slice=slice(first, first + B) if is_consecutive else None)
 
     def update(self, layer: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor):
-        """Writes new keys/values (B, Hkv, T, Dh); returns this layer's keys/values (B, Hkv, span, Dh)."""
         kl, vl = self.k[layer], self.v[layer]  # (Bmax, Hkv, S, Dh)
         index = (step.rows[:, None], slice(None), step.positions)  # selects (B, T, Hkv, Dh)
         kl[index] = k.transpose(1, 2)
@@ -60,3 +171,7 @@ class KVCache:
         if step.row_slice is not None:
             return kl[step.row_slice, :, : step.span], vl[step.row_slice, :, : step.span]
         return kl[step.rows, :, : step.span], vl[step.rows, :, : step.span]
+
+
+def _ints(values) -> list[int]:
+    return torch.as_tensor(values, dtype=torch.long).reshape(-1).tolist()

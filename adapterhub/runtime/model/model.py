@@ -79,11 +79,14 @@ class Transformer(nn.Module):
 
         input_ids (B, T); ids (B,) adapter slot per row or None (base only). Without a cache,
         `attention_mask` (B, T) 1/0 marks real tokens (left or right padding). With a cache, the tokens
-        go to cache `rows` (B,) after each row's current length, or where `step` (from `cache.step`) says.
+        go to cache `rows` (B,) after each row's current length (their blocks allocated here), or where `step`
+        (from `cache.step`, after `cache.allocate`) says.
         The caller advances `cache.lengths` (runtime/generate.py's prefill / decode do).
         """
         B, T = input_ids.shape
         if cache is not None and step is None:
+            lengths = cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()]  # (B,)
+            cache.allocate(rows, lengths + T)  # a paged cache's blocks for the new positions
             step = cache.step(rows, T)
         if cache is None:
             positions, visible, distance = _positions_and_visible(attention_mask, B, T, self.device)
