@@ -1,6 +1,6 @@
 """Fixtures: a real local Ray instance (2 CPUs, no dashboard) running the adapterhub application with two
 engine replicas of the embedded tiny base in float32, a registry every replica reads, and an offline base
-that computes the expected completions. Skipped when ray[serve] is not installed."""
+that computes the expected completions. The tests that need Ray skip when ray[serve] is not installed."""
 
 from __future__ import annotations
 
@@ -11,16 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ray_setup import ADAPTERS, Offline, make_base
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'adapterhub[ray]')")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from adapterhub.adapter import random_adapter  # noqa: E402
-from adapterhub.registry import Registry  # noqa: E402
-from adapterhub.serve.ray import RayServeConfig, start  # noqa: E402
-from ray_setup import ADAPTERS, Offline, make_base  # noqa: E402
+from adapterhub.adapter import random_adapter
+from adapterhub.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class RayApp:
     url: str
-    config: RayServeConfig
+    config: object  # RayServeConfig
     client: httpx.Client
 
     def complete(self, **body) -> httpx.Response:
@@ -51,6 +45,10 @@ def offline(registry) -> Offline:
 
 @pytest.fixture(scope="module")
 def ray_app(registry):
+    ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'adapterhub[ray]')")
+    serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'adapterhub[ray]')")
+    from adapterhub.serve.ray import RayServeConfig, start
+
     # Ray's workers import adapterhub from this checkout, as the test process does.
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != "."]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)

@@ -11,12 +11,15 @@ import signal
 import time
 
 import httpx
+import pytest
 from ray_setup import ADAPTERS, PROMPTS, make_base, metrics, per_replica, total
 
 from adapterhub.adapter import random_adapter
 from adapterhub.serve.api import create_app
 from adapterhub.serve.engine import Engine, EngineConfig
 from adapterhub.serve.server import serve_in_thread
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'adapterhub[ray]')")
 
 MODELS = [None, "summarize", "sql:prod", "translate@v1"]
 
@@ -96,6 +99,24 @@ def test_a_moved_tag_is_picked_up(ray_app, registry, offline):
     assert second["choices"][0]["text"] == expected_v2
 
 
+def test_adapters_load_and_unload_and_models_list_every_replicas_adapters(ray_app, registry):
+    loaded = ray_app.client.post("/v1/adapters", json={"ref": "translate:prod"})
+    assert loaded.status_code == 200 and loaded.json()["digest"] == registry.resolve("translate:prod").digest
+
+    def listed():
+        data = ray_app.client.get("/v1/models").json()["data"]
+        return {m["id"] for m in data if m["kind"] == "adapter"}
+
+    _wait_for(lambda: "translate@v1" in listed(), 10, "the loaded adapter in /v1/models")
+    kinds = {m["kind"] for m in ray_app.client.get("/v1/models").json()["data"]}
+    assert kinds == {"base", "adapter", "task"}
+    unloaded = ray_app.client.delete("/v1/adapters/translate:prod")
+    assert unloaded.status_code == 200 and unloaded.json() == {**loaded.json(), "loaded": False}
+    assert ray_app.client.post("/v1/adapters", json={"ref": "tiny"}).status_code == 400
+    health = ray_app.client.get("/health").json()
+    assert health["status"] == "ok" and health["base"] == "tiny"
+
+
 BAD = [
     b'{"prompt": "x",',
     b"[1, 2]",
@@ -140,7 +161,8 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(ray_app, offline):
     pids = _replica_pids(ray_app)
     assert len(pids) == 2
     retries_before = total(ray_app.client.get("/metrics").text, "adapterhub_ingress_retries_total")
-    requests = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)], 64) for i in range(12)]
+    # 16 requests, more than one replica's 8 rows: both replicas decode some of them.
+    requests = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)], 128) for i in range(16)]
     bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0} for m, p, n in requests]
 
     async def burst_and_kill():

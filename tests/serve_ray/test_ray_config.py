@@ -7,7 +7,10 @@ from click.testing import CliRunner
 
 from adapterhub.cli import main
 from adapterhub.errors import ConfigError
-from adapterhub.serve.ray import RayServeConfig, parse_autoscale
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'adapterhub[ray]')")
+
+from adapterhub.serve.ray import RayServeConfig, parse_autoscale  # noqa: E402  (imports ray)
 
 
 def test_replicas_and_autoscale_map_onto_ray_serve_options():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from adapterhub.errors import ConfigError, QueueFullError, RefNotFoundError, ReplicaUnavailableError
+from adapterhub.errors import ConfigError, QueueFullError, ReplicaUnavailableError, RequestError
 from adapterhub.registry import Registry
 from adapterhub.runtime.model import checkpoint, tiny
 from adapterhub.runtime.model.tokenizer import Tokenizer
@@ -116,7 +116,7 @@ class ReplicaFront:
     def _adapter(self, model: str):
         resolved = self.source.resolve(model)
         if resolved.digest is None:
-            raise RefNotFoundError(f"'{model}' is the base model, not an adapter; pass an adapter ref")
+            raise RequestError(f"'{model}' is the base model, not an adapter; pass an adapter ref")
         return resolved
 
     def _caller(self, digest: str | None, stream: bool):

@@ -3,18 +3,20 @@ unchanged) behind a streaming method, with Ray Serve's model multiplexing keyed 
 
 The ingress resolves a request's ``model`` to a manifest digest and calls `generate` with
 ``multiplexed_model_id=digest``: Ray Serve routes it to a replica that reported that digest loaded (while
-one has room), and `serve.multiplexed` keeps at most ``max_adapters`` digests per replica in LRU order, the
-same number the engine's pool holds. Loading goes through the engine (`Engine.load_adapter`, so every blob is
-verified and the adapter checked against the base); Ray's eviction unloads it from the pool unless a running
-request still pins it, in which case the pool's own LRU evicts it later.
+one has room), and `serve.multiplexed` keeps at most ``max_adapters`` digests per replica in LRU order.
+Ray's LRU is the policy and the engine's pool follows it: loading goes through the engine (`Engine.load_adapter`,
+so every blob is verified and the adapter checked against the base), and when Ray drops a digest the adapter
+leaves the pool, at once or, while running rows pin it, when they finish. The pool has room for ``max_batch``
+such leaving adapters beyond ``max_adapters``, so it never evicts one that Ray still routes here.
 
-Every ``report_interval_s`` the replica sends its counters to the `MetricsBoard` deployment, which the
+Every ``REPORT_INTERVAL_S`` the replica sends its counters to the `MetricsBoard` deployment, which the
 ingress renders per replica on /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
-from adapterhub.errors import AdapterHubError
+from adapterhub.errors import AdapterHubError, CapacityError
 from adapterhub.registry import Registry
 from adapterhub.runtime import load_base
 from adapterhub.serve.engine import Engine
@@ -34,6 +36,7 @@ from adapterhub.serve.requests import SamplingParams
 log = logging.getLogger("adapterhub.serve.ray")
 
 REPORT_INTERVAL_S = 0.5
+_UNPIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,19 @@ class EngineReplica:
 
     def __init__(self, config: RayServeConfig, board) -> None:
         torch.set_num_threads(config.torch_threads)
-        base = load_base(config.base, compute_dtype=getattr(torch, config.dtype), max_adapters=config.max_adapters)
+        # Ray's LRU (max_adapters) decides what stays; the pool has room for max_batch more, the adapters Ray
+        # dropped while running rows still pinned them: they leave as those rows finish, and no other adapter
+        # is evicted behind Ray's back meanwhile (its view and the pool stay the same set).
+        headroom = config.max_batch if config.routing == "multiplexed" else 0
+        base = load_base(config.base, compute_dtype=getattr(torch, config.dtype),
+                         max_adapters=config.max_adapters + headroom)
         self.engine = Engine(base, Registry(config.registry), config.engine_config())
         self.replica = _replica_name()
         self._board = board
         self._counts: Counter[str] = Counter()  # adapter hits / misses as requests arrive
         self._lock = threading.Lock()
         self._refs: dict[str, str] = {}  # digest -> "task@sha256:…", for the multiplexed loader
+        self._leaving: set[str] = set()  # digests Ray dropped that running rows still pin
         self._get_adapter = _multiplexed(self._load_adapter, config.max_adapters)
         self._is_stopping = threading.Event()
         threading.Thread(target=self._report_loop, name="adapterhub-report", daemon=True).start()
@@ -92,13 +101,43 @@ class EngineReplica:
         stats = self.engine.metrics.snapshot()
         with self._lock:
             stats.update(hits=self._counts["hits"], misses=self._counts["misses"])
+            stats["adapter_evictions"] += self._counts["evictions"]  # Ray's LRU unloads them, not the pool
         stats.update(replica=self.replica, pid=os.getpid(), resident=self.engine.resident())
         return stats
 
     async def _load_adapter(self, digest: str) -> _Resident:
-        ref = self._refs[digest]
-        await asyncio.wrap_future(await asyncio.to_thread(self.engine.load_adapter, ref))
-        return _Resident(self.engine, ref)
+        ref = self._refs.pop(digest)
+        self._leaving.discard(digest)  # wanted again before its rows finished: it stays
+        try:
+            await asyncio.wrap_future(await asyncio.to_thread(self.engine.load_adapter, ref))
+        except CapacityError:  # every slot pinned by running rows: the engine installs it when one frees
+            log.debug("adapter %s waits for a free slot", ref)
+        return _Resident(self, digest, ref)
+
+    async def _unload_adapter(self, digest: str, ref: str) -> None:
+        """Ray's LRU dropped `digest`: out of the pool now, or, while rows pin it, as soon as they finish (in the
+        background: Ray waits for this before it loads the next adapter)."""
+        self._leaving.add(digest)
+        if not await self._try_unload(digest, ref):
+            asyncio.get_running_loop().create_task(self._unload_when_unpinned(digest, ref))
+
+    async def _unload_when_unpinned(self, digest: str, ref: str) -> None:
+        while not await self._try_unload(digest, ref):
+            await asyncio.sleep(_UNPIN_POLL_S)
+
+    async def _try_unload(self, digest: str, ref: str) -> bool:
+        """True when done: unloaded, gone already, or wanted again."""
+        if digest not in self._leaving:
+            return True
+        try:
+            await asyncio.wrap_future(await asyncio.to_thread(self.engine.unload_adapter, ref))
+            self._count("evictions")
+        except CapacityError:  # pinned by running rows
+            return False
+        except AdapterHubError as error:  # not in the pool (never installed, or evicted by it)
+            log.debug("adapter %s already left the pool: %s", ref, error)
+        self._leaving.discard(digest)
+        return True
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -129,19 +168,11 @@ def _multiplexed(load, capacity: int):
 
 class _Resident:
     """What the multiplexed loader returns for one digest. When its LRU drops the digest, Ray Serve awaits the
-    object's `__del__` attribute (before loading the next): the adapter leaves the pool, unless a running
-    request pins it (then the pool's own LRU evicts it later). It is an instance attribute, not a finalizer:
-    garbage collection must never call into the engine."""
+    object's `__del__` attribute before loading the next: `EngineReplica._unload_adapter`. It is an instance
+    attribute, not a finalizer: garbage collection must never call into the engine."""
 
-    def __init__(self, engine: Engine, ref: str) -> None:
-        self._engine, self._ref = engine, ref
-        self.__del__ = self._unload
-
-    async def _unload(self) -> None:
-        try:
-            await asyncio.wrap_future(await asyncio.to_thread(self._engine.unload_adapter, self._ref))
-        except AdapterHubError as error:  # pinned by a running request, or already evicted by the pool
-            log.debug("adapter %s stays in the pool: %s", self._ref, error)
+    def __init__(self, replica: EngineReplica, digest: str, ref: str) -> None:
+        self.__del__ = functools.partial(replica._unload_adapter, digest, ref)
 
 
 def _replica_name() -> str:
