@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def ray_app(registry):
     try:
         url = start(config, host="127.0.0.1", port=_free_port(), timeout_s=300)
         with httpx.Client(base_url=url, timeout=120) as client:
+            _wait_until_both_replicas_report(client)
             yield RayApp(url, config, client)
     finally:
         serve.shutdown()
@@ -70,3 +72,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_until_both_replicas_report(client: httpx.Client, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "adapterhub_replicas 2" not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the two replicas did not report to the ingress in time"
+        time.sleep(0.25)

@@ -197,3 +197,33 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(ray_app, offline):
 def _replica_pids(ray_app) -> set[int]:
     samples = metrics(ray_app.client.get("/metrics").text)
     return {int(labels["pid"]) for name, labels, _ in samples if name == "adapterhub_replica_info"}
+
+
+def test_a_stream_on_a_killed_replica_ends_with_a_retryable_error(ray_app):
+    """Text already went out, so the ingress cannot send the request again: the stream ends, promptly, with an
+    error event naming a retryable 503 error, then [DONE]; and the app keeps serving."""
+    _wait_for(lambda: len(_replica_pids(ray_app)) == 2, 120, "two replicas")
+    _wait_for(lambda: total(ray_app.client.get("/metrics").text, "adapterhub_batch_size") == 0, 30,
+              "idle replicas")  # so the one busy replica below is this stream's
+    body = {"model": "sql", "prompt": PROMPTS[0], "max_tokens": 1500, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=ray_app.url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line).startswith("data: ")  # text is flowing
+
+        def serving_replica():  # the one replica with a row in its batch: this stream's
+            text = ray_app.client.get("/metrics").text
+            busy = [labels["pid"] for n, labels, _ in metrics(text) if n == "adapterhub_replica_info"
+                    and per_replica(text, "adapterhub_batch_size").get(labels["replica"], 0) > 0]
+            return int(busy[0]) if len(busy) == 1 else None
+
+        os.kill(_wait_for(serving_replica, 30, "the replica decoding the stream"), signal.SIGKILL)
+        killed_at = time.monotonic()
+        rest = [line for line in lines if line]
+    assert time.monotonic() - killed_at < 30
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["code"] == "ReplicaUnavailableError" and "send the request again" in error["message"]
+    _wait_for(lambda: len(_replica_pids(ray_app)) == 2, 120, "a replacement replica")
+    assert ray_app.complete(model="sql", prompt="hi", max_tokens=2).status_code == 200
