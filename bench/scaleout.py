@@ -18,7 +18,6 @@ import asyncio
 import functools
 import multiprocessing
 import os
-import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
