@@ -62,7 +62,7 @@ class EngineReplica:
         self._board = board
         self._counts: Counter[str] = Counter()  # adapter hits / misses as requests arrive
         self._lock = threading.Lock()
-        self._refs: dict[str, str] = {}  # digest -> "task@sha256:…", for the multiplexed loader
+        self._refs: dict[str, str] = {}  # digest -> "task@sha256:…", for the multiplexed loader (~100 B a digest)
         self._leaving: set[str] = set()  # digests Ray dropped that running rows still pin
         self._get_adapter = _multiplexed(self._load_adapter, config.max_adapters)
         self._is_stopping = threading.Event()
@@ -106,7 +106,7 @@ class EngineReplica:
         return stats
 
     async def _load_adapter(self, digest: str) -> _Resident:
-        ref = self._refs.pop(digest)
+        ref = self._refs[digest]  # kept: a second request may retry this load after a failed first one
         self._leaving.discard(digest)  # wanted again before its rows finished: it stays
         try:
             await asyncio.wrap_future(await asyncio.to_thread(self.engine.load_adapter, ref))
