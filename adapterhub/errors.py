@@ -151,3 +151,10 @@ class RequestTimeoutError(RequestError):
     """An HTTP client sent its request body too slowly (``serve --body-timeout``)."""
 
     http_status = 408
+
+
+class ReplicaUnavailableError(AdapterHubError, RuntimeError):
+    """The replica serving a request stopped (its process died) before the answer was complete, or no replica
+    could be reached; the request can be sent again (``serve --replicas``)."""
+
+    http_status = 503

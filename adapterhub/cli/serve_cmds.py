@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import click
@@ -69,11 +70,18 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
 @click.option("--allow-hub", is_flag=True,
               help="Let a request's model be hf://org/name[@revision]: imported into the registry on first use "
                    "(from the Hub, or the local HF cache with HF_HUB_OFFLINE=1), then pinned to that version.")
+@click.option("--replicas", default=None, type=click.IntRange(1),
+              help="Run N engine replicas on Ray Serve (pip install 'adapterhub[ray]'), routed by adapter.")
+@click.option("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
+              help="The Ray cluster for --replicas / --autoscale (default: start a local Ray instance).")
+@click.option("--autoscale", default=None, metavar="MIN,MAX",
+              help="Let Ray Serve scale the engine replicas between MIN and MAX with the load.")
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, quantize: str, served_model_name: str | None,
           chat_template_file: Path | None, lora_modules: list[tuple[str, str]], adapter_dtype: str,
           kv_cache_memory: str | None, max_body_bytes: int, header_timeout: float, body_timeout: float,
-          max_connections: int, allow_base_mismatch: bool, allow_hub: bool) -> None:
+          max_connections: int, allow_base_mismatch: bool, allow_hub: bool, replicas: int | None,
+          ray_address: str | None, autoscale: str | None) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
     \b
@@ -81,6 +89,7 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
     curl localhost:8000/v1/completions -d '{"model": "sql:prod", "prompt": "SELECT", "max_tokens": 16}'
     ADAPTERHUB_API_KEY=s3cret adapterhub serve --host 0.0.0.0   # reachable from the network: set a key
     adapterhub serve --base ./SmolLM2-135M-Instruct --served-model-name smol --lora-modules sql=sql:prod
+    adapterhub serve --replicas 2 --registry oci://registry:5000/team   # on Ray Serve (local Ray by default)
     """
     from adapterhub.runtime import load_base
     from adapterhub.runtime.export import parse_size
@@ -96,6 +105,15 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         click.echo(warning, err=True)
     limits = HttpLimits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         max_connections=max_connections)
+    if replicas is not None or ray_address is not None or autoscale is not None:
+        _serve_on_ray(dict(base=base_name, registry=registry, dtype=dtype, replicas=replicas or 1,
+                           max_adapters=max_adapters, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq,
+                           allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub, autoscale=autoscale),
+                      ray_address, host, port, limits, _single_process_only(
+                          quantize=quantize != "nf4", served_model_name=served_model_name,
+                          chat_template=chat_template_file, lora_modules=lora_modules,
+                          adapter_dtype=adapter_dtype != "auto", kv_cache_memory=kv_cache_memory))
+        return
     kv_bytes = None
     if kv_cache_memory is not None:
         try:
@@ -133,6 +151,39 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         sock.close()
         if engine is not None:
             engine.close()
+
+
+def _single_process_only(**given: object) -> list[str]:
+    """The serve options given (truthy) that the Ray Serve deployment does not take (yet)."""
+    return ["--" + name.replace("_", "-") for name, value in given.items() if value]
+
+
+def _serve_on_ray(args: dict, address: str | None, host: str, port: int, limits: HttpLimits,
+                  unsupported: list[str]) -> None:
+    """`serve --replicas/--autoscale/--ray-address`: the same API from engine replicas on Ray Serve."""
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} apply to the single-process server; on Ray Serve "
+                          "(--replicas / --autoscale / --ray-address) leave them out")
+    try:
+        from ray import serve as ray_serve
+
+        from adapterhub.serve.ray import RayServeConfig, start
+    except ImportError as error:
+        raise ConfigError(f"--replicas, --autoscale and --ray-address run on Ray Serve, which is not installed "
+                          f"({error}); pip install 'adapterhub[ray]'") from None
+    config = RayServeConfig.from_args(args)
+    count = f"{config.autoscale[0]} to {config.autoscale[1]}" if config.autoscale else str(config.replicas)
+    click.echo(f"adapterhub: starting {count} engine replica(s) of base '{config.base}' on "
+               f"{address or 'a local Ray instance'}...")
+    url = start(config, address, host, port, limits=limits)
+    click.echo(f"adapterhub: serving on {url} (Ray Serve, application 'adapterhub'; Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
 
 
 @main.command("demo")
