@@ -135,7 +135,7 @@ def _run(base, cfg: TrainConfig, dataset: Dataset, eval_set: Dataset | None, out
     torch.manual_seed(cfg.seed)  # dropout draws from torch's global generator
     trainables = attach(linears, aconfig, cfg.lora_dropout, cfg.seed, initial)
     params = [p for t in trainables.values() for p in t.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     steps = total_steps(cfg, len(dataset.examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, steps))
     record = {**cfg.to_dict(), "data_digest": dataset.digest}
@@ -154,7 +154,7 @@ def _run(base, cfg: TrainConfig, dataset: Dataset, eval_set: Dataset | None, out
             for batch in micro:
                 part = causal_lm_loss(model, batch, 1.0 / tokens)
                 part.backward()
-                loss += float(part)
+                loss += float(part.detach())
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

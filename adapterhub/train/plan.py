@@ -10,7 +10,8 @@ The counts follow what this package's training keeps alive (train/loop.py on run
   in the compute dtype, as torch keeps them for a bf16 model).
 - activations, per decoder layer and token, in the compute dtype unless said: the RMSNorm inputs kept in
   float32 (two per layer), the inputs of every adapted projection (the attention block's and the MLP's),
-  q, k, v and the attention output, the MLP's gate, up and product; DoRA also keeps each adapted
+  q, k, v (k and v also repeated to every query head), the attention probabilities (H x T per token), the
+  attention output, the MLP's gate, up, silu(gate) and product; DoRA also keeps each adapted
   projection's output (its magnitude's gradient needs it). With checkpointing only each layer's input is
   kept, plus one layer's activations while it is recomputed. The head runs on one chunk of labelled rows
   at a time (train/loss.py): a chunk's logits (compute dtype + float32 + log-softmax + gradient) and the
@@ -80,12 +81,14 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
         per_weight = NF4_BYTES_PER_WEIGHT if is_quantized else b
         weights = int(linear_weights * per_weight) + other * b + trainable * 4
         grads, optimizer = trainable * 4, 2 * trainable * 4
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    q, kv, H = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads
     per_token = (2 * 4 * D  # the two RMSNorm inputs in float32
-                 + b * (2 * D + q)  # inputs of the attention projections, the MLP's, o_proj's
-                 + b * (q + 2 * kv + q)  # q, k, v (after RoPE) and the attention output
-                 + b * 3 * F_  # gate, up and their product (down_proj's input)
-                 + b * D)  # the layer's input, kept for the residual and the norm
+                 + b * 2 * D  # the normed inputs of the attention projections and of the MLP's
+                 + b * (q + 2 * kv)  # q, k, v after RoPE
+                 + b * 2 * (q - kv)  # k, v repeated to every query head (GQA in the attention's backward)
+                 + b * H * seq  # the attention probabilities, (B, H, T, T)
+                 + b * 2 * q  # the attention output and o_proj's input
+                 + b * 4 * F_)  # gate, up, silu(gate) and the product (down_proj's input)
     if is_dora:
         per_token += b * sum(o for o, _ in linears.values())
     if method != "full":
@@ -94,7 +97,7 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
     activations_checkpointed = L * N * b * D + N * per_token
     # train/loss.py: one chunk of logits at a time (model dtype, float32 copy, log-softmax, its gradient), and
     # the gradient of every labelled row kept for the backward pass.
-    logits = min(N, CHUNK) * V * (b + 4 + 4 + 4) + N * D * b
+    logits = min(N, CHUNK) * V * (b + 4 + 4 + 4 + b) + N * D * b
     return MemoryPlan(method, int(weights), int(trainable), int(grads), int(optimizer), int(activations),
                       int(activations_checkpointed), int(logits))
 
