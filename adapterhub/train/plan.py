@@ -94,7 +94,9 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
     if method != "full":
         per_token += b * r * len(linears)  # the A x of every adapter (in the activations' dtype)
     activations = L * N * per_token
-    activations_checkpointed = L * N * b * D + N * per_token
+    # checkpointing: every layer's input, one layer's activations while it is recomputed, and the gradients
+    # flowing through it (the layer's output and its norms' float32 inputs)
+    activations_checkpointed = L * N * b * D + N * per_token + 2 * N * D * (b + 4)
     # train/loss.py: one chunk of logits at a time (model dtype, float32 copy, log-softmax, its gradient), and
     # the gradient of every labelled row kept for the backward pass.
     logits = min(N, CHUNK) * V * (b + 4 + 4 + 4 + b) + N * D * b
