@@ -4,6 +4,7 @@ Public API (imported lazily so that ``import adapterhub`` and the registry never
 
 - :class:`Registry`: the content-addressed adapter store (``adapterhub.registry``).
 - :func:`load_base`: load a base model, NF4-quantized, with an adapter pool (``adapterhub.runtime``).
+- :func:`train`: train a LoRA / QLoRA / DoRA adapter on a loaded base (``adapterhub.train``).
 - :func:`combine`: weighted combination of adapters (linear, cat, TIES, DARE) into a new adapter.
 - :class:`Adapter`, :class:`AdapterConfig`: a PEFT adapter in memory (``adapterhub.adapter``).
 """
@@ -18,6 +19,7 @@ _LAZY = {
     "Registry": "adapterhub.registry",
     "load_base": "adapterhub.runtime",
     "combine": "adapterhub.runtime",
+    "train": "adapterhub.train",
     "Adapter": "adapterhub.adapter",
     "AdapterConfig": "adapterhub.adapter",
 }

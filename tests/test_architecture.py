@@ -1,7 +1,8 @@
 """The layering rules of the package, checked on its source (no imports needed, so they hold on any machine).
 
 - imports point one way: registry/ never imports torch or the runtime; runtime/ never imports the registry,
-  the server or the CLI; and there is no import cycle among the package's modules;
+  the server, the CLI or train/; train/ imports the runtime and `adapter`, never the registry, the server or
+  the CLI (the CLI pushes what it trains); and there is no import cycle among the package's modules;
 - runtime/ imports the package's own modules at the top of a file only (no function-local imports);
 - kernels/ keeps no module-level mutable state: no `global`, and no module-level container written from
   a function (caches live on the `Ops` objects; the only memo is `functools.cache` of the resolvers);
@@ -62,6 +63,14 @@ def test_registry_imports_neither_torch_nor_the_runtime():
 
 def test_runtime_imports_neither_the_registry_nor_the_server_nor_the_cli():
     for name, path in _in("adapterhub.runtime").items():
+        for imported, line in _imports(path, top_level_only=False):
+            bad = ("adapterhub.registry", "adapterhub.serve", "adapterhub.cli", "adapterhub.train")
+            assert not imported.startswith(bad), f"{path}:{line} imports {imported}"
+
+
+def test_train_imports_neither_the_registry_nor_the_server_nor_the_cli():
+    assert _in("adapterhub.train"), "adapterhub/train/ is missing"
+    for name, path in _in("adapterhub.train").items():
         for imported, line in _imports(path, top_level_only=False):
             bad = ("adapterhub.registry", "adapterhub.serve", "adapterhub.cli")
             assert not imported.startswith(bad), f"{path}:{line} imports {imported}"

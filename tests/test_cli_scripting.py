@@ -159,7 +159,7 @@ def test_every_command_with_json_is_documented_with_its_keys():
     with_json = sorted(name for name, command in main.commands.items()
                        if any(p.name == "as_json" for p in command.params))
     assert with_json == sorted(["push", "pull", "ls", "show", "log", "tag", "diff", "rm", "gc", "verify", "copy",
-                                "generate", "merge", "combine"])
+                                "generate", "merge", "combine", "train", "plan"])
     for name in with_json:
         assert re.search(rf"^### `adapterhub {name}", text, re.M), name
         assert any(p.name == "quiet" for p in main.commands[name].params), name

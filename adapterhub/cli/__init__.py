@@ -2,7 +2,8 @@
 
 Commands live one area per module (pip-tools style) and register themselves on :data:`main`:
 ``registry_cmds`` (push, pull, ls, show, log, tag, diff, rm, gc, verify, copy),
-``runtime_cmds`` (generate), ``merge_cmds`` (merge, combine), ``serve_cmds`` (serve, demo).
+``runtime_cmds`` (generate), ``merge_cmds`` (merge, combine), ``serve_cmds`` (serve, demo),
+``train_cmds`` (train, plan).
 
 Errors from :mod:`adapterhub.errors` become a one-line message and exit code 1, here and only here.
 """
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 # Importing the modules registers their commands on `main`.
-from adapterhub.cli import merge_cmds, registry_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
+from adapterhub.cli import merge_cmds, registry_cmds, runtime_cmds, serve_cmds, train_cmds  # noqa: E402,F401

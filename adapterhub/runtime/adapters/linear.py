@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.runtime.adapters import lora_math
+from adapterhub.runtime.adapters.trainable import TrainableAdapter
 from adapterhub.runtime import kernels
 from adapterhub.runtime.kernels import Ops
 from adapterhub.runtime.quant import formats
@@ -73,6 +74,7 @@ class AdapterLinear(nn.Module):
         self.weight = weight
         self.ops = kernels.ops_for(weight.device)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.device, dtype).contiguous(), requires_grad=False)
+        self.trainable: TrainableAdapter | None = None  # set while training (adapters/trainable.py)
         self.clear_adapters()
 
     @classmethod
@@ -200,6 +202,8 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, Din) [or (B, Din)], ids (B,) int64 slot per row or None (all rows slot 0) -> (B, T, Dout)."""
+        if self.trainable is not None:  # training: one adapter for every row, with autograd (ids unused)
+            return self.trainable(x, self.weight, self.bias)
         groups = list(self.rank_groups.values()) if ids is not None else []
         # DoRA scales the output before the bias is added (semantics §5.3); otherwise the matmul adds it.
         late_bias = self.bias is not None and any(g.dora_locals for g in groups)

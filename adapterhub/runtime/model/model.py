@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from adapterhub.runtime import kernels
 from adapterhub.runtime.adapters.linear import AdapterLinear
@@ -47,6 +48,8 @@ class Transformer(nn.Module):
         self.lm_head.weight.requires_grad_(False)
         self.register_buffer("inv_freq", None, persistent=False)  # (Dh/2,) float32, set by `materialize`
         self.register_buffer("local_inv_freq", None, persistent=False)  # windowed layers' (Gemma 3), or None
+        # Training: recompute each decoder layer in the backward pass instead of keeping its activations.
+        self.gradient_checkpointing = False
 
     def materialize(self, device) -> None:
         """Gives every module still on meta real (uninitialised) storage and ties the output embedding."""
@@ -83,6 +86,16 @@ class Transformer(nn.Module):
         (from `cache.step`, after `cache.allocate`) says.
         The caller advances `cache.lengths` (runtime/generate.py's prefill / decode do).
         """
+        x = self.hidden_states(input_ids, ids, cache, rows, attention_mask, step)  # (B, T, D)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, D)
+        logits = self.head(x)  # (B, T, V)
+        return logits[:, 0] if logits_at is not None else logits
+
+    def hidden_states(self, input_ids, ids=None, cache: KVCache | None = None, rows=None, attention_mask=None,
+                      step: CacheStep | None = None) -> torch.Tensor:
+        """The last decoder layer's output (B, T, D), before the final norm: what `head` turns into logits
+        (arguments as `forward`'s). Training computes the head on the labelled positions only (train/loss.py)."""
         B, T = input_ids.shape
         if cache is not None and step is None:
             lengths = cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()]  # (B,)
@@ -103,15 +116,21 @@ class Transformer(nn.Module):
         x = self._embed(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
             is_windowed = i in self.config.sliding_layers
-            x = layer(x, ids, local if is_windowed else rope, windowed if is_windowed else mask, cache, step, i)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+            args = (x, ids, local if is_windowed else rope, windowed if is_windowed else mask, cache, step, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) last layer's output -> (..., V) logits: the final norm, lm_head, Gemma 2's soft-cap."""
         # lm_head through the ops' bucketed GEMM (kernels/ops.py: Ops.linear): a full forward has B*T rows here.
-        logits = kernels.ops_for(self.device).linear(self.model.norm(x), self.lm_head.weight)  # (B, T, V)
+        logits = kernels.ops_for(self.device).linear(self.model.norm(x), self.lm_head.weight)  # (..., V)
         cap = self.config.final_logit_softcapping
         if cap is not None:  # Gemma 2, in the logits' dtype
             logits = torch.tanh(logits / cap) * cap
-        return logits[:, 0] if logits_at is not None else logits
+        return logits
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
