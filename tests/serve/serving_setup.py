@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -52,3 +54,16 @@ class Offline:
             adapters = [ref.digest]
         sampling = {"temperature": 0.0, **sampling}
         return self.base.generate([prompt], adapters=adapters, max_new_tokens=max_tokens, **sampling)[0].text
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
+    """Polls `url`/health until the `adapterhub serve` child answers 200; fails with its output if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.stdout.read() if process.stdout else process.returncode
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "adapterhub serve did not come up"
+            time.sleep(0.2)

@@ -10,13 +10,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
-from serving_setup import PROMPTS, make_base
+from serving_setup import PROMPTS, make_base, wait_until_serving
 
 from adapterhub.cli import main
 from adapterhub.errors import ConfigError
@@ -98,15 +97,7 @@ def test_serve_takes_the_budget_and_the_adapter_dtype_and_prints_them(registry):
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "adapterhub serve did not come up"
-                time.sleep(0.2)
+        wait_until_serving(process, url)
         body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "model": "sql:prod"}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text

@@ -7,11 +7,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from click.testing import CliRunner
+from serving_setup import wait_until_serving
 
 from adapterhub.cli import main
 
@@ -50,15 +50,7 @@ def test_serve_command_serves_registry_adapters(registry):
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "adapterhub serve did not come up"
-                time.sleep(0.2)
+        wait_until_serving(process, url)
         body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
         base = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         adapted = httpx.post(f"{url}/v1/completions", json={**body, "model": "sql:prod"}, timeout=60).json()

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_chat_setup import load_hf_chat, CONVERSATIONS, chat_ids, load_transformers
+from hf_chat_setup import CONVERSATIONS, chat_ids, load_hf_chat, load_transformers
+from serving_setup import wait_until_serving
 
 from adapterhub.adapter import random_adapter
 from adapterhub.cli import main
@@ -112,15 +112,7 @@ def test_serve_command_with_vllm_options_and_the_openai_client(hf_chat, peft_dir
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "adapterhub serve did not come up"
-                time.sleep(0.2)
+        wait_until_serving(process, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert [m.id for m in client.models.list()][:2] == ["smol", "tone"]
         messages = CONVERSATIONS[0]
