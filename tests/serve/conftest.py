@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from hf_chat_setup import build_checkpoint, load_hf_chat
-from serving_setup import ADAPTERS, Offline, Served, make_base
+from serving_setup import Offline, Served, make_base, make_registry
 
 from adapterhub.adapter import random_adapter
 from adapterhub.registry import Registry
@@ -19,11 +19,7 @@ from adapterhub.serve.server import serve_in_thread
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Registry:
-    registry = Registry(tmp_path_factory.mktemp("registry"))
-    shapes = make_base().module_shapes()
-    for seed, (task, options) in enumerate(ADAPTERS.items(), start=1):
-        registry.push(random_adapter(shapes, seed=seed, **options), task, tags=("prod",))
-    return registry
+    return make_registry(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
+from adapterhub.adapter import random_adapter
 from adapterhub.registry import Registry
 from adapterhub.runtime import load_base
 from adapterhub.serve.engine import Engine
@@ -25,6 +26,15 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 
 def make_base(max_adapters: int = 8):
     return load_base("tiny", compute_dtype=torch.float32, max_adapters=max_adapters)
+
+
+def make_registry(path) -> Registry:
+    """A registry at `path` holding ADAPTERS (one version each, tagged prod), fitted to the tiny base."""
+    registry = Registry(path)
+    shapes = make_base().module_shapes()
+    for seed, (task, options) in enumerate(ADAPTERS.items(), start=1):
+        registry.push(random_adapter(shapes, seed=seed, **options), task, tags=("prod",))
+    return registry
 
 
 @dataclass

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ray_setup import ADAPTERS, Offline, make_base
+from ray_setup import Offline, make_registry
 
-from adapterhub.adapter import random_adapter
 from adapterhub.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +31,7 @@ class RayApp:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Registry:
-    registry = Registry(tmp_path_factory.mktemp("registry"))
-    shapes = make_base().module_shapes()
-    for seed, (task, options) in enumerate(ADAPTERS.items(), start=1):
-        registry.push(random_adapter(shapes, seed=seed, **options), task, tags=("prod",))
-    return registry
+    return make_registry(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="session")

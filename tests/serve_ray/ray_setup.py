@@ -4,40 +4,9 @@ from __future__ import annotations
 
 import re
 
-import torch
-
-from adapterhub.registry import Registry
-from adapterhub.runtime import load_base
-
-# task -> random_adapter options: LoRA, rsLoRA and DoRA, different ranks and targets (all with non-zero lora_B).
-ADAPTERS = {
-    "summarize": dict(r=8, target_modules=("q_proj", "v_proj")),
-    "sql": dict(r=16, use_rslora=True, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
-    "translate": dict(r=4, use_dora=True, target_modules=("q_proj", "v_proj", "down_proj")),
-}
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "SELECT name FROM",
-           "Translate: good morning", "héllo wörld ☕"]
-
-
-def make_base(max_adapters: int = 16):
-    return load_base("tiny", compute_dtype=torch.float32, max_adapters=max_adapters)
-
-
-class Offline:
-    """Expected completions: `base.generate` on a separate base in this process, one request at a time."""
-
-    def __init__(self, registry: Registry):
-        self.base = make_base()
-        self.registry = registry
-
-    def complete(self, model: str | None, prompt: str, max_tokens: int) -> str:
-        adapters = None
-        if model is not None:
-            ref = self.registry.resolve(model)
-            if ref.digest not in self.base.pool.names():
-                self.base.add_adapter(self.registry.load(f"{ref.task}@{ref.digest}"), name=ref.digest)
-            adapters = [ref.digest]
-        return self.base.generate([prompt], adapters=adapters, max_new_tokens=max_tokens, temperature=0.0)[0].text
+# The adapters, prompts, tiny base and offline reference of the single-process server's tests: the replicas
+# must answer exactly as it does.
+from tests.serve.serving_setup import ADAPTERS, PROMPTS, Offline, make_base, make_registry  # noqa: F401 (shared)
 
 
 _SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
