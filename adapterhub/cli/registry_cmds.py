@@ -213,7 +213,7 @@ def diff(a, b, registry, as_json, quiet):
     """
     d = open_registry(registry).diff(a, b)
     base = None if d.base is None else {"a": d.base[0] and d.base[0].to_json(), "b": d.base[1] and d.base[1].to_json()}
-    value = {"a": a, "b": b, "identical": d.is_empty and d.base is None, "base": base,
+    value = {"a": a, "b": b, "identical": d.is_empty, "base": base,
              "config": {key: [old, new] for key, (old, new) in d.config.items()},
              "tensors": [{**t.to_json(), "change": _change_kind(t)} for t in d.tensors]}
     lines = [f"config {key}: {json.dumps(old)} → {json.dumps(new)}" for key, (old, new) in d.config.items()]
@@ -229,7 +229,7 @@ def diff(a, b, registry, as_json, quiet):
             shapes = f"{da}{list(sa)}" if (da, sa) == (db, sb) else f"{da}{list(sa)} → {db}{list(sb)}"
             change = "n/a" if t.relative_change is None else f"{t.relative_change:.3e}"
             lines.append(f"~ {t.name}  {shapes}  relative change {change}")
-    if value["identical"]:
+    if d.is_empty:
         lines.append("identical")
     emit(as_json, quiet, value, lines, [t.name for t in d.tensors])
 
@@ -340,7 +340,7 @@ def copy(ref, to, tags, oras_files, registry, as_json, quiet):
             raise ConfigError(f"--to {to} is a Hugging Face Hub repo, which takes neither --tags nor --oras-files; "
                               "drop them")
         resolved = reg.resolve(ref)
-        url = reg.export_to_hub(ref, to)
+        url = reg.export_to_hub(str(resolved), to)  # the version resolved above, even if a tag moves
         emit(as_json, quiet, {"ref": str(resolved), "digest": resolved.digest, "to": str(to), "commit_url": url},
              f"{resolved} → {to} ({url})", [str(resolved)])
         return

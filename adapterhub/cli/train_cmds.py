@@ -65,9 +65,9 @@ def train_command(base_name, data, eval_path, task, tags, dora, quantize, dtype,
     reg = open_registry(registry, reading=False)  # a bad registry fails before the model loads
     base = load_base(base_name, quantize=None if quantize == "none" else quantize,
                      compute_dtype=getattr(torch, dtype))
-    target_modules = targets if targets == "all-linear" or "," not in targets else tuple(targets.split(","))
-    if targets.isidentifier():
-        target_modules = (targets,)
+    # "q_proj,v_proj" and "q_proj" are names; anything else ("all-linear", a regex) passes through as PEFT reads it
+    target_modules = (tuple(t.strip() for t in targets.split(",")) if "," in targets
+                      else (targets,) if targets.isidentifier() else targets)
     adapter = train(base, data, method="dora" if dora else "lora", r=r, lora_alpha=lora_alpha,
                     target_modules=target_modules, use_rslora=rslora, lora_dropout=lora_dropout, lr=lr,
                     schedule=schedule, warmup=warmup, epochs=epochs, max_steps=max_steps, batch_size=batch_size,

@@ -326,7 +326,11 @@ def _unlink_ref(path: Path) -> None:
 
 
 def _is_user_tag(name: str) -> bool:
-    return bool(_TAG.fullmatch(name)) and ".." not in name and name != LATEST and not _VERSION_TAG.fullmatch(name)
+    try:
+        check_tag(name)  # the one rule for tag names: what a user may write is what a tag file may be named
+    except InvalidNameError:
+        return False
+    return True
 
 
 def _fix(path: Path, task: str, name: str, kind: str) -> str:

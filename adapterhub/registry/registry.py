@@ -61,7 +61,7 @@ class AdapterDiff:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.config or self.added or self.removed or self.changed)
+        return not (self.config or self.added or self.removed or self.changed or self.base)
 
 
 class Registry:

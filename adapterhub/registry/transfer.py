@@ -54,9 +54,9 @@ def send_blobs(dst: Backend, task: str, blobs: Iterable[tuple[Digest, int, int]]
 
         def send(blob: tuple[Digest, int, int]) -> bool:
             digest, size, width = blob
-            moved = not dst.has_blob(task, digest)
-            if moved:
-                dst.put_blob(task, digest, fetch(digest), width)
+            # put_blob's own answer: a local store re-checks under the name, and a blob has_blob could not
+            # vouch for without its size (over blobs.MAX_UNSIZED) may turn out intact, so nothing moved
+            moved = not dst.has_blob(task, digest) and dst.put_blob(task, digest, fetch(digest), width)
             bar.update(size)
             return moved
 

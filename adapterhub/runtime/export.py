@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from adapterhub.errors import ConfigError
 from adapterhub.runtime.adapters import lora_math
-from adapterhub.runtime.adapters.merge import DELTA_WARN, delta_error, merged_delta_norm, merged_f32
+from adapterhub.runtime.adapters.merge import DELTA_WARN, delta_error, merged_delta_norm, module_merged_f32
 from adapterhub.runtime.model import checkpoint
 from adapterhub.runtime.model.config import QuantConfig
 from adapterhub.runtime.quant import formats
@@ -124,7 +124,7 @@ def _export_linear(name: str, layer, merged, module, dtype: torch.dtype, quantiz
     A, B = torch.from_numpy(module.lora_A), torch.from_numpy(module.lora_B)
     if name in merged.originals:  # quantized base: merge again on the weight before, in fp32
         before = merged.originals[name].dequantize(torch.float32)
-        W = merged_f32(before, A, B, module)[0]
+        W = module_merged_f32(before, A, B, module)[0]
     elif quantize is None and dtype in (weight.dequantize().dtype, torch.float32):  # dense, as the merge rounded it
         return {prefix + "weight": weight.dequantize(dtype)}, merged.deltas[name]
     else:  # dense base: the merged weight as the merge rounded it; the weight before, recomputed for DoRA

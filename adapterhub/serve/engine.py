@@ -109,7 +109,8 @@ class Engine:
         self.metrics.set_memory(kv_cache_bytes=cache.nbytes, kv_blocks=cache.num_blocks, kv_block_tokens=cache.block_size,
                                 kv_bytes_per_token=base.kv_bytes_per_token(), adapter_dtype=str(base.pool.adapter_dtype),
                                 adapter_bytes_per_rank=base.pool.bytes_per_rank())
-        self.metrics.set_gauges(queue_depth=0, batch_size=0, adapter_pool_bytes=base.pool.nbytes())
+        self._pool_bytes = base.pool.nbytes()  # re-summed only when the pool changes (_install, _remove)
+        self.metrics.set_gauges(queue_depth=0, batch_size=0, adapter_pool_bytes=self._pool_bytes)
         self._heap = HeapTrimmer()
         self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
         self._thread.start()
@@ -227,7 +228,7 @@ class Engine:
                 self._rows.fail_all(error)
             self._heap.maybe_trim()  # between steps: the prefills' freed activations back to the OS (heap.py)
             self.metrics.set_gauges(queue_depth=len(self._waiting) + len(self._rows.preempted), batch_size=len(self._rows),
-                                    kv_blocks_free=self._rows.cache.free_blocks, adapter_pool_bytes=self.base.pool.nbytes())
+                                    kv_blocks_free=self._rows.cache.free_blocks, adapter_pool_bytes=self._pool_bytes)
         self._shutdown()
 
     def _admit(self) -> None:
@@ -298,6 +299,7 @@ class Engine:
         before = set(self.base.pool.names())
         self.base.pool.add(adapter, resolved.digest, self.config.allow_base_mismatch)
         after = set(self.base.pool.names())
+        self._pool_bytes = self.base.pool.nbytes()
         self.metrics.add_load(evicted=len(before - after))
         with self._cv:
             for gone in before - after:
@@ -308,6 +310,7 @@ class Engine:
         if digest not in self.base.pool.names():
             raise RequestError(f"adapter '{model}' ({digest}) is not loaded; GET /v1/models lists them")
         self.base.pool.remove(digest)
+        self._pool_bytes = self.base.pool.nbytes()
         with self._cv:
             self._resident.pop(digest, None)
         return digest

@@ -100,9 +100,7 @@ class AdapterSource:
             raise RequestError(f"the adapter name {name!r} must be a non-empty string other than the base's name "
                                f"'{self.base_name}'")
         with self._lock:
-            if name in self._aliases:
-                raise RequestError(f"an adapter named '{name}' is already loaded; unload it first "
-                                   "(POST /v1/unload_lora_adapter) or pick another name")
+            self._check_free(name)
         kind = adapter_source(source)
         if isinstance(kind, Path):
             adapter = Adapter.from_peft_dir(kind)
@@ -119,8 +117,15 @@ class AdapterSource:
                 raise RequestError(f"{source!r} is the base model, not an adapter; pass an adapter ref or directory")
             resolved = ResolvedModel(name, version.digest, version.pinned_ref, name, version.label)
         with self._lock:
+            self._check_free(name)  # again: a concurrent request may have taken it while this one read
             self._aliases[name] = resolved
         return resolved
+
+    def _check_free(self, name: str) -> None:
+        """Under `_lock`."""
+        if name in self._aliases:
+            raise RequestError(f"an adapter named '{name}' is already loaded; unload it first "
+                               "(POST /v1/unload_lora_adapter) or pick another name")
 
     def alias(self, name: str) -> ResolvedModel:
         with self._lock:

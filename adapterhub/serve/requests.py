@@ -159,7 +159,8 @@ class RequestHandle:
                 self._held.append(event)
                 return
             if self._held:
-                self._deliver(Delta("".join(d.text for d in self._held), sum((d.logprobs for d in self._held), ())))
+                logprobs = tuple(lp for d in self._held for lp in d.logprobs)  # not sum(): quadratic in tokens
+                self._deliver(Delta("".join(d.text for d in self._held), logprobs))
                 self._held = []
         self._deliver(event)
 

@@ -108,7 +108,9 @@ def _chat(messages: list, tokenizer: Tokenizer, where: str) -> Example:
     if not tokenizer.has_chat_template:
         raise ConfigError(f"{where}: a 'messages' example needs a chat template, and the base's tokenizer has "
                           "none; use 'prompt' and 'completion' instead")
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+    if not all(isinstance(m, dict) for m in messages):
+        raise ConfigError(f"{where}: every entry of 'messages' must be an object with 'role' and 'content'")
+    if not any(m.get("role") == "assistant" for m in messages):
         raise ConfigError(f"{where}: 'messages' has no assistant turn to train on")
 
     def encode(upto: int, generation_prompt: bool) -> list[int]:
@@ -120,8 +122,9 @@ def _chat(messages: list, tokenizer: Tokenizer, where: str) -> Example:
     for k, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        start, end = len(encode(k, True)), len(encode(k + 1, False))
-        if ids[:end] != encode(k + 1, False):
+        start, upto = len(encode(k, True)), encode(k + 1, False)
+        end = len(upto)
+        if ids[:end] != upto:
             raise ConfigError(f"{where}: the chat template does not render turn {k} as a prefix of the "
                               "conversation, so its tokens cannot be found; use 'prompt' and 'completion'")
         labels[start:end] = ids[start:end]

@@ -10,6 +10,7 @@ split), torch.optim.AdamW, gradient clipping by global norm, then the learning-r
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -57,10 +58,11 @@ def total_steps(cfg: TrainConfig, examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size) / cfg.grad_accum))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+@functools.lru_cache(maxsize=1)  # every batch of an epoch reads the same order: drawn once, not per step
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
     """The example order of one epoch: a permutation depending on (seed, epoch) only, so a resumed run
     knows every future batch from its position."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
 
 
 def next_batch(dataset: Dataset, cfg: TrainConfig, progress: Progress) -> list[Example]:
@@ -150,11 +152,12 @@ def _run(base, cfg: TrainConfig, dataset: Dataset, eval_set: Dataset | None, out
             started = time.perf_counter()
             micro = [collate(next_batch(dataset, cfg, progress), pad_id) for _ in range(cfg.grad_accum)]
             tokens = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
-            loss = 0.0
+            parts = []
             for batch in micro:
                 part = causal_lm_loss(model, batch, 1.0 / tokens)
                 part.backward()
-                loss += float(part.detach())
+                parts.append(part.detach())
+            loss = float(torch.stack(parts).double().sum())  # one host sync per step, not per micro-batch
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -211,7 +211,7 @@ class AdapterLinear(nn.Module):
         if groups:
             x3 = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, Din)
             y3 = y.view(y.shape[0], -1, self.out_features)  # (B, T, Dout)
-            if self.adapter_dtype == x.dtype:
+            if self.adapter_dtype == self.dtype:  # the stacks' layout (_new_group): BT, else B
                 for g in groups:  # one per distinct rank, not per adapter
                     local = g.slot_map.index_select(0, ids)  # (B,)
                     h = self.ops.lora_shrink(x3, g.A, local)  # (B, T, R)

@@ -76,7 +76,7 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
         layer = base_linears[module]
         A, B = torch.from_numpy(m.lora_A), torch.from_numpy(m.lora_B)  # (R, Din), (Dout, R) fp32
         W = layer.dequantized_weight()
-        exact, norm = merged_f32(W, A, B, m)  # one fp32 merge: stored rounded (dense) or requantized, and reported
+        exact, norm = module_merged_f32(W, A, B, m)  # one fp32 merge: stored rounded or requantized, and reported
         if norm is not None:
             state.norms[module] = norm
         _check_finite(exact, W.dtype, name, module)
@@ -100,17 +100,21 @@ def merge_adapter(base_linears: dict[str, AdapterLinear], pool: AdapterPool, nam
     return state.report
 
 
-def merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor | None]:
+def module_merged_f32(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      m) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Module m merged into W in fp32, not rounded (what an fp32 export writes), and DoRA's norm n (else None)."""
     magnitude = None if m.magnitude is None else torch.from_numpy(m.magnitude)
     return lora_math.merged_f32(W, A, B, m.scaling, magnitude)
 
 
-def merged_delta_norm(W: torch.Tensor, exact: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m) -> float:
+def merged_delta_norm(W: torch.Tensor | None, exact: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      m) -> float:
     """||exact - W||_F, the norm of the delta module m adds to W: for LoRA s ||B A|| from the rank-R factors
-    (no pass over W), for DoRA measured (W is read in its dtype, promoted exactly)."""
+    (W is not needed: None is fine), for DoRA measured (W required, read in its dtype, promoted exactly)."""
     if m.magnitude is None:
         return lora_math.delta_norm(A, B, m.scaling)
+    if W is None:
+        raise ValueError("a DoRA module's delta norm needs the weight before the merge")
     return float(torch.linalg.vector_norm(torch.sub(exact, W)))
 
 

@@ -30,8 +30,8 @@ class AdapterPool:
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"adapter pool capacity must be a positive integer, got {capacity!r}")
         self.linears, self.capacity, self.identity = dict(linears), capacity, identity
-        for linear in self.linears.values():
-            if adapter_dtype is not None:
+        if adapter_dtype is not None:
+            for linear in self.linears.values():
                 linear.set_adapter_dtype(adapter_dtype)
         self._warned: set = set()  # pairs of bases a name-only mismatch was warned about (once each)
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
@@ -80,7 +80,7 @@ class AdapterPool:
 
     def bytes_per_rank(self) -> int:
         """Bytes one adapter adds per unit of rank when it targets every layer: r=16 takes 16 times this."""
-        return sum((m.in_features + m.out_features) * torch.empty((), dtype=m.adapter_dtype).element_size()
+        return sum((m.in_features + m.out_features) * m.adapter_dtype.itemsize
                    for m in self.linears.values())
 
     def is_pinned(self, name: str) -> bool:

@@ -44,7 +44,7 @@ class CacheStep:
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of keys + values one token takes in every layer."""
-    return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize
 
 
 class KVCache:

@@ -100,8 +100,17 @@ class ReplicaFront:
     def submit_many(self, prompt: list[int], model: str | None, params: list[SamplingParams],
                     loop: asyncio.AbstractEventLoop | None = None, is_streaming: bool = True) -> list[RequestHandle]:
         """OpenAI's `n`: one request per choice, each routed by the adapter's digest (so all to one replica
-        while it has room). Unlike `Engine.submit_many` they are accepted one by one."""
-        return [self.submit(prompt, model, p, loop, is_streaming) for p in params]
+        while it has room). Accepted one by one; if one is refused, those accepted are cancelled (as a client
+        that went away), so it is all or none as with `Engine.submit_many`."""
+        handles: list[RequestHandle] = []
+        try:
+            for p in params:
+                handles.append(self.submit(prompt, model, p, loop, is_streaming))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     def add_named_adapter(self, name: str, source: str) -> Future:
         """vLLM's load_lora_adapter: `name` becomes another model name for a registry version (the replicas load
