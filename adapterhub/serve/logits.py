@@ -76,9 +76,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     lp = torch.log_softmax(logits[index].float(), dim=-1)  # (b, V)
     chosen = lp.gather(1, tokens.to(logits.device)[index][:, None])[:, 0].tolist()
     k = max(params[i].logprobs for i in wanted)
-    top_lp, top_ids = lp.sort(dim=-1, descending=True, stable=True)  # stable: ties keep the lower id first
-    top_lp, top_ids = top_lp[:, :k].tolist(), top_ids[:, :k].tolist()
+    top = _top_k_lower_id_first(lp, k) if k else [[] for _ in wanted]
     for j, i in enumerate(wanted):
-        top = tuple(zip(top_ids[j][: params[i].logprobs], top_lp[j][: params[i].logprobs]))
-        out[i] = TokenLogprob(sampled[i], chosen[j], top)
+        out[i] = TokenLogprob(sampled[i], chosen[j], tuple(top[j][: params[i].logprobs]))
     return out
+
+
+def _top_k_lower_id_first(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's k largest entries as (id, value), ties in the lower id first, without sorting the vocabulary:
+    topk finds the k-th value, then only the entries at or above it (k, or a few more on ties) are sorted.
+    # (b, V) -> b lists of k pairs"""
+    threshold = lp.topk(k, dim=-1).values[:, -1:]  # (b, 1)
+    rows = []
+    for row, t in zip(lp, threshold):
+        ids = (row >= t).nonzero()[:, 0]  # ascending ids: a stable sort keeps ties in id order
+        values, order = row[ids].sort(descending=True, stable=True)
+        rows.append(list(zip(ids[order][:k].tolist(), values[:k].tolist())))
+    return rows

@@ -83,6 +83,18 @@ def test_the_servers_penalties_and_logprobs_equal_the_reference():
     assert [i for i, _ in out[0].top] == [i for i, _ in ref.top_log_probabilities(logits[0].numpy(), 4)]
 
 
+
+def test_top_logprobs_break_ties_by_lower_id_as_the_reference():
+    # Logits with many exact ties around the k-th place: topk alone would return tied ids in any order.
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0, 1.0, 1.0, -3.0, 2.0, 1.0, 0.5],
+                           [1.0] * 10])
+    params = [SamplingParams(logprobs=k) for k in (5, 3)]
+    out = token_logprobs(logits, torch.tensor([6, 9]), params)
+    for b, k in enumerate((5, 3)):
+        expected = ref.top_log_probabilities(logits[b].numpy(), k)
+        assert [i for i, _ in out[b].top] == [i for i, _ in expected]
+        np.testing.assert_allclose([v for _, v in out[b].top], [v for _, v in expected], rtol=1e-6)
+
 def test_completion_logprobs_are_log_softmax_of_transformers_logits(chat_served, hf, hf_chat):
     tokenizer, model = hf
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
