@@ -19,7 +19,8 @@ import click
 
 from adapterhub.adapter import Adapter, adapter_source
 from adapterhub.cli import main
-from adapterhub.cli.options import allow_base_mismatch_option, open_registry, quiet_option, registry_option, show_progress
+from adapterhub.cli.options import (allow_base_mismatch_option, emit, open_registry, output_options, registry_option,
+                                    show_progress, warn)
 from adapterhub.errors import ConfigError
 from adapterhub.fsio import check_destination, replace_dir_with
 from adapterhub.registry import Registry
@@ -70,8 +71,7 @@ class _Source:
               help="Largest safetensors shard (decimal units, as transformers' max_shard_size).")
 @click.option("--force", "-f", is_flag=True,
               help="Replace a non-empty output directory as a whole (every file in it is removed).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (export, merge report, sources).")
-@quiet_option
+@output_options
 @allow_base_mismatch_option
 @registry_option
 def merge(refs, base_name, output, weights, method, density, seed, dtype, quantize, shard_size, force, as_json,
@@ -111,23 +111,17 @@ def merge(refs, base_name, output, weights, method, density, seed, dtype, quanti
         report = base.merge(name)
         result = _export_replacing(base, dest, force, dtype=export_dtype, quantize=quantize, shard_size=shard_size,
                                    progress=show_progress(as_json, quiet))
-    if quiet and not as_json:
-        click.echo(str(result.path))
-        return
-    if as_json:
-        out = {**result.to_json(), "base": base_name, "sources": [s.to_json() for s in sources], "combine": params,
-               "merge": {**asdict(report), "warning": report.warning}}
-        click.echo(json.dumps(out, indent=2, sort_keys=True))
-        return
-    click.echo(f"merged {name} into {base_name}: {report.modules} modules; the written weights keep the "
-               f"adapter's delta within {result.delta_error_max:.2e} (mean {result.delta_error_mean:.2e}, relative; "
-               "docs/semantics.md §4.6)")
-    if result.warning:
-        click.echo(f"warning: {result.warning}", err=True)
+    out = {**result.to_json(), "base": base_name, "sources": [s.to_json() for s in sources], "combine": params,
+           "merge": {**asdict(report), "warning": report.warning}}
     total = sum(result.files.values())
-    click.echo(f"wrote {result.path} ({result.quantize or result.dtype}, {total} bytes in {result.seconds:.1f} s)")
-    for file, size in result.files.items():
-        click.echo(f"  {file}  {size}")
+    text = [f"merged {name} into {base_name}: {report.modules} modules; the written weights keep the "
+            f"adapter's delta within {result.delta_error_max:.2e} (mean {result.delta_error_mean:.2e}, relative; "
+            "docs/semantics.md §4.6)",
+            f"wrote {result.path} ({result.quantize or result.dtype}, {total} bytes in {result.seconds:.1f} s)",
+            *(f"  {file}  {size}" for file, size in result.files.items())]
+    if result.warning and not (as_json or quiet):
+        warn([result.warning])
+    emit(as_json, quiet, out, text, ids=[str(result.path)])
 
 
 @main.command("combine")
@@ -139,8 +133,7 @@ def merge(refs, base_name, output, weights, method, density, seed, dtype, quanti
 @seed_option
 @click.option("--task", required=True, help="Task the result is pushed to, as its next version.")
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the new version (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print the new ref, its digest and its annotations as JSON.")
-@quiet_option
+@output_options
 @registry_option
 def combine(refs, weights, method, density, rank, seed, task, tags, as_json, quiet, registry):
     """Combine adapters into the next version of TASK, recording its lineage in the manifest annotations.
@@ -156,11 +149,8 @@ def combine(refs, weights, method, density, rank, seed, task, tags, as_json, qui
     bases = {s.adapter.base for s in sources}  # sources on one recorded base make a combination on that base
     ref = reg.push(adapter, task, tags=tags, annotations=_lineage(sources, params),
                    base=bases.pop() if len(bases) == 1 else None)
-    if as_json:
-        notes = dict(reg.manifest(ref).annotations)
-        click.echo(json.dumps({"ref": str(ref), "digest": ref.digest, "annotations": notes}, indent=2, sort_keys=True))
-        return
-    click.echo(str(ref))
+    value = {"ref": str(ref), "digest": ref.digest, "annotations": dict(reg.manifest(ref).annotations)} if as_json else None
+    emit(as_json, quiet, value, str(ref), ids=[str(ref)])
 
 
 def _read_sources(registry: str | None, names) -> list[_Source]:
