@@ -71,6 +71,19 @@ def test_no_chat_template_gives_none(tmp_path):
     assert not tok.has_chat_template and tok.apply_chat_template([{"role": "user", "content": "x"}]) is None
 
 
+
+def test_save_keeps_every_named_special_token_for_a_template_and_transformers(tmp_path):
+    tiny = byte_tokenizer()
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ pad_token }}{% endfor %}"
+    Tokenizer(tiny.backend, bos_token="<s>", eos_token="</s>", chat_template=template,
+              special_tokens={"pad_token": "</s>", "unk_token": "<s>"}).save(tmp_path)
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.special_tokens["pad_token"] == "</s>" and loaded.special_tokens["unk_token"] == "<s>"
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "<s>hi</s>"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.pad_token, hf.unk_token, hf.eos_token) == ("</s>", "<s>", "</s>")
+
 def test_checkpoint_of_tiny_loads_to_the_same_model(tmp_path):
     path = random_checkpoint(tmp_path / "tiny", max_shard_bytes=2_000_000)
     index = json.loads((path / "model.safetensors.index.json").read_text())

@@ -101,10 +101,12 @@ class Tokenizer:
         return self._template.render(messages, add_generation_prompt, **kwargs)
 
     def save(self, path: str | Path) -> None:
-        """Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos and the Jinja chat template)."""
+        """Writes `tokenizer.json` and `tokenizer_config.json` (every named special token it was read with, and the
+        Jinja chat template): `Tokenizer.load` and transformers' AutoTokenizer read back the same tokens."""
         path = Path(path)
         self._tok.save(str(path / "tokenizer.json"))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+        named = {name: text for name, text in self.special_tokens.items() if text is not None}
+        config = {**named, "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
