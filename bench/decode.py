@@ -12,9 +12,9 @@ in bf16 with the byte tokenizer, cached under `--workdir` with their GGUFs and a
 llama.cpp (llama-cpp-python, `pip install -e ".[bench]"`) runs GGUFs written from the same weights
 (bench/gguf_export.py): decoder linears in Q4_0 and in Q4_1, the token embedding and the tied head in
 F16 (the head reads the same bytes per token as adapterhub's bf16 lm_head; llama-quantize's default would
-store it in Q6_K, 0.8 of them). A sanity check first: llama.cpp on an F16 GGUF against transformers in
-fp32, the logits at every position of a 32-token prompt and 8 greedy tokens; the same GGUF with the
-q / k rows left in HF's order is the control the check must reject.
+store it in Q6_K, 0.41 of those bytes). A sanity check first: llama.cpp on an F16 GGUF against transformers
+in fp32, the logits at every position of a 32-token prompt (they must match) and 8 greedy tokens (shown);
+on the 135m, the same GGUF with the q / k rows left in HF's order is the control the check must reject.
 
 Measured, all with 2 threads (torch.set_num_threads(2); llama.cpp n_threads = n_threads_batch = 2):
 a 32-token prompt per stream, then `--tokens` greedy decode steps (decode tokens/s: streams x steps / the
@@ -29,10 +29,21 @@ steps' wall time, median of the repeats), and the prefill of one 512-token promp
 Goals: adapterhub 1 stream >= 1.0x llama.cpp Q4_1's 1 stream on the 135M and >= 1.2x on the 1B; 8
 mixed-adapter streams >= 5x adapterhub's 1 stream.
 
-Figures before the fused decode work (135m, `--tokens 64`, 3 repeats; AMD EPYC (Zen 4), 2 cores, torch
-2.13.0, llama-cpp-python FIGURES_PENDING):
+Figures before the fused decode work (AMD EPYC (Zen 4), 2 cores, torch 2.13.0, llama-cpp-python 0.3.36;
+135m: `--tokens 64`, median of 3; 1b: `--tokens 32 --repeats 2`, 7.5 minutes), decode tokens/s by
+streams (8 mixed: each its own adapter); prefill: one 512-token prompt, tokens/s
 
-FIGURES_PENDING
+                              135m: 1        8  8 mixed  prefill    1b: 1        8  8 mixed  prefill
+    llama.cpp         Q4_0      170.9    384.9        -      892     29.6     64.5        -      132
+    llama.cpp         Q4_1      128.2    233.0        -      332     17.5     30.4        -       41
+    adapterhub        NF4        37.6    101.9     90.2      862     12.3     28.7     20.3      180
+    adapterhub        bf16       23.7    128.2    115.3      914      5.2     35.1     31.5      176
+    transformers      bf16       23.4        -        -      951      5.0        -        -      177
+    + PEFT, 1 adapter bf16       17.1        -        -      684      5.1        -        -       91
+
+adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 0.29x (135m), 0.70x (1b); 8 mixed / 1 stream: 2.40x,
+1.65x (bf16: 4.86x, 6.04x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146 (1b) of the logits' std, every
+prompt argmax equal; the control 0.2997.
 """
 
 from __future__ import annotations
@@ -59,7 +70,9 @@ MODELS = {
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, STREAMS, PROMPT, LONG_PROMPT, SANITY_TOKENS, THREADS = 16, 8, 32, 512, 8, 2
-SANITY_ERROR = 0.02  # max |Δlogit| / std allowed: F16 weights and activations vs fp32 measure ~0.005 on the 135M
+# max |Δlogit| / std allowed: llama.cpp's F16 (weights and activations) vs fp32 measured 0.005 (135M) and
+# 0.015 (1B); the control with the q / k rows in HF's order 0.30.
+SANITY_ERROR = 0.05
 GGUF_FORMATS = ("f16", "q4_0", "q4_1")
 
 
@@ -82,13 +95,12 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in load_file(path / "model.safetensors").items()}
 
 
-def build(key: str, workdir: Path) -> Path:
+def build(key: str, workdir: Path, with_gguf: bool = True) -> Path:
     """The model dir for `key`: checkpoint, tokenizer, adapters/a{i} and model-{format}.gguf (built when missing)."""
     import transformers
 
     from adapterhub.adapter import random_adapter
     from adapterhub.runtime.model.tiny import byte_tokenizer
-    from bench import gguf_export
 
     config = MODELS[key]
     path = workdir / f"llama-{key}"
@@ -106,7 +118,9 @@ def build(key: str, workdir: Path) -> Path:
     todo = [(fmt, True) for fmt in GGUF_FORMATS if not (path / f"model-{fmt}.gguf").is_file()]
     if key == "135m" and not (path / "control-f16.gguf").is_file():
         todo.append(("f16", False))
-    if todo:
+    if todo and with_gguf:
+        from bench import gguf_export
+
         weights, saved = load_weights(path), json.loads((path / "config.json").read_text())
         for fmt, is_interleaved in todo:
             name = f"model-{fmt}.gguf" if is_interleaved else f"control-{fmt}.gguf"
@@ -119,7 +133,8 @@ def build(key: str, workdir: Path) -> Path:
 
 
 def compare_with_transformers(path: Path, gguf_paths: dict[str, Path], prompt: list[int]) -> dict:
-    """{label: (max |Δlogit| / std of the logits, positions whose argmax agrees, leading greedy tokens that agree)}."""
+    """{label: (max |Δlogit| / std of the logits over the prompt, prompt positions whose argmax agrees,
+    leading greedy tokens that agree, transformers' top-1 minus top-2 logit where greedy first differs)}."""
     import transformers
 
     from bench.llama_cpp_runner import LlamaCpp
@@ -128,8 +143,10 @@ def compare_with_transformers(path: Path, gguf_paths: dict[str, Path], prompt: l
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         reference = hf(ids).logits[0].numpy()  # (T, V)
-        tokens = hf.generate(ids, max_new_tokens=SANITY_TOKENS, min_new_tokens=SANITY_TOKENS, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+        generated = hf.generate(ids, max_new_tokens=SANITY_TOKENS, min_new_tokens=SANITY_TOKENS, do_sample=False,
+                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    tokens = generated.sequences[0, len(prompt):].tolist()
+    margins = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in generated.scores)]
     del hf
     out = {}
     for label, gguf_path in gguf_paths.items():
@@ -143,23 +160,26 @@ def compare_with_transformers(path: Path, gguf_paths: dict[str, Path], prompt: l
         error = float(np.abs(logits - reference).max() / reference.std())
         agree = int((logits.argmax(-1) == reference.argmax(-1)).sum())
         leading = next((i for i, (a, b) in enumerate(zip(greedy, tokens)) if a != b), len(tokens))
-        out[label] = (error, agree, leading)
+        out[label] = (error, agree, leading, margins[leading] if leading < len(tokens) else None)
     return out
 
 
 def sanity_check(path: Path, prompt: list[int]) -> None:
+    """Passes when llama.cpp's F16 logits match transformers' at every prompt position (the greedy run is
+    shown: a random model's near ties can flip under F16 activations, and then the continuations part)."""
     paths = {"F16 GGUF": path / "model-f16.gguf"}
     if (path / "control-f16.gguf").is_file():
         paths["control: q / k rows in HF's order"] = path / "control-f16.gguf"
     results = compare_with_transformers(path, paths, prompt)
-    for label, (error, agree, leading) in results.items():
+    for label, (error, agree, leading, margin) in results.items():
+        where = "" if margin is None else f" (transformers' top-2 margin at the first difference: {margin:.4f})"
         print(f"sanity, llama.cpp {label} vs transformers fp32: max |Δlogit| = {error:.4f} x the logits' std, "
               f"argmax agrees at {agree}/{len(prompt)} prompt positions, greedy agrees for the first "
-              f"{leading}/{SANITY_TOKENS} tokens", flush=True)
-    error, agree, leading = results["F16 GGUF"]
-    if not (error < SANITY_ERROR and agree >= 0.9 * len(prompt) and leading >= SANITY_TOKENS // 2):
+              f"{leading}/{SANITY_TOKENS} tokens{where}", flush=True)
+    error, agree, _, _ = results["F16 GGUF"]
+    if not (error < SANITY_ERROR and agree >= 0.9 * len(prompt)):
         raise SystemExit("sanity check failed: llama.cpp's logits differ from transformers' (GGUF layout?)")
-    control = [e for label, (e, _, _) in results.items() if label.startswith("control")]
+    control = [e for label, (e, *_) in results.items() if label.startswith("control")]
     if control and control[0] < SANITY_ERROR:
         raise SystemExit("sanity check has no power: the control GGUF passes it too")
 
@@ -291,18 +311,21 @@ def print_table(key: str, rows: list[tuple], steps: int, repeats: int) -> None:
 
 
 def run(key: str, workdir: Path, steps: int, repeats: int, with_peft: bool) -> None:
-    path = build(key, workdir)
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+
+        has_llama_cpp = True
+    except ImportError:
+        has_llama_cpp = False
+        print("(llama-cpp-python or gguf is not installed: no llama.cpp rows; pip install -e \".[bench]\")")
+    path = build(key, workdir, with_gguf=has_llama_cpp)
     V = MODELS[key]["vocab_size"]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, V, PROMPT).tolist() for _ in range(STREAMS)]
     long_prompt = rng.integers(3, V, LONG_PROMPT).tolist()
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        llama_cpp = None
-        print("(llama-cpp-python is not installed: no llama.cpp rows; pip install -e \".[bench]\")")
     rows = []
-    if llama_cpp is not None:
+    if has_llama_cpp:
         sanity_check(path, prompts[0])
         for fmt in ("q4_0", "q4_1"):
             rows += time_llama_cpp(path, fmt, prompts, long_prompt, steps, repeats)
