@@ -1,6 +1,6 @@
 """The 4-bit (NF4) linear for decode batches: fused kernel vs dequantize + GEMM vs dense, per row count.
 
-    python -m bench.nf4_linear [--quick] [--repeats N] [--dtype bf16|fp32|both] [--shapes 135m|1b|all]
+    python -m bench.nf4_linear [--quick] [--repeats N] [--dtype bf16|fp32|both] [--shapes 135m|1b|all] [--step]
 
 For each weight shape (out, in) of a 135M Llama (576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536 down)
 and of a 1B one (2048x2048, 8192x2048, 2048x8192), and each M (rows of x) in 1, 2, 4, 8, 16, 32, it times,
@@ -70,6 +70,23 @@ def cases(lib, ops, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
     }
 
 
+def decode_step(ops, M: int, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(ms per step, GB/s): the 210 linears of one decode step of the 135M Llama (30 layers of q, k, v, o,
+    gate, up, down), each its own NF4 weight (~53 MB in all, more than the caches), through ops.linear_4bit."""
+    layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    weights = [(NF4Weight.quantize(torch.randn(N, K, dtype=torch.bfloat16) * 0.02), N, K) for _ in range(30)
+               for N, K in layer]
+    xs = {K: torch.randn(M, K).to(dtype) for K in (576, 1536)}
+
+    def step():
+        for q, N, K in weights:
+            ops.linear_4bit(xs[K], q.packed, q.absmax_f32, NF4, 64, N, K)
+
+    ms = time_interleaved({"step": step}, repeats)["step"] / 1e3
+    nbytes = sum(N * K // 2 + N * K // 64 * 4 for _, N, K in weights)
+    return ms, nbytes / ms / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
@@ -77,6 +94,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--shapes", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="row counts M (default 1 2 4 8 16 32)")
+    parser.add_argument("--step", action="store_true",
+                        help="instead: one 135M decode step's 210 linears, weights streamed from memory, M=1 vs 8")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -86,10 +105,16 @@ def main() -> None:
     repeats = args.repeats or (5 if args.quick else 40)
     shapes = [s for name, group in SHAPES.items() if args.shapes in (name, "all") for s in group]
     dtypes = [d for name, d in DTYPES.items() if args.dtype in (name, "both")]
-    limits = {dtype: ops.fused_4bit_rows(dtype) if hasattr(ops, "fused_4bit_rows") else ops.fused_4bit_max_rows
-              for dtype in dtypes}
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, ops {ops.name}, fused up to "
-          f"{ {str(d).removeprefix('torch.'): n for d, n in limits.items()} } rows; medians in us")
+    limits = ", ".join(f"{str(d).removeprefix('torch.')} {n}" for d, n in ops.fused_4bit_rows.items())
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, ops {ops.name}, VDPBF16PS "
+          f"{lib.use_dpbf16()}, fused up to rows: {limits}; medians in us")
+    if args.step:
+        with torch.inference_mode():
+            for dtype in dtypes:
+                (ms1, gbs), (ms8, _) = decode_step(ops, 1, dtype, repeats), decode_step(ops, 8, dtype, repeats)
+                print(f"{str(dtype).removeprefix('torch.'):>8} 135M step, 210 linears: M=1 {ms1:.2f} ms "
+                      f"({gbs:.1f} GB/s of weights), M=8 {ms8:.2f} ms: 8 rows give {8 * ms1 / ms8:.2f}x the rows/s")
+        return
     print(f"{'dtype':>8} {'out x in':>11} {'M':>3} {'fused':>9} {'deq+mm':>9} {'dense':>9} {'runtime':>9}"
           f"  {'fu/dq':>6} {'rt/dense':>8} {'fused GB/s':>10}")
     with torch.inference_mode():
