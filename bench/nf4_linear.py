@@ -13,8 +13,20 @@ and prints medians in microseconds, the ratios fused / deq+mm and runtime / dens
 kernel the rate at which it reads the weight (packed codes + fp32 absmax per call / time, GB/s). Every
 shape here stays in the L2/L3 cache between calls; a decode step over a whole model streams from DRAM.
 
-Measured (EPYC Zen 4, 2 cores, AVX512-BF16, no AMX; torch 2.13, 2 threads), bf16 x, us per call:
-the fused VDPBF16PS kernel wins at every M <= 16 on the 135M shapes; see compiled.py for the figures.
+--step instead times the 210 linears of one 135M decode step (30 layers, each weight its own, ~53 MB: read
+from DRAM, not the caches) at M=1 and M=8 through the CPU ops, in ms, and the rows/s that 8 rows gain.
+
+Measured on an EPYC Zen 4 (2 cores, AVX512-BF16, no AMX; torch 2.13, 2 threads; a shared machine: +-30%),
+us per call (fused / deq+mm / dense):
+    bf16  576x576    M=1  15 / 62 / 36    M=8  35 / 67 / 45    M=16  61 / 77 / 57
+    bf16  192x576    M=1  11 / 50 / 23    M=8  19 / 53 / 27    M=16  28 / 57 / 32
+    bf16 1536x576    M=1  23 / 92 / 66    M=8  72 / 109 / 84   M=16 132 / 142 / 117
+    bf16  576x1536   M=1  21 / 82 / 58    M=8  62 / 108 / 82   M=16 114 / 143 / 119
+    fp32 1536x576    M=1  29 / 106 / 72   M=8 147 / 381 / 205  M=16 308 / 460 / 310
+The fused bf16 kernel reads a cached weight at 12-24 GB/s at M=1 (fixed costs dominate the small shapes);
+--step: bf16 M=1 5.0-5.9 ms (~10 GB/s with the Python dispatch; 3.7 ms, 14-16 GB/s, for the C calls alone),
+M=8 9.5-10 ms, 4.2-4.7x the rows/s of M=1 (before: 9.3 ms and 21.7 ms, 3.4x); fp32 M=1 5.7 ms, M=8 18 ms
+(before: 8.2 ms and 53 ms). compiled.py's FUSED_MAX_ROWS has the crossovers.
 """
 
 from __future__ import annotations
@@ -82,7 +94,8 @@ def decode_step(ops, M: int, dtype: torch.dtype, repeats: int) -> tuple[float, f
         for q, N, K in weights:
             ops.linear_4bit(xs[K], q.packed, q.absmax_f32, NF4, 64, N, K)
 
-    ms = time_interleaved({"step": step}, repeats)["step"] / 1e3
+    with torch.inference_mode():
+        ms = time_interleaved({"step": step}, repeats)["step"] / 1e3
     nbytes = sum(N * K // 2 + N * K // 64 * 4 for _, N, K in weights)
     return ms, nbytes / ms / 1e6
 
@@ -109,20 +122,20 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, ops {ops.name}, VDPBF16PS "
           f"{lib.use_dpbf16()}, fused up to rows: {limits}; medians in us")
     if args.step:
-        with torch.inference_mode():
-            for dtype in dtypes:
-                (ms1, gbs), (ms8, _) = decode_step(ops, 1, dtype, repeats), decode_step(ops, 8, dtype, repeats)
-                print(f"{str(dtype).removeprefix('torch.'):>8} 135M step, 210 linears: M=1 {ms1:.2f} ms "
-                      f"({gbs:.1f} GB/s of weights), M=8 {ms8:.2f} ms: 8 rows give {8 * ms1 / ms8:.2f}x the rows/s")
+        for dtype in dtypes:
+            (ms1, gbs), (ms8, _) = decode_step(ops, 1, dtype, repeats), decode_step(ops, 8, dtype, repeats)
+            print(f"{str(dtype).removeprefix('torch.'):>8} 135M step, 210 linears: M=1 {ms1:.2f} ms "
+                  f"({gbs:.1f} GB/s of weights), M=8 {ms8:.2f} ms: 8 rows give {8 * ms1 / ms8:.2f}x the rows/s")
         return
     print(f"{'dtype':>8} {'out x in':>11} {'M':>3} {'fused':>9} {'deq+mm':>9} {'dense':>9} {'runtime':>9}"
           f"  {'fu/dq':>6} {'rt/dense':>8} {'fused GB/s':>10}")
-    with torch.inference_mode():
-        for dtype in dtypes:
-            for N, K in shapes:
-                for M in args.rows:
-                    us = time_interleaved(cases(lib, ops, N, K, M, dtype), repeats)
-                    print(_row(dtype, N, K, M, us), flush=True)
+    for dtype in dtypes:
+        for N, K in shapes:
+            for M in args.rows:
+                fns = cases(lib, ops, N, K, M, dtype)  # quantizing outside inference mode: its threads lack it
+                with torch.inference_mode():
+                    us = time_interleaved(fns, repeats)
+                print(_row(dtype, N, K, M, us), flush=True)
 
 
 def _row(dtype: torch.dtype, N: int, K: int, M: int, us: dict[str, float]) -> str:

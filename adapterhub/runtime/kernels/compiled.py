@@ -36,15 +36,16 @@ from adapterhub.runtime.kernels import build
 from adapterhub.runtime.quant.tables import BLOCKSIZES
 
 G = 64  # the block size the fused linear and bf16 dequantize support (semantics §1.3)
-# Rows (M = B*T) up to which the fused linear beats dequantize + F.linear, per capability (bench/nf4_linear.py;
-# EPYC Zen 4, 2 cores, no AMX, us per call on the 135M shapes 576x576 / 192x576 / 1536x576 / 576x1536):
-# - bf16, VDPBF16PS (AVX512-BF16): M=1 7.5 / 4.7 / 15.7 / 14.5 vs 20.6 / 13.2 / 38.9 / 35.8 for the fp32-FMA
-#   kernel; M=8 28 / 12 / 66 / 56 vs 66 / 50 / 129 / 113 for dequantize + GEMM; M=16 52 / 20 / 127 / 109, at
-#   or below dense bf16 F.linear (58 / 32 / 139 / 131).
-# - bf16, fp32 FMAs only (AVX-512 F): the kernel decodes W again per 4 rows; M=4 0.57-0.83x dequantize +
-#   GEMM, M=8 1.1-1.5x.
-# - bf16 with AMX: 32 rows share one pass over W (Xeon).
-# - fp32 (FMA kernel): 0.3-0.4x the compiled fp32 dequantize + GEMM at M=1..8, 0.6-0.8x at 16, ~1x at 32.
+# Rows (M = B*T) up to which the fused linear beats dequantize + F.linear, per capability, from
+# bench/nf4_linear.py on an EPYC Zen 4 (2 cores, AVX512-BF16, no AMX; torch 2.13, 2 threads; a shared machine,
+# so +-30%). Fused / dequantize + GEMM per call on the 135M shapes 576x576, 192x576, 1536x576, 576x1536:
+# - bf16 on VDPBF16PS: M=1 0.22-0.28 (15 / 11 / 23 / 21 us), M=8 0.35-0.66 (35 / 19 / 72 / 62 us, 0.8-0.9x
+#   dense bf16), M=16 0.44-1.04, M=32 0.72-1.46; the 1B shapes (2048x2048, 8192x2048, 2048x8192) 0.42-0.45
+#   at M=16. Before (fp32 FMAs, 1-2 rows): M=1 21 / 13 / 39 / 36 us, M=8 via dequantize + GEMM
+#   66 / 50 / 129 / 113 us. M=8 runs at ~90% of the core's VDPBF16PS rate (1.66 G/s measured): compute-bound.
+# - bf16 on fp32 FMAs (AVX-512 F only): W decoded again per 4 rows; M=4 0.57-0.83, M=8 1.1-1.5.
+# - bf16 on AMX: 32 rows share one pass over W (Xeon).
+# - fp32 (FMAs): M=1..8 0.27-0.41, M=16 0.62-0.67, M=32 0.97-1.13.
 FUSED_MAX_ROWS = {"amx": 32, "dpbf16": 16, "fma": 4, "fp32": 16}
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -111,17 +112,20 @@ class CompiledLibrary:
         weight, up to the order of the fp32 sums. x (..., K) bf16 or fp32; packed uint8 with N*K/2 bytes
         (any shape, e.g. bnb's (N*K/2, 1)), element 2k in the high nibble (semantics §1.4); absmax_f32
         (N*K/G,) float32 per block of G = 64, double quant decoded; code (16,) float32, the value of each
-        4-bit code (NF4 §1.1, FP4 §11.1); K % 64 == 0. Returns y (..., N).
+        4-bit code (NF4 §1.1, FP4 §11.1); K % 64 == 0. Returns y (..., N). ``check=False`` skips checking the
+        weight and x (CpuOps, which checked them): wrong sizes then read or write out of bounds.
         """
         N, K = out_features, in_features
         if check:
             _check_weight(packed, absmax_f32, code, N, K)
             if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" or x.shape[-1] != K:
                 raise QuantizationError(f"linear_4bit needs a CPU bf16 or float32 x with last dim in_features={K}, "
-                                        f"got {tuple(x.shape)} {x.dtype} on {x.device}; convert x or use the torch path")
+                                        f"got {tuple(x.shape)} {x.dtype} on {x.device}; convert x or use torch")
         x = x.contiguous()
-        y = _output(out, (*x.shape[:-1], N), x.dtype, "y") if check or out is not None else \
-            torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+        if out is None:
+            y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+        else:
+            y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
         self.lib.lut4_linear(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // K, N, K, packed.data_ptr(),
                              absmax_f32.data_ptr(), code.data_ptr(), y.data_ptr())
         return y

@@ -8,7 +8,8 @@
  * a block never crosses a row.
  *
  *   lut4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
- *                         W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
+ *                         W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16; bf16 on AMX
+ *                         tiles, else VDPBF16PS (lut4_dpbf16_enable turns it off), else fp32 FMAs
  *   lut4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
  *   lut4_dequantize, nf4_quantize: any blocksize and dtype, see their sections at the end
  *
