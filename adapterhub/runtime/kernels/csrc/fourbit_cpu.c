@@ -335,7 +335,9 @@ static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, vo
     }
 }
 
+#ifdef HAVE_DPBF16
 static int use_dpbf16 = 1; /* lut4_dpbf16_enable(0) turns the VDPBF16PS path off (tests, benchmarks) */
+#endif
 
 /* 1 where this build has the VDPBF16PS path and it is now on; enable < 0 only asks. */
 int lut4_dpbf16_enable(int enable) {
