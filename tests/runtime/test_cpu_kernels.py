@@ -114,8 +114,9 @@ def test_hand_computed_linear(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 2, 3, 9, 32, 41])
-# (4096, 128) and (64, 4096) take the AMX path for bf16 with M >= 2 where the CPU has AMX; the others,
-# and every fp32 case, take the FMA path (K % 128 == 64 exercises its last half chunk).
+# (4096, 128) and (64, 4096) take the AMX path for bf16 with M >= 2 where the CPU has AMX; other bf16 cases
+# VDPBF16PS where the CPU has AVX512-BF16 (test_linear_4bit_decode.py also forces it off), every fp32 case the
+# FMA path (K % 128 == 64 exercises its last half chunk).
 @pytest.mark.parametrize("N, K", [(64, 4096), (4096, 128), (40, 4096), (37, 192), (5, 4160)])
 @pytest.mark.parametrize("fmt", list(CODEBOOKS))
 def test_linear_matches_torch_path(N, K, M, dtype, fmt):

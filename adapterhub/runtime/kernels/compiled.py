@@ -10,8 +10,10 @@ the NF4 *and* the LoRA kernels). Its capabilities are fields; each method checks
 4-bit linear (any 16-value codebook: NF4, FP4): the weight is exactly the torch path's,
 ``W = fp32(code * absmax)``, rounded to bf16 when x is bf16 (semantics §1.5); only the order of the fp32 sums
 differs from ``dequantize`` then ``F.linear``.
-fp32 x, or bf16 x with 1 row: AVX-512 FMAs over a 16-entry per-block table (vpermps lookup); bf16 x with
-2..32 rows on CPUs with AMX: the weight decoded to bf16 tiles, 32 rows of x per pass over W. Bound:
+fp32 x (any rows): AVX-512 FMAs over a 16-entry per-block table (vpermps lookup), 4 rows per decode. bf16 x:
+with AMX and 2..32 rows, the weight decoded to bf16 tiles, 32 rows of x per pass over W; else with
+AVX512-BF16 (any rows), each block decoded to bf16 once per 8 rows and 1-8 weight rows, multiplied with
+VDPBF16PS (bf16 subnormals read as zero, products below 2^-126 flush to zero); else the fp32 FMAs. Bound:
 ``|y - y_torch| <= FUSED_LINEAR_TOLERANCE[dtype] * (|x| @ |W|^T)`` (kernels/tolerance.py).
 
 LoRA shrink / expand (bf16, AVX-512 BW): kernels/ops.py's Semantics up to the order of the fp32 sums,
@@ -34,15 +36,24 @@ from adapterhub.runtime.kernels import build
 from adapterhub.runtime.quant.tables import BLOCKSIZES
 
 G = 64  # the block size the fused linear and bf16 dequantize support (semantics §1.3)
-# Rows (M = B*T) up to which the fused linear beats dequantize-into-bf16 + F.linear (bench/nf4_linear.py,
-# 2-core AVX512-BF16 machines): with AMX 32 rows share one pass over the weight; without, 1-2 rows.
-FUSED_MAX_ROWS, FUSED_MAX_ROWS_AMX = 2, 32
+# Rows (M = B*T) up to which the fused linear beats dequantize + F.linear, per capability, from
+# bench/nf4_linear.py on an EPYC Zen 4 (2 cores, AVX512-BF16, no AMX; torch 2.13, 2 threads; a shared machine,
+# so +-30%). Fused / dequantize + GEMM per call on the 135M shapes 576x576, 192x576, 1536x576, 576x1536:
+# - bf16 on VDPBF16PS: M=1 0.22-0.28 (15 / 11 / 23 / 21 us), M=8 0.35-0.66 (35 / 19 / 72 / 62 us, 0.8-0.9x
+#   dense bf16), M=16 0.44-1.04, M=32 0.72-1.46; the 1B shapes (2048x2048, 8192x2048, 2048x8192) 0.42-0.45
+#   at M=16. Before (fp32 FMAs, 1-2 rows): M=1 21 / 13 / 39 / 36 us, M=8 via dequantize + GEMM
+#   66 / 50 / 129 / 113 us. M=8 runs at ~90% of the core's VDPBF16PS rate (1.66 G/s measured): compute-bound.
+# - bf16 on fp32 FMAs (AVX-512 F only): W decoded again per 4 rows; M=4 0.57-0.83, M=8 1.1-1.5.
+# - bf16 on AMX: 32 rows share one pass over W (Xeon).
+# - fp32 (FMAs): M=1..8 0.27-0.41, M=16 0.62-0.67, M=32 0.97-1.13.
+FUSED_MAX_ROWS = {"amx": 32, "dpbf16": 16, "fma": 4, "fp32": 16}
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # name: (argument types, return type)
     "lut4_linear": ((_P, _C, _I, _I, _I, _P, _P, _P, _P), None),  # x, is_bf16, M, N, K, packed, absmax, code, y
     "lut4_dequantize_bf16": ((_P, _P, _I, _P, _P), None),  # packed, absmax, n, code, out
     "lut4_amx_enable": ((), _C),
+    "lut4_dpbf16_enable": ((_C,), _C),  # enable (1 on, 0 off, -1 only ask) -> 1 where the path is on
     "nf4_quantize": ((_P, _C, _I, _I, _P, _P), None),  # x, kind, n, blocksize, absmax, packed
     "lut4_dequantize": ((_P, _P, _I, _I, _C, _P, _P), None),  # packed, absmax, n, blocksize, kind, code, out
     "lora_kernels_available": ((), _C),
@@ -71,9 +82,10 @@ def library() -> CompiledLibrary | None:
     has_lora = bool(lib.lora_kernels_available())
     for name, (argtypes, restype) in _LORA_SIGNATURES.items() if has_lora else ():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
-    has_amx = bool(lib.lut4_amx_enable())
-    return CompiledLibrary(lib, has_lora=has_lora, has_amx_lora=bool(lib.lora_amx_enable()),
-                           fused_max_rows=FUSED_MAX_ROWS_AMX if has_amx else FUSED_MAX_ROWS)
+    has_amx, has_dpbf16 = bool(lib.lut4_amx_enable()), bool(lib.lut4_dpbf16_enable(-1))
+    bf16_path = "amx" if has_amx else "dpbf16" if has_dpbf16 else "fma"
+    return CompiledLibrary(lib, has_lora=has_lora, has_amx_lora=bool(lib.lora_amx_enable()), has_dpbf16=has_dpbf16,
+                           fused_max_rows=FUSED_MAX_ROWS[bf16_path], fused_max_rows_fp32=FUSED_MAX_ROWS["fp32"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,26 +93,39 @@ class CompiledLibrary:
     lib: ctypes.CDLL
     has_lora: bool  # the bf16 LoRA kernels (AVX-512 BW); the 4-bit ones need only AVX-512 F
     has_amx_lora: bool  # LoRA prefill on AMX tiles (else VDPBF16PS register tiles)
-    fused_max_rows: int  # rows up to which linear_4bit beats dequantize + GEMM on this CPU
+    has_dpbf16: bool  # bf16 linear_4bit on VDPBF16PS (AVX512-BF16) where AMX does not take it
+    fused_max_rows: int  # bf16 rows up to which linear_4bit beats dequantize + GEMM on this CPU
+    fused_max_rows_fp32: int  # the same for fp32 x
+
+    def use_dpbf16(self, enable: bool | None = None) -> bool:
+        """Turn the VDPBF16PS path on or off for the process (None: only ask; tests and benchmarks compare
+        it with the fp32-FMA path). Returns whether it is on; always False where the CPU lacks it."""
+        return bool(self.lib.lut4_dpbf16_enable(-1 if enable is None else int(enable)))
 
     # --- 4-bit weights -------------------------------------------------------------------------------
 
-    def linear_4bit(self, x, packed, absmax_f32, code, out_features: int, in_features: int, out=None) -> torch.Tensor:
+    def linear_4bit(self, x, packed, absmax_f32, code, out_features: int, in_features: int, out=None, *,
+                    check: bool = True) -> torch.Tensor:
         """Fused 4-bit linear without bias, for few rows (decode); see :attr:`fused_max_rows`.
 
         Semantics: ``y = (x.float() @ W.to(x.dtype).float().T).to(x.dtype)`` with W the dequantized (N, K)
         weight, up to the order of the fp32 sums. x (..., K) bf16 or fp32; packed uint8 with N*K/2 bytes
         (any shape, e.g. bnb's (N*K/2, 1)), element 2k in the high nibble (semantics §1.4); absmax_f32
         (N*K/G,) float32 per block of G = 64, double quant decoded; code (16,) float32, the value of each
-        4-bit code (NF4 §1.1, FP4 §11.1); K % 64 == 0. Returns y (..., N).
+        4-bit code (NF4 §1.1, FP4 §11.1); K % 64 == 0. Returns y (..., N). ``check=False`` skips checking the
+        weight and x (CpuOps, which checked them): wrong sizes then read or write out of bounds.
         """
         N, K = out_features, in_features
-        _check_weight(packed, absmax_f32, code, N, K)
-        if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" or x.shape[-1] != K:
-            raise QuantizationError(f"linear_4bit needs a CPU bf16 or float32 x with last dim in_features={K}, got "
-                                    f"{tuple(x.shape)} {x.dtype} on {x.device}; convert x or use the torch path")
+        if check:
+            _check_weight(packed, absmax_f32, code, N, K)
+            if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" or x.shape[-1] != K:
+                raise QuantizationError(f"linear_4bit needs a CPU bf16 or float32 x with last dim in_features={K}, "
+                                        f"got {tuple(x.shape)} {x.dtype} on {x.device}; convert x or use torch")
         x = x.contiguous()
-        y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
+        if out is None:
+            y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+        else:
+            y = _output(out, (*x.shape[:-1], N), x.dtype, "y")
         self.lib.lut4_linear(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // K, N, K, packed.data_ptr(),
                              absmax_f32.data_ptr(), code.data_ptr(), y.data_ptr())
         return y

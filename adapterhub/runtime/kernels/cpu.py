@@ -4,8 +4,9 @@ Which inputs go to a kernel (anything else, and anything autograd must see, take
 - LoRA shrink / expand: bf16 on a CPU with AVX-512 BW. Each row streams its own slot, so a row's
   result does not depend on the rest of its batch.
 - 4-bit linear (any 16-value codebook: NF4, FP4): G = 64, in_features % 64 == 0, bf16 or fp32, up to
-  ``fused_4bit_max_rows`` rows (32 with AMX, else 2); more rows dequantize (bf16: the byte-shuffle kernel)
-  into scratch, then one GEMM (``Ops.linear``: its rows bucketed, ops.py).
+  ``fused_4bit_rows[dtype]`` rows (bf16: 32 with AMX, 16 with AVX512-BF16, else 4; fp32: 16); more rows
+  dequantize with the compiled kernels (bf16: the byte-shuffle one) into scratch, then one GEMM
+  (``Ops.linear``: its rows bucketed, ops.py).
 - 4-bit dequantize: whole blocks, any dtype and block size; the short last block in torch.
 - blockwise quantize: NF4 codes (FP4 and the double-quant map stay in torch: quantizing runs once, at load).
 """
@@ -26,7 +27,8 @@ class CpuOps(Ops):
         super().__init__(device, **kwargs)
         self.library = library
         self.has_compiled_lora = library.has_lora
-        self.fused_4bit_max_rows = library.fused_max_rows
+        self.fused_4bit_max_rows = library.fused_max_rows  # bf16
+        self.fused_4bit_rows = {torch.bfloat16: library.fused_max_rows, torch.float32: library.fused_max_rows_fp32}
 
     def lora_shrink(self, x, A_stack, ids):
         if self.has_compiled_lora and x.dtype == torch.bfloat16 and not self.needs_grad(x, A_stack):
@@ -59,16 +61,22 @@ class CpuOps(Ops):
 
     def linear_4bit(self, x, packed, absmax, codebook: Codebook, blocksize: int, out_features: int, in_features: int):
         rows = x.numel() // in_features
-        fusable = (codebook.values.numel() == 16 and blocksize == G and in_features % G == 0
-                   and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and not self.needs_grad(x))
-        code = codebook.values
-        if fusable and rows <= self.fused_4bit_max_rows:
-            return self.library.linear_4bit(x, packed, absmax, code, out_features, in_features)
-        if fusable and x.dtype == torch.bfloat16:
-            W = self.scratch(out_features, in_features, x.dtype)
-            W = self.library.dequantize_4bit_bf16(packed, absmax, code, out_features, in_features, out=W)
-            return self.linear(x, W)
-        return super().linear_4bit(x, packed, absmax, codebook, blocksize, out_features, in_features)
+        fusable = (codebook.values.numel() == 16 and blocksize == G and in_features % G == 0 and x.device.type == "cpu"
+                   and x.dtype in self.fused_4bit_rows and x.shape[-1] == in_features and packed.dtype == torch.uint8
+                   and absmax.dtype == torch.float32 and packed.is_contiguous()
+                   and absmax.is_contiguous() and 2 * packed.numel() == G * absmax.numel() == out_features * in_features
+                   and not self.needs_grad(x, absmax))
+        if not fusable:
+            return super().linear_4bit(x, packed, absmax, codebook, blocksize, out_features, in_features)
+        code, N, K = codebook.values, out_features, in_features
+        if rows <= self.fused_4bit_rows[x.dtype]:  # the weight's sizes and dtypes checked just above
+            return self.library.linear_4bit(x, packed, absmax, code, N, K, check=False)
+        W = self.scratch(N, K, x.dtype)
+        if x.dtype == torch.bfloat16:
+            self.library.dequantize_4bit_bf16(packed, absmax, code, N, K, out=W)
+        else:
+            self.library.dequantize_4bit(packed.view(-1), absmax, code, G, W.view(-1))
+        return self.linear(x, W)
 
     def quantize_blockwise(self, x, codebook: Codebook, blocksize: int):
         if codebook.name == "nf4" and x.device.type == "cpu" and x.is_contiguous():

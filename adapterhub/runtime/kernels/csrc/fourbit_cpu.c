@@ -8,7 +8,8 @@
  * a block never crosses a row.
  *
  *   lut4_linear           y (M, N) = x (M, K) @ W^T, x and y both bf16 or both fp32, fp32 sums, where
- *                         W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16
+ *                         W = fp32(code[q] * absmax), rounded to bf16 (RNE) when x is bf16; bf16 on AMX
+ *                         tiles, else VDPBF16PS (lut4_dpbf16_enable turns it off), else fp32 FMAs
  *   lut4_dequantize_bf16  W (N*K,) bf16 = bf16(code[q] * absmax)
  *   lut4_dequantize, nf4_quantize: any blocksize and dtype, see their sections at the end
  *
@@ -223,11 +224,130 @@ static void linear_amx(const uint16_t *x, int64_t M, int64_t N, int64_t K, const
 int lut4_amx_enable(void) { return 0; }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define HAVE_DPBF16 1
+/* VDPBF16PS path (bf16 x, any M; the dispatcher picks it for few rows): each block of W is read and decoded
+ * to bf16 once per tile of MR <= 8 rows of x and NR rows of W, then feeds all MR rows. A block's 32 packed bytes
+ * widen to 32 words; vpermw reads 5 index bits, so with the block's 16 weights bf16(code * absmax) repeated
+ * twice, word >> 4 gives the 32 even elements and the word itself the 32 odd ones (bit 4, from the high
+ * nibble, is ignored). x is laid out the same way once per call (spread_x), so VDPBF16PS multiplies
+ * matching elements. Each (row of x, row of W) has one fp32 accumulator, fed the even then the odd half of
+ * each block in order: a row's result does not depend on M or on the tile it lands in. VDPBF16PS reads bf16
+ * subnormals as zero and flushes products below 2^-126 (as the cvtne weight table already did). */
+#define PF_ROWS 16 /* prefetch W and absmax this many rows ahead: a decode step streams W from DRAM (1.2x) */
+#define MR_MAX 8 /* rows of x per tile: M > 8 runs in ceil(M / 8) even passes over W (from the cache) */
+
+/* x (M, K) bf16 -> xs (M, K): per block of 64, its 32 even elements then its 32 odd ones */
+static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
+    uint16_t order[2][32];
+    for (int j = 0; j < 32; j++) order[0][j] = (uint16_t)(2 * j), order[1][j] = (uint16_t)(2 * j + 1);
+    const __m512i even = _mm512_loadu_si512(order[0]), odd = _mm512_loadu_si512(order[1]);
+    for (int64_t i = 0; i < M * K; i += G) {
+        __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_store_si512(xs + i, _mm512_permutex2var_epi16(a, even, b));
+        _mm512_store_si512(xs + i + 32, _mm512_permutex2var_epi16(a, odd, b));
+    }
+}
+
+/* sums[m * NR + r] = sum_k W[r, k] x[m, k] for MR rows of x (xs, stride K) and NR rows of W (w, a: row r at
+ * w + r * K / 2, a + r * K / G). Inlined with constant MR, NR so that the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dp_tile(const int MR, const int NR, const float *code_,
+                                                          const uint8_t *w, const float *a, const uint16_t *xs,
+                                                          int64_t K, float *sums) {
+    const __m512 code = _mm512_loadu_ps(code_);
+    __m512 acc[MR_MAX][8];
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / G; b++) {
+        __m512i we[8], wo[8];
+        for (int r = 0; r < NR; r++) {
+            _mm_prefetch((const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a + (r + PF_ROWS) * (K / G) + b), _MM_HINT_T0);
+            __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[r * (K / G) + b]));
+            __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(t, t);
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + b * 32)));
+            we[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            wo[r] = _mm512_permutexvar_epi16(v, lut);
+        }
+        for (int m = 0; m < MR; m++) {
+            __m512bh xe = (__m512bh)_mm512_load_si512(xs + m * K + b * G);
+            __m512bh xo = (__m512bh)_mm512_load_si512(xs + m * K + b * G + 32);
+            for (int r = 0; r < NR; r++) {
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)we[r], xe);
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wo[r], xo);
+            }
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < NR; r++) sums[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+/* Weight rows per tile for MR rows of x: 8-16 independent accumulators hide VDPBF16PS's latency, and the
+ * accumulators plus the 2 * NR decoded weight vectors fit the 32 registers. */
+static inline int dp_rows_of_w(int MR) { return MR == 1 ? 8 : MR <= 4 ? 4 : 2; }
+
+/* One tile: MR (runtime, <= 8) rows of x, NR = dp_rows_of_w(MR) or 1 weight rows from n0. */
+static void dp_dispatch(int MR, int NR, const float *code, const uint8_t *w, const float *a, const uint16_t *xs,
+                        int64_t K, float *sums) {
+#define DP_CASE(mr)                                                                                           \
+    case mr:                                                                                                  \
+        if (NR == 1) dp_tile(mr, 1, code, w, a, xs, K, sums);                                                 \
+        else dp_tile(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2), code, w, a, xs, K, sums);                           \
+        break;
+    switch (MR) {
+        DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6) DP_CASE(7) DP_CASE(8)
+    }
+#undef DP_CASE
+}
+
+static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
+                          const float *absmax, const float *code, uint16_t *y) {
+    uint16_t *xs = aligned_alloc(64, (size_t)(M * K * 2));
+    spread_x(x, M, K, xs);
+    const int64_t passes = (M + MR_MAX - 1) / MR_MAX, MT = (M + passes - 1) / passes, NR = dp_rows_of_w((int)MT);
+    const int64_t tiles = (N + NR - 1) / NR;
+    /* guided: each thread first streams a long contiguous run of W (the hardware prefetchers' best case,
+     * 1.2x a decode step over dynamic chunks), and a thread slowed by another process still hands the
+     * shrinking rest over */
+#pragma omp parallel for schedule(guided, 4)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
+        float sums[MR_MAX * 8];
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mr = (int)(M - m0 < MT ? M - m0 : MT);
+            const int full = nr == dp_rows_of_w(mr) ? (int)nr : 1; /* the last tile: one weight row at a time */
+            for (int64_t r0 = 0; r0 < nr; r0 += full) {
+                dp_dispatch(mr, full, code, w + (n0 + r0) * (K / 2), absmax + (n0 + r0) * (K / G), xs + m0 * K, K,
+                            sums);
+                for (int m = 0; m < mr; m++)
+                    for (int r = 0; r < full; r++) y[(m0 + m) * N + n0 + r0 + r] = f32_to_bf16(sums[m * full + r]);
+            }
+        }
+    }
+    free(xs);
+}
+#endif
+
 static inline void store_y(const float *sums, int MT, int is_bf16, int64_t N, void *y) {
     for (int m = 0; m < MT; m++) {
         if (is_bf16) ((uint16_t *)y)[m * N] = f32_to_bf16(sums[m]);
         else ((float *)y)[m * N] = sums[m];
     }
+}
+
+#ifdef HAVE_DPBF16
+static int use_dpbf16 = 1; /* lut4_dpbf16_enable(0) turns the VDPBF16PS path off (tests, benchmarks) */
+#endif
+
+/* 1 where this build has the VDPBF16PS path and it is now on; enable < 0 only asks. */
+int lut4_dpbf16_enable(int enable) {
+#ifdef HAVE_DPBF16
+    if (enable >= 0) use_dpbf16 = enable != 0;
+    return use_dpbf16;
+#else
+    (void)enable;
+    return 0;
+#endif
 }
 
 void lut4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, const uint8_t *w,
@@ -240,13 +360,19 @@ void lut4_linear(const void *x, int is_bf16, int64_t M, int64_t N, int64_t K, co
         return;
     }
 #endif
+#ifdef HAVE_DPBF16
+    if (is_bf16 && use_dpbf16) {
+        linear_dpbf16((const uint16_t *)x, M, N, K, w, absmax, code, (uint16_t *)y);
+        return;
+    }
+#endif
     float *xp = aligned_alloc(64, (size_t)(M * K * 4));
     size_t ysize = is_bf16 ? 2 : 4;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) load_x((const char *)x + m * K * ysize, is_bf16, K, xp + m * K);
-#pragma omp for schedule(dynamic, 32) /* dynamic: a thread slowed by another process hands work over */
+#pragma omp for schedule(guided, 8) /* guided: long contiguous runs of W first, as in linear_dpbf16 */
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *wn = w + n * (K / 2);
             const float *an = absmax + n * (K / G);
