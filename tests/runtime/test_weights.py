@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from adapterhub.runtime.kernels import Ops, ops_for
 from adapterhub.runtime.quant import formats
+from adapterhub.runtime.quant.nf4 import NF4
 from adapterhub.runtime.quant.weight import BaseWeight
 
 FORMATS = list(formats.FORMATS)
@@ -121,3 +122,16 @@ def test_gradients_reach_the_adapter_through_a_frozen_base(fmt):
 def test_unknown_format_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="quantize='int3' is not supported; use None or one of"):
         formats.format_class("int3")
+
+
+def test_the_torch_twin_quantizes_and_dequantizes_inside_inference_mode_as_outside():
+    # Ops.run_chunks runs on worker threads: they must run in the caller's autograd mode, or the in-place
+    # writes into buffers made under inference_mode are refused (a weight quantized in a serving thread).
+    ops = Ops("cpu")
+    x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(0))  # several run_chunks steps
+    packed, absmax = ops.quantize_blockwise(x, NF4, 64)
+    with torch.inference_mode():
+        packed_i, absmax_i = ops.quantize_blockwise(x, NF4, 64)
+        out = ops.dequantize_4bit(packed_i, absmax_i, NF4, 64, torch.empty_like(x))
+    assert torch.equal(packed, packed_i) and torch.equal(absmax, absmax_i)
+    assert torch.equal(out, ops.dequantize_4bit(packed, absmax, NF4, 64, torch.empty_like(x)))

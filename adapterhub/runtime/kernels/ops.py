@@ -313,11 +313,15 @@ class Ops:
         enter torch's thread pool, whose per-op barrier stalls whenever a core is shared."""
         starts = range(0, full, step)
         workers = min(torch.get_num_threads(), len(starts))
+        # Autograd modes are thread-local: the workers run in the caller's, or in-place writes into tensors
+        # made under inference_mode (a weight quantized inside a serving thread) would be refused.
+        is_inference, is_grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
         def run(part: int) -> None:
-            scratch = make_scratch()
-            for start in starts[part::workers]:
-                work(start, min(start + step, full), scratch)
+            with torch.inference_mode(is_inference), torch.set_grad_enabled(is_grad):
+                scratch = make_scratch()
+                for start in starts[part::workers]:
+                    work(start, min(start + step, full), scratch)
 
         if workers <= 1:
             for part in range(workers):
