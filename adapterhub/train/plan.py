@@ -14,8 +14,8 @@ The counts follow what this package's training keeps alive (train/loop.py on run
   attention output, the MLP's gate, up, silu(gate) and product; DoRA also keeps each adapted
   projection's output (its magnitude's gradient needs it). With checkpointing only each layer's input is
   kept, plus one layer's activations while it is recomputed. The head runs on one chunk of labelled rows
-  at a time (train/loss.py): a chunk's logits (compute dtype + float32 + log-softmax + gradient) and the
-  (tokens, D) gradient of the head's input.
+  at a time (train/loss.py): a chunk's logits (compute dtype), their float32 log-softmax and its gradient
+  (compute dtype), and the (tokens, D) gradient of the head's input.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from adapterhub.errors import ConfigError
 from adapterhub.runtime.model.config import ModelConfig
-from adapterhub.train.loss import CHUNK
+from adapterhub.train.loss import chunk_rows
 
 METHODS = ("full", "lora", "qlora", "dora", "qlora-dora")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -97,9 +97,9 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
     # checkpointing: every layer's input, one layer's activations while it is recomputed, and the gradients
     # flowing through it (the layer's output and its norms' float32 inputs)
     activations_checkpointed = L * N * b * D + N * per_token + 2 * N * D * (b + 4)
-    # train/loss.py: one chunk of logits at a time (model dtype, float32 copy, log-softmax, its gradient), and
-    # the gradient of every labelled row kept for the backward pass.
-    logits = min(N, CHUNK) * V * (b + 4 + 4 + 4 + b) + N * D * b
+    # train/loss.py: one chunk of logits at a time (the model-dtype logits, their float32 log-softmax, the
+    # model-dtype gradient), and the gradient of every labelled row kept for the backward pass.
+    logits = min(N, chunk_rows(V)) * V * (b + 4 + b) + N * D * b
     return MemoryPlan(method, int(weights), int(trainable), int(grads), int(optimizer), int(activations),
                       int(activations_checkpointed), int(logits))
 
