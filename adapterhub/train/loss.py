@@ -5,16 +5,16 @@ log-softmax for the backward pass and then the gradient of each: about 14 bytes 
 entry, the largest tensors of a step at real vocabulary sizes (B*T*V*4 = 131 MB for 4 x 256 tokens of a
 32000-entry vocabulary in float32 alone). Here only the labelled positions go through the head (the final
 norm, lm_head and any soft-cap; a prompt's tokens are never turned into logits), `chunk_rows(V)` rows at a
-time, so at most LOGITS_PER_CHUNK logits exist at once, whatever the batch.
+time, so at most max(LOGITS_PER_CHUNK, MIN_ROWS * V) logits exist at once, whatever the batch.
 
 The head is frozen, so the gradient of the loss with respect to a chunk's hidden rows is all the backward
 pass needs from it: it is taken in the forward pass, chunk by chunk, while the chunk's logits exist, and
 kept as (M, D) for M labelled tokens. Nothing is recomputed in the backward pass and no logits are kept
-for it. Per chunk, in float32: log-softmax of the logits (`dtype=float32` reads the model-dtype logits
-directly, no separate float32 copy), the loss from it at the targets, and its gradient
-scale * (softmax - onehot) written over the log-softmax in place (exp), rounded once to the model dtype and
-sent back through the head by autograd. Live per logit: the model-dtype logits, the float32 log-softmax,
-the model-dtype gradient (8 bytes in bf16). The numbers are those of transformers' loss (`ForCausalLMLoss`:
+for it. Per chunk: one float32 copy of the logits, on which the row max is subtracted, exponentiated,
+summed (the loss is log(sum) - the label's shifted logit, log-softmax's formula) and turned into the
+gradient scale * (softmax - onehot), all in place; it is rounded once to the model dtype and sent back
+through the head by autograd. Live per logit: the model-dtype logits, the float32 copy, the model-dtype
+gradient (8 bytes in bf16; the peak RSS of the loss alone measures ~10). The numbers are those of transformers' loss (`ForCausalLMLoss`:
 logits in the model dtype, cross entropy in float32, the scale 1 / tokens of the step applied in float32
 before the gradient is rounded to the model dtype), up to float32 rounding of the softmax.
 """
@@ -25,11 +25,12 @@ import torch
 
 from adapterhub.train.data import IGNORE
 
-# Logits alive at once (x 8 bytes in bf16: 32 MiB). Fewer rows per lm_head GEMM run slower on a CPU
-# (bench/train.py's vocabulary: 64 rows cost ~25 % more head time than 256); 4M entries keep >= 128 rows up
-# to V = 32768 and bound the memory at larger vocabularies.
-LOGITS_PER_CHUNK = 1 << 22
-MIN_ROWS = 16
+# Logits alive at once: at most LOGITS_PER_CHUNK (x ~10 bytes in bf16: 20 MiB), but never fewer than MIN_ROWS
+# rows per chunk: lm_head's GEMM runs slower on fewer rows (on 2 Zen 4 cores, bench/train.py's head costs
+# ~25 % more at 64 rows than at 256; 128 rows cost ~5 %). The old fixed 256 rows at ~16 bytes per logit
+# kept 128 MiB at V = 32000; this keeps 42 MiB there (128 rows) and 21 MiB at V = 8192 (256 rows).
+LOGITS_PER_CHUNK = 1 << 21
+MIN_ROWS = 128
 
 
 def chunk_rows(vocab: int) -> int:
@@ -49,14 +50,20 @@ class _HeadCrossEntropy(torch.autograd.Function):
             target = targets[start:start + chunk]
             with torch.enable_grad():
                 logits = head(part)  # (C, V) model dtype
-            logp = torch.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)  # (C, V), a new tensor
-            total -= logp.gather(1, target[:, None]).sum() * scale
+            # float32 cross entropy, in place on one float32 copy (a float32 model's logits are copied too:
+            # autograd may keep them, e.g. the soft-cap's tanh output)
+            z = logits.detach().to(torch.float32, copy=True)
+            z -= z.amax(dim=-1, keepdim=True)  # shifted by the row max, as log-softmax computes
+            picked = z.gather(1, target[:, None])  # (C, 1) shifted logit of the label
+            z.exp_()
+            sums = z.sum(dim=-1, keepdim=True)  # (C, 1)
+            total += (sums.log() - picked).sum() * scale  # -log softmax at the labels
             if grads is None:
                 continue
-            grad = logp.exp_()  # softmax, in place of the log-softmax
-            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-            grad = grad.mul_(scale).to(logits.dtype)
-            del logp
+            z *= scale / sums  # scale * softmax
+            z[torch.arange(z.shape[0], device=z.device), target] -= scale
+            grad = z.to(logits.dtype)
+            del z
             grads[start:start + chunk] = torch.autograd.grad(logits, part, grad)[0]
         ctx.save_for_backward(grads)
         return total
