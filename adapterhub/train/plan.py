@@ -85,7 +85,8 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
         if not is_quantized:
             # A dense base reads its decoder weights in place from the mapped safetensors file, so the mapping
             # stays and the file pages read while copying out the embeddings and lm_head stay resident: those
-            # bytes count twice in the process's memory (an NF4 base unmaps the file after quantizing).
+            # bytes count twice in the process's memory (an NF4 base unmaps the file after quantizing). Assumes
+            # a checkpoint stored in the compute dtype, as config.json alone cannot say otherwise.
             weights += V * D * (1 if c.tie_word_embeddings else 2) * b
         grads, optimizer = trainable * 4, 2 * trainable * 4
     q, kv, H = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads
