@@ -10,6 +10,25 @@ tokens/s = tokens of the timed steps / their wall time; peak = the process's pea
 the libraries imported). The ratios are adapterhub over PEFT.
 
     python -m bench.train [--quick] [--steps N] [--methods lora,qlora,dora,qlora-dora] [--no-peft]
+                          [--layers N] [--checkpointing]
+
+Result (AMD EPYC Zen 4, 2 cores shared with other jobs, torch 2.13.0, peft 0.21.2, bitsandbytes 0.50.2):
+
+    method      impl          tokens/s  peak MiB  plan MiB  speed x   mem x
+    lora        adapterhub         550      1074       916     1.15    0.66
+    lora        peft               479      1638         -     1.00    1.00
+    qlora       adapterhub         479       862       664     1.01    0.49
+    qlora       peft               473      1749         -     1.00    1.00
+    dora        adapterhub         522      1258      1061     1.44    0.40
+    dora        peft               362      3114         -     1.00    1.00
+    qlora-dora  adapterhub         482      1086       809     1.36    0.35
+    qlora-dora  peft               354      3120         -     1.00    1.00
+    adapterhub QLoRA peak / bf16 LoRA peak: 0.80
+
+--layers changes the decoder depth (where the decoder outweighs the embeddings and lm_head);
+--checkpointing turns on gradient checkpointing in both implementations. "plan MiB" is train/plan.py's
+estimate for adapterhub's run (live bytes; the measured RSS also holds what glibc's heap keeps of freed
+tensors).
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import torch
 
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.tiny import random_checkpoint
+from adapterhub.train.plan import plan
 
 CONFIG = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
               num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-5,
@@ -62,7 +82,7 @@ def _batches(vocab: int, seq: int, n: int):
     return [torch.randint(0, vocab, (BATCH, seq), generator=g) for _ in range(n)]
 
 
-def run_ours(path: str, method: str, seq: int, warmup: int, steps: int) -> dict:
+def run_ours(path: str, method: str, seq: int, warmup: int, steps: int, checkpointing: bool) -> dict:
     from adapterhub.runtime.base import load_base
     from adapterhub.train.data import Dataset, Example
     from adapterhub.train.loop import _run
@@ -80,14 +100,14 @@ def run_ours(path: str, method: str, seq: int, warmup: int, steps: int) -> dict:
                      for b in _batches(base.config.vocab_size, seq, warmup + steps) for row in b)
     data = Dataset("bench", "sha256:" + "0" * 64, examples)
     common = dict(method=kind, r=R, lora_alpha=2 * R, target_modules=TARGETS, batch_size=BATCH, max_len=seq,
-                  lr=1e-4, schedule="constant")
+                  lr=1e-4, schedule="constant", gradient_checkpointing=checkpointing)
     _run(base, TrainConfig(max_steps=warmup, **common), data, None, None, False, None, False)
     timed = _run(base, TrainConfig(max_steps=steps, **common), data, None, None, False, None, False)
     seconds = timed.progress.seconds  # the steps' own wall time, setup excluded
     return {"tokens_per_s": steps * BATCH * seq / seconds, "peak_mib": _peak_mib() - before}
 
 
-def run_peft(path: str, method: str, seq: int, warmup: int, steps: int) -> dict:
+def run_peft(path: str, method: str, seq: int, warmup: int, steps: int, checkpointing: bool) -> dict:
     import peft
     import transformers
 
@@ -101,6 +121,9 @@ def run_peft(path: str, method: str, seq: int, warmup: int, steps: int) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     config = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=list(TARGETS), use_dora=kind == "dora",
                              task_type="CAUSAL_LM")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = peft.get_peft_model(model, config)
     _reset_peak()
     model.train()
@@ -126,32 +149,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-peft", action="store_true")
-    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "METHOD", "PATH", "SEQ", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--worker", nargs=6, metavar=("IMPL", "METHOD", "PATH", "SEQ", "STEPS", "CKPT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        impl, method, path, seq, steps = args.worker
+        impl, method, path, seq, steps, ckpt = args.worker
         fn = run_ours if impl == "adapterhub" else run_peft
-        print(json.dumps(fn(path, method, int(seq), 1, int(steps))))
+        print(json.dumps(fn(path, method, int(seq), 1, int(steps), ckpt == "1")))
         return
     config = dict(CONFIG, num_hidden_layers=2) if args.quick else CONFIG
+    if args.layers:
+        config = dict(config, num_hidden_layers=args.layers)
     seq, steps = (128, args.steps or 3) if args.quick else (256, args.steps or 5)
     methods = args.methods.split(",")
     impls = ["adapterhub"] + ([] if args.no_peft else ["peft"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama hidden {config['hidden_size']}, "
-          f"{config['num_hidden_layers']} layers, batch {BATCH} x seq {seq}, r={R} all-linear, bf16, {steps} steps")
+          f"{config['num_hidden_layers']} layers, batch {BATCH} x seq {seq}, r={R} all-linear, bf16, {steps} steps"
+          + (", gradient checkpointing" if args.checkpointing else ""))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = random_checkpoint(Path(tmp) / "base", ModelConfig(**config), seed=0, dtype=torch.bfloat16)
         for method in methods:
             for impl in impls:
                 out = subprocess.run([sys.executable, "-m", "bench.train", "--worker", impl, method, str(path),
-                                      str(seq), str(steps)], capture_output=True, text=True)
+                                      str(seq), str(steps), "1" if args.checkpointing else "0"],
+                                     capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"{impl} {method} failed: {out.stderr.strip().splitlines()[-1:]}")
                     continue
                 results[impl, method] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'method':<12}{'impl':<12}{'tokens/s':>10}{'peak MiB':>10}{'speed x':>9}{'mem x':>8}")
+    model_config = ModelConfig(**config)
+    print(f"{'method':<12}{'impl':<12}{'tokens/s':>10}{'peak MiB':>10}{'plan MiB':>10}{'speed x':>9}{'mem x':>8}")
     for method in methods:
+        p = plan(model_config, method, r=R, batch=BATCH, seq=seq)
+        planned = (p.total_checkpointed if args.checkpointing else p.total) / 2**20
         for impl in impls:
             r = results.get((impl, method))
             if r is None:
@@ -159,7 +192,8 @@ def main() -> None:
             ref = results.get(("peft", method))
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
             mem = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
-            print(f"{method:<12}{impl:<12}{r['tokens_per_s']:>10.0f}{r['peak_mib']:>10.0f}{ratio:>9}{mem:>8}")
+            shown = f"{planned:.0f}" if impl == "adapterhub" else "-"
+            print(f"{method:<12}{impl:<12}{r['tokens_per_s']:>10.0f}{r['peak_mib']:>10.0f}{shown:>10}{ratio:>9}{mem:>8}")
     lora, qlora = results.get(("adapterhub", "lora")), results.get(("adapterhub", "qlora"))
     if lora and qlora:
         print(f"adapterhub QLoRA peak / bf16 LoRA peak: {qlora['peak_mib'] / lora['peak_mib']:.2f}")

@@ -5,7 +5,9 @@ checkpointing.
 The counts follow what this package's training keeps alive (train/loop.py on runtime/adapters/trainable.py):
 - weights: the frozen base in the compute dtype, decoder linears in NF4 for the q-methods (0.5 byte per
   weight + the double-quantized absmax: 1 byte per 64 weights + 4 bytes per 256 blocks; semantics §2.4);
-  embeddings, norms and lm_head stay in the compute dtype; the adapters in float32.
+  embeddings, norms and lm_head stay in the compute dtype; the adapters in float32. A dense base keeps
+  its checkpoint file mapped (the decoder weights are read from it in place), and the file pages of the
+  embeddings and lm_head, read to copy them, stay resident too: counted twice.
 - gradients and AdamW's two moments: float32, for the trainable parameters only (all of them for "full",
   in the compute dtype, as torch keeps them for a bf16 model).
 - activations, per decoder layer and token, in the compute dtype unless said: the RMSNorm inputs kept in
@@ -14,8 +16,8 @@ The counts follow what this package's training keeps alive (train/loop.py on run
   attention output, the MLP's gate, up, silu(gate) and product; DoRA also keeps each adapted
   projection's output (its magnitude's gradient needs it). With checkpointing only each layer's input is
   kept, plus one layer's activations while it is recomputed. The head runs on one chunk of labelled rows
-  at a time (train/loss.py): a chunk's logits (compute dtype + float32 + log-softmax + gradient) and the
-  (tokens, D) gradient of the head's input.
+  at a time (train/loss.py): a chunk's logits (compute dtype), a float32 copy and the gradient (compute
+  dtype), and the (tokens, D) gradient of the head's input.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from adapterhub.errors import ConfigError
 from adapterhub.runtime.model.config import ModelConfig
-from adapterhub.train.loss import CHUNK
+from adapterhub.train.loss import chunk_rows
 
 METHODS = ("full", "lora", "qlora", "dora", "qlora-dora")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -80,6 +82,12 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
         trainable = L * sum(r * (i + o) + (o if is_dora else 0) for o, i in linears.values())
         per_weight = NF4_BYTES_PER_WEIGHT if is_quantized else b
         weights = int(linear_weights * per_weight) + other * b + trainable * 4
+        if not is_quantized:
+            # A dense base reads its decoder weights in place from the mapped safetensors file, so the mapping
+            # stays and the file pages read while copying out the embeddings and lm_head stay resident: those
+            # bytes count twice in the process's memory (an NF4 base unmaps the file after quantizing). Assumes
+            # a checkpoint stored in the compute dtype, as config.json alone cannot say otherwise.
+            weights += V * D * (1 if c.tie_word_embeddings else 2) * b
         grads, optimizer = trainable * 4, 2 * trainable * 4
     q, kv, H = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads
     per_token = (2 * 4 * D  # the two RMSNorm inputs in float32
@@ -97,9 +105,10 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
     # checkpointing: every layer's input, one layer's activations while it is recomputed, and the gradients
     # flowing through it (the layer's output and its norms' float32 inputs)
     activations_checkpointed = L * N * b * D + N * per_token + 2 * N * D * (b + 4)
-    # train/loss.py: one chunk of logits at a time (model dtype, float32 copy, log-softmax, its gradient), and
-    # the gradient of every labelled row kept for the backward pass.
-    logits = min(N, CHUNK) * V * (b + 4 + 4 + 4 + b) + N * D * b
+    # train/loss.py: one chunk of logits at a time (the model-dtype logits, a float32 copy, the model-dtype
+    # gradient; the loss alone peaks 2 bytes per logit above these three, measured), and the gradient of every
+    # labelled row kept for the backward pass.
+    logits = min(N, chunk_rows(V)) * V * (b + 4 + b + 2) + N * D * b
     return MemoryPlan(method, int(weights), int(trainable), int(grads), int(optimizer), int(activations),
                       int(activations_checkpointed), int(logits))
 

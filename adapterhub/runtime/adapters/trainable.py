@@ -12,7 +12,9 @@ Semantics (semantics §4.1, §5.3), s = scaling, x_d = dropout(x), W the dequant
            for the gradient);  y = W x + b + (g - 1) * (W x_d) + g * s * B A x_d
            (without dropout x_d = x and W x_d is W x itself: y = b + g * (W x + s B A x)).
 The parameters are float32 (PEFT keeps adapters in fp32); the matmuls run in the activations' dtype,
-so a bf16 base trains with bf16 GEMMs and the fp32 parameters receive the gradients.
+so a bf16 base trains with bf16 GEMMs and the fp32 parameters receive the gradients. The scaling is
+folded into B (s B, float32, then rounded to the activations' dtype) rather than applied to the output:
+the same value up to one rounding (bit-equal when s is a power of two, as lora_alpha = 2 r gives).
 
 DoRA's norm is not taken on a materialised W + s B A (two (Dout, Din) temporaries per layer and call, and a
 dequantized copy of a 4-bit W); it is expanded per row i:
@@ -57,15 +59,18 @@ class TrainableAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, Din) -> (B, T, Dout) in x.dtype."""
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        A = self.lora_A.to(x.dtype)
+        # s B as one (Dout, R) matrix: no pass over the (B, T, Dout) output to scale it, forward or backward
+        sB = (self.lora_B * self.scaling).to(x.dtype)
         x_d = self.dropout(x)
-        lora = F.linear(F.linear(x_d, A), B) * self.scaling  # (B, T, Dout)
+        lora = F.linear(F.linear(x_d, A), sB)  # (B, T, Dout)
         if not self.is_dora:
-            return weight.matmul(x, bias) + lora
+            # in place on the base output (the frozen matmul keeps its input, not its output, for backward)
+            return weight.matmul(x, bias).add_(lora)
         g = self.lora_magnitude_vector.to(x.dtype) / self.weight_norm(weight, A).to(x.dtype)  # (Dout,)
         base = weight.matmul(x, None)  # (B, T, Dout)
         if isinstance(self.dropout, nn.Identity):
-            y = g * (base + lora)
+            y = g * base.add_(lora)
         else:  # PEFT recomputes W x_d without bias for the DoRA term (semantics §5.3)
             y = base + (g - 1) * weight.matmul(x_d, None) + g * lora
         return y if bias is None else y + bias
