@@ -66,36 +66,45 @@ def test_linear_bf16(M):
     _close(K.linear_bf16(x, W), F.linear(x, W))
 
 
-def _history(dtype, seed):
-    """A paged cache (blocks of 4) whose rows 2, 0, 3 hold 5, 1 and 17 tokens of random keys / values, their blocks
-    interleaved, with room for one more token each; and its copy."""
-    cache = KVCache(2, 4, 3, 64, 64, dtype=dtype, num_blocks=24, block_size=4)
-    rows, lengths = [2, 0, 3], [5, 1, 17]
-    for step in range(18):  # grow the rows a token at a time, so their blocks interleave
+def _history(dtype, seed, lengths=(5, 1, 17), block_size=4):
+    """A paged cache whose rows 2, 0, 3 hold `lengths` tokens of random keys / values, their blocks interleaved,
+    with room for one more token each; and its copy."""
+    rows, max_seq = [2, 0, 3], max(lengths) + 1
+    shape = (2, 4, 3, max_seq, 64)  # (L, Bmax, Hkv, S, Dh)
+    num_blocks = sum(-(-(n + 1) // block_size) for n in lengths)
+    cache = KVCache(*shape, dtype=dtype, num_blocks=num_blocks, block_size=block_size)
+    for step in range(max_seq):  # grow the rows a token at a time, so their blocks interleave
         cache.allocate(rows, [min(n + 1, step + 1) for n in lengths])
     cache.k.copy_(_randn(*cache.k.shape, dtype=dtype, seed=seed))
     cache.v.copy_(_randn(*cache.v.shape, dtype=dtype, seed=seed + 1))
     cache.lengths[rows] = torch.tensor(lengths)
-    twin = KVCache(2, 4, 3, 64, 64, dtype=dtype, num_blocks=24, block_size=4)
+    twin = KVCache(*shape, dtype=dtype, num_blocks=num_blocks, block_size=block_size)
     twin.k.copy_(cache.k), twin.v.copy_(cache.v)
     return cache, twin, rows
 
 
+CASES = {  # name: (cached tokens per row, block size, window, query heads)
+    "gqa": ((5, 1, 17), 4, None, 9), "mha": ((5, 1, 17), 4, None, 3), "window": ((5, 1, 17), 4, 6, 9),
+    # past 512 keys SDPA works in blocks of 512, rescaling its running sums: the kernel does the same
+    "long": ((700, 30, 515), 16, None, 9), "long-window": ((700, 30, 515), 16, 600, 9),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("heads", [9, 3])  # GQA 9 / 3, and one query head per KV head
-def test_attention_over_paged_blocks(dtype, window, heads):
-    """One decode token for rows of 5, 1 and 17 cached tokens: rotary, the cache write and the attention of layer 1
-    equal torch's rotary + KVCache.update + SDPA with the model's additive (windowed) mask."""
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_over_paged_blocks(dtype, case):
+    """One decode token per row: rotary, the cache write and the attention of layer 1 equal torch's rotary +
+    KVCache.update + SDPA with the model's additive (windowed) mask."""
+    lengths, block_size, window, heads = CASES[case]
     H, Hkv, Dh, B, layer = heads, 3, 64, 3, 1
-    cache, twin, rows = _history(dtype, seed=6)
+    cache, twin, rows = _history(dtype, seed=6, lengths=lengths, block_size=block_size)
     step = cache.step(rows, 1)
     assert any(b - a != 1 for a, b in zip(step.tables[2], step.tables[2][1:]))  # the row's blocks interleave
     q, k, v = (_randn(B, 1, n * Dh, dtype=dtype, seed=s) for n, s in ((H, 7), (Hkv, 8), (Hkv, 9)))
     cos, sin = rope_cos_sin(step.positions, rope_inv_freq(10000.0, Dh), dtype)  # (B, 1, 1, Dh)
     out = torch.empty(B, 1, H * Dh, dtype=dtype)
     got = K.attention(q, k, v, cos, sin, cache.k, cache.v, layer, step.positions.reshape(B).contiguous(),
-                      step.tables, heads=H, kv_heads=Hkv, scale=Dh**-0.5, window=window, out=out)
+                      step.tables, step.span, heads=H, kv_heads=Hkv, scale=Dh**-0.5, window=window, out=out)
 
     qr = apply_rope(q.view(B, 1, H, Dh).transpose(1, 2), cos, sin)  # (B, H, 1, Dh)
     kr = apply_rope(k.view(B, 1, Hkv, Dh).transpose(1, 2), cos, sin)
@@ -109,5 +118,5 @@ def test_attention_over_paged_blocks(dtype, window, heads):
     assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)  # rotated keys and values, in their slots
     _close(got, want)
     unwindowed = F.scaled_dot_product_attention(qr, keys, values, attn_mask=additive(distance >= 0), enable_gqa=H != Hkv)
-    if window is not None:  # the window hides keys of the 17-token row: not a no-op
-        assert (want - unwindowed.transpose(1, 2).reshape(B, 1, H * Dh)).abs()[2].amax() > 1e-2
+    if window is not None:  # the window hides keys of the longest row: not a no-op
+        assert (want - unwindowed.transpose(1, 2).reshape(B, 1, H * Dh)).abs().amax() > 1e-2

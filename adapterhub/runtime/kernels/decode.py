@@ -33,8 +33,8 @@ _P, _I, _C, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {  # name: (argument types, return type)
     "decode_rmsnorm": ((_P, _P, _P, _P, _I, _I, _F, _C, _C), None),  # x, res, w, out, rows, D, eps, bf16, offset
     "decode_silu_mul": ((_P, _P, _I, _P, _I, _I, _C), None),  # gate, up, ld, out, rows, F, bf16
-    # q, k, v, ldq, ldkv, cos, sin, kc, vc, nblocks, bs, pos, tables, nt, B, H, Hkv, Dh, scale, window, bf16, out
-    "decode_attention": ((_P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _C, _P),
+    # q, k, v, ldq, ldkv, cos, sin, kc, vc, nblocks, bs, pos, tables, nt, span, B, H, Hkv, Dh, scale, window, bf16, out
+    "decode_attention": ((_P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _C, _P),
                          None),
     "decode_linear_bf16": ((_P, _I, _I, _P, _I, _P), None),  # x, M, K, W, N, y
 }
@@ -90,7 +90,7 @@ class DecodeKernels:
                                  gate.dtype == torch.bfloat16)
         return out
 
-    def attention(self, q, k, v, cos, sin, k_cache, v_cache, layer: int, positions, tables, *, heads: int,
+    def attention(self, q, k, v, cos, sin, k_cache, v_cache, layer: int, positions, tables, span: int, *, heads: int,
                   kv_heads: int, scale: float, window: int | None, out: torch.Tensor) -> torch.Tensor:
         """Rotary on q and k, k / v written to the paged cache, attention over each row's blocks; one token per row.
 
@@ -99,7 +99,8 @@ class DecodeKernels:
             k_cache[layer, :, blk(p), p % bs], v_cache[...] = k[b], v[b]          # (Hkv, Dh) each
             keys j: 0 <= j <= p, and j > p - window when window is set
             out[b, h] = softmax((q[b, h] . K_j) * scale, float32) @ V_j          # K, V of head h // (H / Hkv)
-        with the softmax as torch's CPU flash attention computes it (csrc/decode_cpu.c).
+        with the softmax as torch's CPU flash attention computes it for keys 0..span-1, the keys not listed above
+        masked (csrc/decode_cpu.c): span = max(positions) + 1, the key span of the torch path (CacheStep.span).
 
         q (B, 1, H*Dh), k, v (B, 1, Hkv*Dh): each row contiguous, rows stride(0) apart (views of a fused qkv
         output are fine; k and v with the same stride); cos, sin (B, 1, 1, Dh) contiguous; k_cache, v_cache
@@ -111,8 +112,8 @@ class DecodeKernels:
         offset = layer * k_cache.stride(0) * k_cache.element_size()
         self.lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), cos.data_ptr(),
                                   sin.data_ptr(), k_cache.data_ptr() + offset, v_cache.data_ptr() + offset, nblocks, bs,
-                                  positions.data_ptr(), tables.data_ptr(), tables.shape[1], B, heads, kv_heads, Dh,
-                                  scale, window or 0, q.dtype == torch.bfloat16, out.data_ptr())
+                                  positions.data_ptr(), tables.data_ptr(), tables.shape[1], span, B, heads, kv_heads,
+                                  Dh, scale, window or 0, q.dtype == torch.bfloat16, out.data_ptr())
         return out
 
     def linear_bf16(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,15 @@
  *                      k, v written to the paged cache at position pos[b] (block tables[b, pos / bs]);
  *                      query head h reads KV head h / (H / Hkv) at the keys j <= pos[b] (and
  *                      j > pos[b] - window when window > 0), read from their blocks in place;
- *                      s_j = (q . k_j) * scale (fp32), p_j = exp(s_j - max s), out = round(sum_j round(p_j) v_j /
- *                      sum_j p_j): the structure of torch's CPU flash attention, whose unnormalised
- *                      probabilities are rounded to bf16 before they multiply V.
+ *                      s_j = (q . k_j) * scale (fp32), p_j = exp(s_j - max s), out = round(sum_j round(p_j) v_j *
+ *                      (1 / sum_j p_j)): torch's CPU flash attention (SDPA), its blocks of 512 keys, its bf16
+ *                      rounding of the unnormalised probabilities and, in bf16, its fast exp (fexp_bf16).
  *   decode_silu_mul    out[b] = round(round(g / (1 + exp(-g))) * u)   g, u: the gate and up halves
  *   decode_linear_bf16 y[m, n] = bf16(sum_k x[m, k] W[n, k])        fp32 sums (the tied lm_head, bf16)
  *
  * Rounding against the torch twin: the elementwise steps are torch's, rounding for rounding (products and
- * sums are not contracted into FMAs: see FP_EXACT); only the order of fp32 sums (sum of squares, q . k, the
- * softmax denominator, p . V, the GEMV) and expf against torch's vectorised exp differ.
+ * sums are not contracted into FMAs: see FP_EXACT); only the order of some fp32 sums (sum of squares, q . k, p . V,
+ * the GEMV) differs, and expf (glibc) stands for torch's vectorised exp in SiLU and fp32 attention.
  */
 #include <math.h>
 #include <stdint.h>
@@ -126,13 +126,96 @@ FP_EXACT static void rope_head(const void *x, int64_t i0, const void *cos, const
     }
 }
 
+static inline float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* torch's fast exp for softmaxes rounded to bf16 (at::vec Vectorized<float>::fexp_u20, which its CPU flash
+ * attention uses for reduced types): 2^(x log2 e) by the float's bit layout, the fraction corrected by a cubic.
+ * About one bf16 ulp from exp(x); reproduced so bf16 attention rounds its probabilities as SDPA does. */
+FP_EXACT static inline float fexp_bf16(float x) {
+    const float c0 = 0.00010703434948458272f, c1 = 0.30354260500649682f;
+    const float c2 = (float)-0.22433836478672356, c3 = (float)-0.079204240219773236;
+    const float log2e = from_bits(0x3fb8aa3bu), ln_min = from_bits(0xc2aeac50u), ln_max = from_bits(0x42b17218u);
+    if (x < ln_min) return 0.0f;
+    if (x > ln_max) return INFINITY;
+    float s = x * log2e;
+    const float f = s - floorf(s);
+    float r = fmaf(f, c3, c2);
+    r = fmaf(f, r, c1);
+    r = fmaf(f, r, c0);
+    s = s - r;
+    const int32_t bits = (int32_t)fmaf(8388608.0f, s, 1065353216.0f); /* truncated, as cvttps2dq */
+    float y;
+    memcpy(&y, &bits, 4);
+    return y;
+}
+
+/* SDPA's CPU flash attention walks the keys in blocks of this many, rescaling its running sums per block. */
+#define KV_SPLIT 512
+
+/* One query head of one row (keys [first, last] of `span`), as torch's cpu_flash_attention computes it: per block of
+ * KV_SPLIT keys the scores' max, p = exp(s - max) (bf16: fexp on the block's whole 16-key vectors, expf on its tail,
+ * as _exp_reduce_sum_fusion_kernel), the block sum over 16 lanes then a tree then the tail, running sums rescaled
+ * by expf(old max - new max), p rounded to bf16 before it multiplies V; out = acc * (1 / sum). Keys masked in the
+ * torch path (outside [first, last]) contribute exactly zero there, so they are skipped here. */
+FP_EXACT static void attend_head(const float *qrot, const char *kh, const char *vh, const int64_t *table, int64_t bs,
+                                 int64_t first, int64_t last, int64_t span, int64_t Dh, float scale, int is_bf16,
+                                 float *scores, float *acc, void *out, int64_t o0) {
+    const int64_t es = is_bf16 ? 2 : 4;
+    float top = -INFINITY, total = 0;
+    for (int64_t d = 0; d < Dh; d++) acc[d] = 0;
+    for (int64_t n0 = 0; n0 < span; n0 += KV_SPLIT) {
+        const int64_t size = span - n0 < KV_SPLIT ? span - n0 : KV_SPLIT, vec_end = n0 + size / 16 * 16;
+        const int64_t lo = first > n0 ? first : n0, hi = last < n0 + size - 1 ? last : n0 + size - 1;
+        if (lo > hi) continue; /* all masked: a no-op in torch's loop too */
+        float block_top = -INFINITY;
+        for (int64_t j = lo; j <= hi; j++) {
+            const int64_t at = (table[j / bs] * bs + j % bs) * Dh;
+            scores[j - lo] = dot(kh + at * es, qrot, Dh, is_bf16) * scale;
+            block_top = scores[j - lo] > block_top ? scores[j - lo] : block_top;
+        }
+        const float new_top = top > block_top ? top : block_top;
+        float lanes[16] = {0};
+        for (int64_t j = lo; j <= hi; j++) {
+            const float x = scores[j - lo] - new_top;
+            const float e = is_bf16 && j < vec_end ? fexp_bf16(x) : expf(x);
+            if (j < vec_end) lanes[(j - n0) & 15] += e;
+            scores[j - lo] = e;
+        }
+        for (int w = 8; w >= 1; w /= 2)
+            for (int i = 0; i < w; i++) lanes[i] += lanes[i + w];
+        float block_sum = lanes[0];
+        for (int64_t j = (lo > vec_end ? lo : vec_end); j <= hi; j++) block_sum += scores[j - lo];
+        const float rescale = expf(top - new_top);
+        const float carried = rescale * total;
+        total = block_sum + carried;
+        top = new_top;
+        if (n0 > 0)
+            for (int64_t d = 0; d < Dh; d++) acc[d] *= rescale;
+        for (int64_t j = lo; j <= hi; j++) {
+            const __m512 pe = _mm512_set1_ps(round1(scores[j - lo], is_bf16));
+            const int64_t at = (table[j / bs] * bs + j % bs) * Dh;
+            for (int64_t d = 0; d < Dh; d += 16) {
+                const __mmask16 m = tail16(Dh - d);
+                _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pe, load16(vh + at * es, d, m, is_bf16),
+                                                                  _mm512_maskz_loadu_ps(m, acc + d)));
+            }
+        }
+    }
+    const float reciprocal = 1.0f / total;
+    for (int64_t d = 0; d < Dh; d++) store1(out, o0 + d, acc[d] * reciprocal, is_bf16);
+}
+
 /* q (B, *) rows of ldq elements holding H heads of Dh; k, v rows of ldkv holding Hkv heads; cos, sin (B, Dh);
  * kc, vc this layer's cache (Hkv, nblocks, bs, Dh); pos (B,) the new token's position; tables (B, nt) the row's
- * blocks in position order; out (B, H * Dh). window 0: none. */
+ * blocks in position order; span: keys the torch path would read (max pos + 1); out (B, H * Dh). window 0: none. */
 void decode_attention(const void *q, const void *k, const void *v, int64_t ldq, int64_t ldkv, const void *cos,
                       const void *sin, void *kc, void *vc, int64_t nblocks, int64_t bs, const int64_t *pos,
-                      const int64_t *tables, int64_t nt, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, float scale,
-                      int64_t window, int is_bf16, void *out) {
+                      const int64_t *tables, int64_t nt, int64_t span, int64_t B, int64_t H, int64_t Hkv, int64_t Dh,
+                      float scale, int64_t window, int is_bf16, void *out) {
     const int64_t es = is_bf16 ? 2 : 4, head_stride = nblocks * bs * Dh, group = H / Hkv;
     float krot[Dh];
     /* keys and values first: every query head of a group reads the new key */
@@ -149,35 +232,14 @@ void decode_attention(const void *q, const void *k, const void *v, int64_t ldq, 
     for (int64_t b = 0; b < B; b++) macs += H * (pos[b] + 1) * Dh * 2;
 #pragma omp parallel if (macs >= PARALLEL_MIN_MACS)
     {
-        int64_t longest = 0;
-        for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-        float *scores = malloc(sizeof(float) * longest), qrot[Dh], acc[Dh];
+        float *scores = malloc(sizeof(float) * KV_SPLIT), qrot[Dh], acc[Dh];
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < B * H; item++) {
             const int64_t b = item / H, h = item % H, g = h / group, p = pos[b];
-            const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p + 1 - first;
-            const char *kh = (const char *)kc + g * head_stride * es, *vh = (const char *)vc + g * head_stride * es;
+            const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             rope_head(q, b * ldq + h * Dh, cos, sin, b * Dh, Dh, is_bf16, qrot);
-            float top = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                const int64_t key = first + j, at = (tables[b * nt + key / bs] * bs + key % bs) * Dh;
-                scores[j] = dot(kh + at * es, qrot, Dh, is_bf16) * scale;
-                top = scores[j] > top ? scores[j] : top;
-            }
-            float total = 0;
-            for (int64_t d = 0; d < Dh; d++) acc[d] = 0;
-            for (int64_t j = 0; j < n; j++) {
-                const float e = expf(scores[j] - top);
-                total += e;
-                const __m512 pe = _mm512_set1_ps(round1(e, is_bf16));
-                const int64_t key = first + j, at = (tables[b * nt + key / bs] * bs + key % bs) * Dh;
-                for (int64_t d = 0; d < Dh; d += 16) {
-                    const __mmask16 m = tail16(Dh - d);
-                    _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pe, load16(vh + at * es, d, m, is_bf16),
-                                                                      _mm512_maskz_loadu_ps(m, acc + d)));
-                }
-            }
-            for (int64_t d = 0; d < Dh; d++) store1(out, b * H * Dh + h * Dh + d, acc[d] / total, is_bf16);
+            attend_head(qrot, (const char *)kc + g * head_stride * es, (const char *)vc + g * head_stride * es,
+                        tables + b * nt, bs, first, p, span, Dh, scale, is_bf16, scores, acc, out, (b * H + h) * Dh);
         }
         free(scores);
     }
