@@ -14,13 +14,12 @@ Model.forward picks it (model/model.py); `forward` is its twin, and the tests co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dataclasses import dataclass
 
 from adapterhub.runtime.kernels.decode import DecodeKernels
 from adapterhub.runtime.model.config import ModelConfig
@@ -43,7 +42,6 @@ class RMSNorm(nn.Module):
         if self.is_offset:  # Gemma: scale by (1 + w) in float32, then round once to the input dtype
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)  # Llama: round to the input dtype, then scale
-
 
     def decode(self, kernels: DecodeKernels, x, *, residual=None, out=None) -> torch.Tensor:
         """forward(x) by the fused op, after `x += residual` in place when given."""

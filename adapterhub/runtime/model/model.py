@@ -70,7 +70,8 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).to(device)
         if c.local_rope_theta is not None:
             self.local_inv_freq = rope_inv_freq(c.local_rope_theta, c.head_dim).to(device)
-        is_fusable = device.type == "cpu" and self.dtype in decode_ops.DTYPES and c.attn_logit_softcapping is None
+        is_cpu = torch.device(device).type == "cpu"
+        is_fusable = is_cpu and self.dtype in decode_ops.DTYPES and c.attn_logit_softcapping is None
         self.use_decode_kernels(decode_ops.kernels() if is_fusable else None)
 
     def use_decode_kernels(self, ops: decode_ops.DecodeKernels | None) -> None:
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
             lengths = cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()]  # (B,)
             cache.allocate(rows, lengths + T)  # a paged cache's blocks for the new positions
             step = cache.step(rows, T)
-        if T == 1 and isinstance(cache, KVCache) and self.decode_kernels is not None and not torch.is_grad_enabled():
+        if self._decodes_fused(cache, T):
             return self._decode(input_ids, ids, cache, step)
         if cache is None:
             positions, visible, distance = _positions_and_visible(attention_mask, B, T, self.device)
@@ -138,6 +139,11 @@ class Transformer(nn.Module):
             else:
                 x = layer(*args)
         return x
+
+    def _decodes_fused(self, cache, T: int) -> bool:
+        """Whether this forward is a decode step the fused ops run (module docstring)."""
+        return (T == 1 and self.decode_kernels is not None and isinstance(cache, KVCache)
+                and cache.k.dtype == self.dtype and not torch.is_grad_enabled())
 
     def _decode(self, input_ids, ids, cache: KVCache, step: CacheStep) -> torch.Tensor:
         """hidden_states of one token per row through the layers' fused `decode`.  # (B, 1) -> (B, 1, D)"""
