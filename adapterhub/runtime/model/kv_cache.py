@@ -12,8 +12,9 @@ number of blocks of `block_size` tokens (the budget) and gives them to rows as t
 per row maps position p to block `tables[row, p // block_size]`, slot `p % block_size`. Block 0 is never
 given out: table entries of positions a row does not hold point at it, so the right padding of a batched
 prefill writes there, and reads of it are masked (keys past a row's length, as in the contiguous cache).
-Attention reads a row's blocks in order, gathered into `(B, Hkv, span, Dh)`: the same values at the same
-key indices as the contiguous cache, so the scores and the softmax are those of the contiguous path.
+Attention on the torch layers reads a row's blocks in order, gathered into `(B, Hkv, span, Dh)` (`update`): the
+same values at the same key indices as the contiguous cache, so the scores and the softmax are those of the
+contiguous path. A decode step on the fused ops (model/layers.py `decode`) writes and reads them in place.
 Storage starts as zeros so masked keys are finite (a NaN key would poison a row's softmax even when masked).
 """
 

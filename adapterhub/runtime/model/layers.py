@@ -4,16 +4,24 @@ pick the variant of each part at construction, so `forward` never asks which mod
 Every decoder projection is an `AdapterLinear` after loading, called as `proj(x, ids)`: one batched forward
 for all rows, each row with its own adapter slot (a plain `nn.Linear` shape holder on the meta device before).
 What each variant computes, and the transformers source it follows, is in docs/semantics.md §12.
+
+`decode` (one token per row on the paged cache, no autograd) is the same layer through the fused CPU ops of
+kernels/decode.py: the norms, rotary + the cache write + attention, and SiLU(gate) * up are one call each,
+the residual stream is one (B, D) tensor added to in place, and the projections run as in `forward`.
+Model.forward picks it (model/model.py); `forward` is its twin, and the tests compare the two.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterhub.runtime.kernels.decode import DecodeKernels
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.kv_cache import CacheStep, KVCache
 from adapterhub.runtime.model.rope import apply_rope
@@ -35,6 +43,14 @@ class RMSNorm(nn.Module):
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)  # Llama: round to the input dtype, then scale
 
+    def decode(self, kernels: DecodeKernels, x, *, residual=None, out=None) -> torch.Tensor:
+        """forward(x) by the fused op, after `x += residual` in place when given."""
+        if residual is None:
+            x = x.contiguous()
+        else:
+            residual = residual.contiguous()
+        return kernels.rmsnorm(x, self.weight, self.eps, residual=residual, is_offset=self.is_offset, out=out)
+
 
 def norm(c: ModelConfig, dim: int, dtype, device) -> RMSNorm:
     return RMSNorm(dim, c.rms_norm_eps, dtype, device, is_offset=c.family.has_offset_norm)
@@ -47,6 +63,24 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
     k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, H, S, Dh)
     scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap + mask  # (B, H, T, S)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """What every layer of one fused decode step shares, built once per step by the model."""
+
+    kernels: DecodeKernels
+    cache: KVCache
+    positions: torch.Tensor  # (B,) int64: each row's new position
+    tables: torch.Tensor  # (B, nt) int64: each row's blocks, in position order
+    span: int  # max(positions) + 1: the keys the torch path reads (its attention's blocks depend on it)
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, 1, 1, Dh)
+    local_rope: tuple[torch.Tensor, torch.Tensor]  # the windowed layers' (Gemma 3), else `rope`
+    window: int | None  # the windowed layers' sliding window
+    sliding_layers: frozenset[int]
+    normed: torch.Tensor  # (B, 1, D) scratch: each norm's output, read by the projections before the next
+    attended: torch.Tensor  # (B, 1, H*Dh) scratch: attention's output
+    activated: torch.Tensor  # (B, 1, F) scratch: act(gate) * up
 
 
 class Attention(nn.Module):
@@ -94,6 +128,21 @@ class Attention(nn.Module):
             y = softcapped_attention(q, k, v, mask, self.scale or self.Dh**-0.5, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh), ids)
 
+    def decode(self, x, ids, step: DecodeStep, layer: int) -> torch.Tensor:
+        """forward for one token per row through the fused op.  # (B, 1, D) -> (B, 1, D)"""
+        q, k, v = self._qkv(x, ids)  # (B, 1, H*Dh), (B, 1, Hkv*Dh) x 2
+        if self.has_qk_norm:  # per head over Dh, before RoPE
+            q = self.q_norm.decode(step.kernels, q.contiguous().view(-1, self.Dh)).view(q.shape)
+            k = self.k_norm.decode(step.kernels, k.contiguous().view(-1, self.Dh)).view(k.shape)
+            v = v.contiguous()  # the kernel reads k and v rows with one stride
+        is_windowed = layer in step.sliding_layers
+        cos, sin = step.local_rope if is_windowed else step.rope
+        scale = self.scale or 1 / math.sqrt(self.Dh)  # SDPA's default, as it computes it
+        y = step.kernels.attention(q, k, v, cos, sin, step.cache.k, step.cache.v, layer, step.positions, step.tables,
+                                   step.span, heads=self.H, kv_heads=self.Hkv, scale=scale,
+                                   window=step.window if is_windowed else None, out=step.attended)
+        return self.o_proj(y, ids)
+
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig, dtype, device):
@@ -116,6 +165,16 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x, ids), self.up_proj(x, ids)
         return self.down_proj(self.act(gate) * up, ids)  # (B, T, D)
 
+    def decode(self, x, ids, step: DecodeStep) -> torch.Tensor:
+        """forward for one token per row, SiLU(gate) * up fused.  # (B, 1, D) -> (B, 1, D)"""
+        if self.is_fused:
+            gate, up = self.gate_up_proj(x, ids).chunk(2, dim=-1)  # (B, 1, F) each
+        else:
+            gate, up = self.gate_proj(x, ids), self.up_proj(x, ids)
+        if self.act is F.silu:
+            return self.down_proj(step.kernels.silu_mul(gate, up, out=step.activated), ids)
+        return self.down_proj(self.act(gate) * up, ids)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, dtype, device):
@@ -137,3 +196,15 @@ class DecoderLayer(nn.Module):
         # Gemma: post_attention_layernorm normalises the attention output; the MLP gets its own pre and post norms.
         x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ids))
+
+    def decode(self, x, h, ids, step: DecodeStep, layer: int) -> torch.Tensor:
+        """forward for one token per row on the fused ops, its residual add deferred: x (B, 1, D) is the stream
+        before this layer, updated in place to x + h (the previous layer's output, None for the first); returns
+        this layer's output, to add to x (the next layer's norm does, or the model at the end)."""
+        K = step.kernels
+        a = self.self_attn.decode(self.input_layernorm.decode(K, x, residual=h, out=step.normed), ids, step, layer)
+        if not self.has_sandwich_norms:
+            return self.mlp.decode(self.post_attention_layernorm.decode(K, x, residual=a, out=step.normed), ids, step)
+        a = self.post_attention_layernorm.decode(K, a)
+        m = self.mlp.decode(self.pre_feedforward_layernorm.decode(K, x, residual=a, out=step.normed), ids, step)
+        return self.post_feedforward_layernorm.decode(K, m)

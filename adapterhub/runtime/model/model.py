@@ -10,6 +10,12 @@ Positions are per row. Without a cache they follow the attention mask (cumsum - 
 builds them for a padded batch); with a cache, row b's new tokens sit at `starts[b] + 0..T-1`.
 Masks are additive and finite (dtype min), so a query with no visible key stays finite. Sliding-window
 layers also hide keys `sliding_window` or more indices back (transformers' `sliding_window_overlay`).
+
+A decode step (one token per row on the paged KVCache, no autograd, CPU, bf16 or fp32, no attention soft-cap)
+runs the layers' `decode` on the fused ops of kernels/decode.py, where the compiled library runs: no masks,
+RoPE's cos / sin once per step, keys read from their blocks in place. `use_decode_kernels(None)` keeps every
+step on the torch layers, the twin (tests/runtime/test_decode_fused.py compares them). The head of a bf16
+forward of few rows (decode, a prefill's last tokens) runs the final norm and lm_head on those ops too.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from torch.utils.checkpoint import checkpoint
 
 from adapterhub.runtime import kernels
 from adapterhub.runtime.adapters.linear import AdapterLinear
+from adapterhub.runtime.kernels import decode as decode_ops
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.kv_cache import CacheStep, KVCache
-from adapterhub.runtime.model.layers import DecoderLayer, norm
+from adapterhub.runtime.model.layers import DecodeStep, DecoderLayer, norm
 from adapterhub.runtime.model.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -50,6 +57,7 @@ class Transformer(nn.Module):
         self.register_buffer("local_inv_freq", None, persistent=False)  # windowed layers' (Gemma 3), or None
         # Training: recompute each decoder layer in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
+        self.decode_kernels: decode_ops.DecodeKernels | None = None  # set by `materialize` where they run
 
     def materialize(self, device) -> None:
         """Gives every module still on meta real (uninitialised) storage and ties the output embedding."""
@@ -62,6 +70,13 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).to(device)
         if c.local_rope_theta is not None:
             self.local_inv_freq = rope_inv_freq(c.local_rope_theta, c.head_dim).to(device)
+        is_cpu = torch.device(device).type == "cpu"
+        is_fusable = is_cpu and self.dtype in decode_ops.DTYPES and c.attn_logit_softcapping is None
+        self.use_decode_kernels(decode_ops.kernels() if is_fusable else None)
+
+    def use_decode_kernels(self, ops: decode_ops.DecodeKernels | None) -> None:
+        """Run decode steps (and few-row bf16 heads) on these fused ops; None: on the torch layers (the twin)."""
+        self.decode_kernels = ops
 
     def projections(self) -> dict[str, nn.Module]:
         """Every decoder projection by HF module path: shape holders before loading, AdapterLinear after."""
@@ -101,6 +116,8 @@ class Transformer(nn.Module):
             lengths = cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()]  # (B,)
             cache.allocate(rows, lengths + T)  # a paged cache's blocks for the new positions
             step = cache.step(rows, T)
+        if self._decodes_fused(cache, T):
+            return self._decode(input_ids, ids, cache, step)
         if cache is None:
             positions, visible, distance = _positions_and_visible(attention_mask, B, T, self.device)
         else:
@@ -123,10 +140,35 @@ class Transformer(nn.Module):
                 x = layer(*args)
         return x
 
+    def _decodes_fused(self, cache, T: int) -> bool:
+        """Whether this forward is a decode step the fused ops run (module docstring)."""
+        return (T == 1 and self.decode_kernels is not None and isinstance(cache, KVCache)
+                and cache.k.dtype == self.dtype and not torch.is_grad_enabled())
+
+    def _decode(self, input_ids, ids, cache: KVCache, step: CacheStep) -> torch.Tensor:
+        """hidden_states of one token per row through the layers' fused `decode`.  # (B, 1) -> (B, 1, D)"""
+        c, B = self.config, input_ids.shape[0]
+        rope = rope_cos_sin(step.positions, self.inv_freq, self.dtype)  # (B, 1, 1, Dh) each, once per step
+        local = rope if self.local_inv_freq is None else rope_cos_sin(step.positions, self.local_inv_freq, self.dtype)
+        scratch = lambda n: torch.empty(B, 1, n, dtype=self.dtype, device=self.device)  # noqa: E731
+        shared = DecodeStep(self.decode_kernels, cache, step.positions.reshape(B).contiguous(),
+                            step.tables.contiguous(), step.span, rope, local, c.sliding_window,
+                            frozenset(c.sliding_layers), scratch(c.hidden_size),
+                            scratch(c.num_attention_heads * c.head_dim), scratch(c.intermediate_size))
+        x, h = self._embed(input_ids), None  # (B, 1, D): a new tensor, the residual stream added to in place
+        for i, layer in enumerate(self.model.layers):
+            h = layer.decode(x, h, ids, shared, i)
+        return x.add_(h)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) last layer's output -> (..., V) logits: the final norm, lm_head, Gemma 2's soft-cap."""
-        # lm_head through the ops' bucketed GEMM (kernels/ops.py: Ops.linear): a full forward has B*T rows here.
-        logits = kernels.ops_for(self.device).linear(self.model.norm(x), self.lm_head.weight)  # (..., V)
+        fused, W = self.decode_kernels, self.lm_head.weight
+        rows = x.numel() // x.shape[-1]
+        if fused is not None and x.dtype == torch.bfloat16 and rows <= decode_ops.GEMV_MAX_ROWS \
+                and not torch.is_grad_enabled() and W.is_contiguous():
+            logits = fused.linear_bf16(self.model.norm.decode(fused, x), W)  # (..., V): one pass over W
+        else:  # the ops' bucketed GEMM (kernels/ops.py: Ops.linear): a full forward has B*T rows here
+            logits = kernels.ops_for(self.device).linear(self.model.norm(x), W)  # (..., V)
         cap = self.config.final_logit_softcapping
         if cap is not None:  # Gemma 2, in the logits' dtype
             logits = torch.tanh(logits / cap) * cap
