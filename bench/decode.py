@@ -29,20 +29,21 @@ steps' wall time, median of the repeats), and the prefill of one 512-token promp
 Goals: adapterhub 1 stream >= 1.0x llama.cpp Q4_1's 1 stream on the 135M and >= 1.2x on the 1B; 8
 mixed-adapter streams >= 5x adapterhub's 1 stream.
 
-Figures before the fused decode work (AMD EPYC (Zen 4), 2 cores, torch 2.13.0, llama-cpp-python 0.3.36;
-135m: `--tokens 64`, median of 3; 1b: `--tokens 32 --repeats 2`, 7.5 minutes), decode tokens/s by
-streams (8 mixed: each its own adapter); prefill: one 512-token prompt, tokens/s
+Figures with the fused CPU decode step (AMD EPYC (Zen 4), 2 cores, quiet, torch 2.13.0, llama-cpp-python
+0.3.36; 135m: `--tokens 64`, median of 3; 1b: `--tokens 32 --repeats 2`, 6.5 minutes), decode tokens/s by
+streams (8 mixed: each its own adapter); prefill: one 512-token prompt, tokens/s; in parentheses the same
+run before that work:
 
-                              135m: 1        8  8 mixed  prefill    1b: 1        8  8 mixed  prefill
-    llama.cpp         Q4_0      170.9    384.9        -      892     29.6     64.5        -      132
-    llama.cpp         Q4_1      128.2    233.0        -      332     17.5     30.4        -       41
-    adapterhub        NF4        37.6    101.9     90.2      862     12.3     28.7     20.3      180
-    adapterhub        bf16       23.7    128.2    115.3      914      5.2     35.1     31.5      176
-    transformers      bf16       23.4        -        -      951      5.0        -        -      177
-    + PEFT, 1 adapter bf16       17.1        -        -      684      5.1        -        -       91
+                              135m: 1            8        8 mixed  prefill    1b: 1         8       8 mixed  prefill
+    llama.cpp         Q4_0      160.8        374.3              -      812     29.1      59.9             -      126
+    llama.cpp         Q4_1      110.4        202.6              -      309     15.8      28.5             -       38
+    adapterhub        NF4   92.4 (37.6) 327.0 (101.9) 235.5 (90.2)    1119  16.9 (12.3) 60.6 (28.7) 55.0 (20.3)  165
+    adapterhub        bf16  34.5 (23.7) 177.9 (128.2) 135.0 (115.3)   1120   5.9 (5.2) 34.7 (35.1) 32.0 (31.5)   183
+    transformers      bf16       22.3            -              -      921      4.6         -            -      178
+    + PEFT, 1 adapter bf16       17.7            -              -      738      4.8         -            -       85
 
-adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 0.29x (135m), 0.70x (1b); 8 mixed / 1 stream: 2.40x,
-1.65x (bf16: 4.86x, 6.04x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146 (1b) of the logits' std, every
+adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 0.84x (135m), 1.07x (1b); 8 mixed / 1 stream: 2.55x,
+3.25x (bf16: 3.92x, 5.45x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146 (1b) of the logits' std, every
 prompt argmax equal; the control 0.2997.
 """
 
