@@ -11,6 +11,8 @@ place (``adapterhub.cli``); the HTTP API maps the classes to status codes via ``
 
 from __future__ import annotations
 
+import dataclasses
+
 
 class AdapterHubError(Exception):
     """Base class of every adapterhub error."""
@@ -158,3 +160,12 @@ class ReplicaUnavailableError(AdapterHubError, RuntimeError):
     could be reached; the request can be sent again (``serve --replicas``)."""
 
     http_status = 503
+
+
+def check_known_keys(config_class, mapping, what: str) -> None:
+    """ConfigError naming every key of `mapping` that is not a field of the dataclass `config_class`
+    (a settings file is read whole, so a misspelt key never silently keeps a default)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}; known: {sorted(known)}")

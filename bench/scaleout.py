@@ -27,9 +27,7 @@ import numpy as np
 
 from bench.scaleout_sim import report as simulation_report
 from bench.scaleout_sim import zipf_weights
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time there was",
-           "SELECT name FROM users WHERE", "Translate to German: good morning", "The weather today is"]
+from bench.serve import PROMPTS, run_plan
 
 
 def zipf_plan(tasks: list[str], requests: int, s: float, seed: int) -> list[tuple[str, str]]:
@@ -38,31 +36,8 @@ def zipf_plan(tasks: list[str], requests: int, s: float, seed: int) -> list[tupl
     return [(tasks[m], PROMPTS[i % len(PROMPTS)]) for i, m in enumerate(models.tolist())]
 
 
-async def run_plan(url: str, plan: list[tuple[str, str]], clients: int, max_tokens: int):
-    """(completion tokens / s, latencies in s) of `plan` sent by `clients` concurrent clients."""
-    queue = list(reversed(plan))
-    latencies, tokens = [], 0
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        while queue:
-            model, prompt = queue.pop()
-            t0 = time.perf_counter()
-            r = await client.post("/v1/completions", json={"model": model, "prompt": prompt,
-                                                           "max_tokens": max_tokens, "temperature": 0})
-            if r.status_code != 200:  # a plain message: it crosses back from the clients' process
-                raise RuntimeError(f"HTTP {r.status_code} for {model}: {r.text[:500]}")
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
-
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        return tokens / (time.perf_counter() - started), latencies
-
-
 def load_in_process(url: str, plan, clients: int, max_tokens: int):
-    return asyncio.run(run_plan(url, plan, clients, max_tokens))
+    return asyncio.run(run_plan(url, plan, clients, max_tokens))[:2]
 
 
 def hit_counts(url: str) -> tuple[float, float]:

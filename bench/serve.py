@@ -34,29 +34,37 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time th
            "SELECT name FROM users WHERE", "Translate to German: good morning", "The weather today is"]
 
 
-async def run_load(url: str, models: list[str], clients: int, requests: int, max_tokens: int, seed: int):
-    """Returns (completion tokens / s, per-request latencies in s, mean completion tokens per request)."""
-    rng = random.Random(seed)
-    plan = [(rng.choice(models), rng.choice(PROMPTS)) for _ in range(requests)]
+async def run_plan(url: str, plan: list[tuple[str, str]], clients: int, max_tokens: int):
+    """(completion tokens / s, per-request latencies in s, completion tokens) of `plan`, (model, prompt) pairs in
+    order, sent by `clients` concurrent clients; a non-200 answer raises with a plain message (it may cross
+    back from a clients' process)."""
+    queue = list(reversed(plan))
     latencies, tokens = [], 0
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal tokens
-        while plan:
-            model, prompt = plan.pop()
+        while queue:
+            model, prompt = queue.pop()
             t0 = time.perf_counter()
             r = await client.post("/v1/completions", json={"model": model, "prompt": prompt,
                                                            "max_tokens": max_tokens, "temperature": 0})
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code} for {model}: {r.text[:500]}")
             latencies.append(time.perf_counter() - t0)
             tokens += r.json()["usage"]["completion_tokens"]
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    return tokens / elapsed, latencies, tokens / requests
+        return tokens / (time.perf_counter() - started), latencies, tokens
+
+
+async def run_load(url: str, models: list[str], clients: int, requests: int, max_tokens: int, seed: int):
+    """Returns (completion tokens / s, per-request latencies in s, mean completion tokens per request)."""
+    rng = random.Random(seed)
+    plan = [(rng.choice(models), rng.choice(PROMPTS)) for _ in range(requests)]
+    rate, latencies, tokens = await run_plan(url, plan, clients, max_tokens)
+    return rate, latencies, tokens / requests
 
 
 def load_in_process(url: str, models: list[str], requests: int, seed: int, *, clients: int, max_tokens: int):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from adapterhub.errors import ConfigError
+from adapterhub.errors import ConfigError, check_known_keys
 
 METHODS = ("lora", "dora")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -76,10 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        check_known_keys(cls, d, "training settings")
         d = dict(d)
         if isinstance(d.get("target_modules"), list):
             d["target_modules"] = tuple(d["target_modules"])

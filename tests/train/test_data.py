@@ -8,6 +8,7 @@ import pytest
 
 from adapterhub.errors import ConfigError
 from adapterhub.runtime.model.tiny import byte_tokenizer, tiny_chat
+from adapterhub.train.config import TrainConfig
 from adapterhub.train.data import IGNORE, collate, file_digest, load_jsonl
 
 BOS, EOS = 256, 257
@@ -61,3 +62,10 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_checkpointed_config_with_a_misspelt_setting_is_refused_naming_it():
+    settings = {**TrainConfig().to_dict(), "learning_rate": 1e-3}
+    with pytest.raises(ConfigError, match=r"unknown training settings \['learning_rate'\]"):
+        TrainConfig.from_dict(settings)
+    assert TrainConfig.from_dict({"r": 8, "target_modules": ["q_proj"]}).target_modules == ("q_proj",)

@@ -7,10 +7,9 @@ which registry every replica reads (an ``oci://`` URL across hosts), and how Ray
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from adapterhub.errors import ConfigError
+from adapterhub.errors import ConfigError, check_known_keys
 from adapterhub.serve.engine import EngineConfig
 
 ROUTINGS = ("multiplexed", "default")
@@ -56,10 +55,7 @@ class RayServeConfig:
     @classmethod
     def from_args(cls, args: dict) -> RayServeConfig:
         """From the ``args`` mapping of a Ray Serve config file (`serve deploy`); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ConfigError(f"unknown Ray Serve args {unknown}; known: {sorted(known)}")
+        check_known_keys(cls, args, "Ray Serve args")
         values = dict(args)
         if isinstance(values.get("autoscale"), str):
             values["autoscale"] = parse_autoscale(values["autoscale"])
