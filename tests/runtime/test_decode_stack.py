@@ -3,8 +3,8 @@ fused step (`use_decode_kernels(K, whole_step=False)`) and the torch layers (`us
 
 Every row has its own adapter: ranks 8 and 16 in one batch (two rank groups per linear), one DoRA adapter, one row
 on the base only; all non-zero. fp32: every step's logits within the fused step's tolerance of both twins, 1 and 5
-rows, on a random Llama (GQA, biases, llama3 RoPE scaling), Qwen2 (q/k/v biases, tied head) and Phi-3 (fused qkv
-and gate_up, every layer windowed). bf16: the same greedy tokens as the torch path, dense and NF4 weights; with NF4
+rows, on a random Llama (GQA, biases, llama3 RoPE scaling), Mistral (head_dim != hidden / heads, one KV head), Qwen2
+(q/k/v biases, tied head) and Phi-3 (fused qkv and gate_up, every layer windowed: windows of 4 tokens). bf16: the same greedy tokens as the torch path, dense and NF4 weights; with NF4
 the result is bit-identical to the per-op step (the same C kernels in the same order); dense bf16 weights keep the
 per-op step (torch's GEMM, whose sum order decides exact ties). A pool change between steps
 (install, uninstall, a stack grown) is seen by the next step.
@@ -90,10 +90,10 @@ def _fp32_base(family: str, tmp_path) -> Base:
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
 def test_fp32_logits_equal_the_per_op_step_and_the_torch_path(tmp_path, family, rows):
-    if family == "qwen2":  # a random checkpoint of the fixtures' Qwen2 config
-        base = load_base(random_checkpoint(tmp_path / "qwen2", family_config("qwen2"), std=0.15), quantize=None,
+    if family in ("mistral", "qwen2"):  # random checkpoints of the fixtures' configs
+        base = load_base(random_checkpoint(tmp_path / family, family_config(family), std=0.15), quantize=None,
                          compute_dtype=torch.float32, max_adapters=6)
     else:
         base = _fp32_base(family, tmp_path)

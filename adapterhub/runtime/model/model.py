@@ -13,8 +13,10 @@ layers also hide keys `sliding_window` or more indices back (transformers' `slid
 
 A decode step (one token per row on the paged KVCache, no autograd, CPU, bf16 or fp32, no attention soft-cap)
 runs the layers' `decode` on the fused ops of kernels/decode.py, where the compiled library runs: no masks,
-RoPE's cos / sin once per step, keys read from their blocks in place. `use_decode_kernels(None)` keeps every
-step on the torch layers, the twin (tests/runtime/test_decode_fused.py compares them). The head of a bf16
+RoPE's cos / sin once per step, keys read from their blocks in place; where model/decode_stack.py covers the
+model and the step, every layer in one compiled call instead. `use_decode_kernels(None)` keeps every step on
+the torch layers, the twin (tests/runtime/test_decode_fused.py, test_decode_stack.py compare them);
+`use_decode_kernels(K, whole_step=False)` the per-op step. The head of a bf16
 forward of few rows (decode, a prefill's last tokens) runs the final norm and lm_head on those ops too.
 """
 
