@@ -196,40 +196,64 @@ static void expand_f32(float *y, const float *h, const float *BT, const int64_t 
     }
 }
 
-/* --- one projection: AdapterLinear.forward ---------------------------------------------------------- */
-
-typedef struct {
-    int64_t *local; /* (B,) */
-    void *h;        /* (B, max_rank) in the activation dtype */
-} lora_scratch;
+/* --- projections: AdapterLinear.forward ------------------------------------------------------------ */
 
 static void add_bias(void *y, const void *bias, int64_t B, int64_t N, int is_bf16) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t n = 0; n < N; n++) store1(y, b * N + n, load1(y, b * N + n, is_bf16) + load1(bias, n, is_bf16), is_bf16);
 }
 
-static void linear(const linear_desc *L, const void *x, int64_t B, const int64_t *ids, void *y, int is_bf16,
-                   const lora_scratch *s) {
-    const int late_bias = L->bias && ids && L->has_dora; /* DoRA scales the output before the bias */
-    if (L->W) {
-        gemv(x, B, L->K, L->W, L->N, late_bias ? NULL : L->bias, y, is_bf16);
-    } else {
-        lut4_linear(x, is_bf16, B, L->N, L->K, L->packed, L->absmax, L->code, y);
-        if (L->bias && !late_bias) add_bias(y, L->bias, B, L->N, is_bf16);
+typedef struct {
+    const linear_desc *L;
+    const void *x; /* (B, K) */
+    void *y;       /* (B, N) */
+} projection;
+
+/* The projections of one input stage (q, k, v; or gate, up), each as AdapterLinear.forward: the bases first, then
+ * every row's LoRA terms in one parallel loop over (row, projection) (one OpenMP team for all of them, not two
+ * per rank group and projection; a single row's q, k and v terms on both cores), then the late biases. Each row's term is the lora_cpu.c kernels' for that row alone (a
+ * row's result does not depend on the others); a row adds nothing in a group its adapter is not in (local slot 0:
+ * zero A and B, DoRA scale 1), so those calls are skipped. */
+static void project(const projection *P, int n, int64_t B, const int64_t *ids, int is_bf16, int64_t max_rank) {
+    const int64_t es = is_bf16 ? 2 : 4;
+    int has_lora = 0;
+    for (int i = 0; i < n; i++) {
+        const linear_desc *L = P[i].L;
+        const int late_bias = L->bias && ids && L->has_dora; /* DoRA scales the output before the bias */
+        if (L->W) {
+            gemv(P[i].x, B, L->K, L->W, L->N, late_bias ? NULL : L->bias, P[i].y, is_bf16);
+        } else {
+            lut4_linear(P[i].x, is_bf16, B, L->N, L->K, L->packed, L->absmax, L->code, P[i].y);
+            if (L->bias && !late_bias) add_bias(P[i].y, L->bias, B, L->N, is_bf16);
+        }
+        has_lora |= L->ngroups > 0;
     }
-    if (ids)
-        for (int64_t g = 0; g < L->ngroups; g++) {
-            const lora_group *G = L->groups + g;
-            for (int64_t b = 0; b < B; b++) s->local[b] = G->slot_map[ids[b]];
-            if (is_bf16) {
-                lora_shrink_bf16(x, G->A, s->local, B, 1, G->R, L->K, s->h);
-                lora_expand_bf16(y, s->h, G->BT, s->local, G->scaling, G->dora, B, 1, G->R, L->N);
-            } else {
-                shrink_f32(x, G->A, s->local, B, G->R, L->K, s->h);
-                expand_f32(y, s->h, G->BT, s->local, G->scaling, G->dora, B, G->R, L->N);
+    if (!ids || !has_lora) return;
+#pragma omp parallel for schedule(dynamic, 1) if (B * n > 1)
+    for (int64_t item = 0; item < B * n; item++) {
+        const int64_t b = item / n, i = item % n;
+        _Alignas(64) char h[(max_rank + 16) * 4];
+        {
+            const linear_desc *L = P[i].L;
+            const char *xb = (const char *)P[i].x + b * L->K * es;
+            char *yb = (char *)P[i].y + b * L->N * es;
+            for (int64_t g = 0; g < L->ngroups; g++) {
+                const lora_group *G = L->groups + g;
+                const int64_t local = G->slot_map[ids[b]];
+                if (!local) continue;
+                if (is_bf16) {
+                    lora_shrink_bf16((const uint16_t *)xb, G->A, &local, 1, 1, G->R, L->K, (uint16_t *)h);
+                    lora_expand_bf16((uint16_t *)yb, (const uint16_t *)h, G->BT, &local, G->scaling, G->dora, 1, 1,
+                                     G->R, L->N);
+                } else {
+                    shrink_f32((const float *)xb, G->A, &local, 1, G->R, L->K, (float *)h);
+                    expand_f32((float *)yb, (const float *)h, G->BT, &local, G->scaling, G->dora, 1, G->R, L->N);
+                }
             }
         }
-    if (late_bias) add_bias(y, L->bias, B, L->N, is_bf16);
+    }
+    for (int i = 0; i < n; i++)
+        if (P[i].L->bias && P[i].L->has_dora) add_bias(P[i].y, P[i].L->bias, B, P[i].L->N, is_bf16);
 }
 
 /* --- the step ------------------------------------------------------------------------------------- */
@@ -237,11 +261,11 @@ static void linear(const linear_desc *L, const void *x, int64_t B, const int64_t
 #define ALIGN(n) (((n) + 63) & ~(int64_t)63)
 
 /* Scratch of a step of B rows: normed and h (B, D), qkv (B, (H + 2 Hkv) Dh), attended (B, H Dh), gate_up
- * (B, 2F), activated (B, F), the LoRA local slots (B,) and down-projections (B, max_rank). */
+ * (B, 2F), activated (B, F). */
 int64_t decode_stack_scratch_bytes(const stack_desc *S, int64_t B) {
     const int64_t es = S->is_bf16 ? 2 : 4;
     return ALIGN(B * S->D * es) * 2 + ALIGN(B * (S->H + 2 * S->Hkv) * S->Dh * es) + ALIGN(B * S->H * S->Dh * es) +
-           ALIGN(B * 2 * S->F * es) + ALIGN(B * S->F * es) + ALIGN(B * 8) + ALIGN(B * (S->max_rank + 1) * es);
+           ALIGN(B * 2 * S->F * es) + ALIGN(B * S->F * es);
 }
 
 static void add_into(void *x, const void *h, int64_t n, int is_bf16) {
@@ -251,46 +275,45 @@ static void add_into(void *x, const void *h, int64_t n, int is_bf16) {
 void decode_stack(const stack_desc *S, const step_desc *T) {
     const int bf = (int)S->is_bf16;
     const int64_t es = bf ? 2 : 4, B = T->B, D = S->D, q = S->H * S->Dh, kv = S->Hkv * S->Dh, F = S->F;
+    const int64_t R = S->max_rank, layer_elems = S->Hkv * T->nblocks * T->bs * S->Dh;
     char *p = T->scratch;
     void *normed = p; p += ALIGN(B * D * es);
     void *h = p; p += ALIGN(B * D * es);
     char *qkv = p; p += ALIGN(B * (q + 2 * kv) * es);
     void *att = p; p += ALIGN(B * q * es);
     char *gu = p; p += ALIGN(B * 2 * F * es);
-    void *act = p; p += ALIGN(B * F * es);
-    lora_scratch ls = {(int64_t *)p, p + ALIGN(B * 8)};
-    const int64_t layer_elems = S->Hkv * T->nblocks * T->bs * S->Dh;
+    void *act = p;
     for (int64_t l = 0; l < S->L; l++) {
         const layer_desc *Y = S->layers + l;
         decode_rmsnorm(T->x, l ? h : NULL, Y->in_norm, normed, B, D, S->eps, bf, (int)S->is_offset_norm);
         const char *qp, *kp, *vp;
         int64_t ldq, ldkv;
-        if (Y->is_fused_qkv) {
-            linear(&Y->qkv[0], normed, B, T->ids, qkv, bf, &ls);
+        if (Y->is_fused_qkv) { /* rows of q | k | v */
+            project(&(projection){&Y->qkv[0], normed, qkv}, 1, B, T->ids, bf, R);
             qp = qkv, kp = qkv + q * es, vp = qkv + (q + kv) * es, ldq = ldkv = q + 2 * kv;
-        } else {
-            linear(&Y->qkv[0], normed, B, T->ids, qkv, bf, &ls);
-            linear(&Y->qkv[1], normed, B, T->ids, qkv + B * q * es, bf, &ls);
-            linear(&Y->qkv[2], normed, B, T->ids, qkv + B * (q + kv) * es, bf, &ls);
+        } else { /* q (B, q), then k (B, kv), then v (B, kv) */
             qp = qkv, kp = qkv + B * q * es, vp = qkv + B * (q + kv) * es, ldq = q, ldkv = kv;
+            const projection P[3] = {{&Y->qkv[0], normed, (void *)qp}, {&Y->qkv[1], normed, (void *)kp},
+                                     {&Y->qkv[2], normed, (void *)vp}};
+            project(P, 3, B, T->ids, bf, R);
         }
         decode_attention(qp, kp, vp, ldq, ldkv, T->cos, T->sin, (char *)T->kc + l * layer_elems * es,
                          (char *)T->vc + l * layer_elems * es, T->nblocks, T->bs, T->pos, T->tables, T->nt, T->span, B,
                          S->H, S->Hkv, S->Dh, S->scale, Y->window, bf, att);
-        linear(&Y->o, att, B, T->ids, h, bf, &ls);
+        project(&(projection){&Y->o, att, h}, 1, B, T->ids, bf, R);
         decode_rmsnorm(T->x, h, Y->post_norm, normed, B, D, S->eps, bf, (int)S->is_offset_norm);
         int64_t ld;
         const char *gate, *up;
-        if (Y->is_fused_gate_up) {
-            linear(&Y->gate_up[0], normed, B, T->ids, gu, bf, &ls);
+        if (Y->is_fused_gate_up) { /* rows of gate | up */
+            project(&(projection){&Y->gate_up[0], normed, gu}, 1, B, T->ids, bf, R);
             gate = gu, up = gu + F * es, ld = 2 * F;
         } else {
-            linear(&Y->gate_up[0], normed, B, T->ids, gu, bf, &ls);
-            linear(&Y->gate_up[1], normed, B, T->ids, gu + B * F * es, bf, &ls);
             gate = gu, up = gu + B * F * es, ld = F;
+            const projection P[2] = {{&Y->gate_up[0], normed, (void *)gate}, {&Y->gate_up[1], normed, (void *)up}};
+            project(P, 2, B, T->ids, bf, R);
         }
         decode_silu_mul(gate, up, ld, act, B, F, bf);
-        linear(&Y->down, act, B, T->ids, h, bf, &ls);
+        project(&(projection){&Y->down, act, h}, 1, B, T->ids, bf, R);
     }
     add_into(T->x, h, B * D, bf);
 }
