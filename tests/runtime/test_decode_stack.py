@@ -19,6 +19,7 @@ import torch
 
 from adapterhub.adapter import random_adapter
 from adapterhub.runtime import generate as gen
+from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.base import Base, load_base
 from adapterhub.runtime.kernels import decode, decode_layer
 from adapterhub.runtime.model.tiny import byte_tokenizer, random_checkpoint
@@ -178,6 +179,22 @@ def test_a_pool_change_between_steps_is_seen_by_the_next_step(dtype):
     assert (after[:2] - changed[:2]).abs().amax() > 0.05
     torch.testing.assert_close(after[2], changed[2], **tol)
     base.pool.release(ids)
+    with pytest.warns(UserWarning, match="approximately"):  # NF4 requantized: the merge says how far off
+        base.merge("c")  # replace_weight: every linear's base weight is a new tensor
+    ids = base.pool.acquire([None, None, None])
+    merged = _one_step(base, ids, "stack")
+    torch.testing.assert_close(merged, _one_step(base, ids, "per-op"), **tol)
+    assert (merged[2] - after[2]).abs().amax() < (merged[:2] - after[:2]).abs().amax()  # row 2 kept "c", merged
+    base.pool.release(ids)
+
+
+def test_setting_a_trainable_adapter_moves_the_generation():
+    """Training sets `AdapterLinear.trainable` directly (train/init.py): the descriptors must see it too."""
+    base = load_base("tiny", quantize="nf4", compute_dtype=torch.float32)
+    layer = next(iter(base.model.linears().values()))
+    before = AdapterLinear.generation
+    layer.trainable = None
+    assert AdapterLinear.generation > before
 
 
 def test_layers_it_does_not_cover_keep_the_per_op_step(tmp_path):
