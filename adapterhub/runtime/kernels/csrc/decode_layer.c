@@ -19,11 +19,13 @@
  *
  *   lin(x), per row b with slot ids[b] (AdapterLinear.forward; no ids: the base only):
  *       y = base(x)             4-bit: lut4_linear (fourbit_cpu.c), then round(y + bias)
- *                               dense: fp32 sums, round(sum + bias) once (F.linear's addmm)
+ *                               dense (fp32: model/decode_stack.py): fp32 sums plus the bias (F.linear's addmm)
  *       for each rank group:    n = slot_map[ids[b]]; y = lora_expand(y, lora_shrink(x, A[n]), BT[n], scaling[n],
  *                               dora[n] when the group holds a DoRA adapter)   (lora_cpu.c in bf16; in fp32
  *                               the same formulas without roundings: h = x A^T, y = (y + (h s) BT) * dora)
  *       the bias is added after the LoRA terms instead when a group of the layer holds a DoRA adapter.
+ *   The projections of one input (q, k, v; gate, up) run their bases first, then their LoRA terms (`project`):
+ *   each output is computed as above, the order between independent outputs does not matter.
  *
  * bf16 results equal the per-op step's bit for bit where the same kernels run (4-bit weights, LoRA, the norms,
  * attention, SiLU); a dense weight's GEMV sums in another order than torch's GEMM, as do the fp32 LoRA terms.
