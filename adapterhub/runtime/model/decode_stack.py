@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 
 import torch
 
@@ -45,7 +46,7 @@ class DecodeStack:
         self._stack: dl.StackDesc | None = None
         self._keep: list = []  # every tensor and ctypes array the descriptors point into
         self.reason: str | None = None  # why the stack does not run, when it does not
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._local = threading.local()  # .scratch: this thread's step buffer (kept, grown)
         self._slots: int | None = None  # the shortest slot map: ids must stay below it (None: no stacks)
 
     def supports(self, ids: torch.Tensor | None, rows: int) -> bool:
@@ -70,13 +71,14 @@ class DecodeStack:
         if ids is not None:
             ids = ids.to(torch.int64).contiguous()
         size = self.kernel.scratch_bytes(self._stack, B)
-        if self._scratch.numel() < size:
-            self._scratch = torch.empty(size, dtype=torch.uint8)
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < size:
+            scratch = self._local.scratch = torch.empty(size, dtype=torch.uint8)  # written by the C code only
         cos, sin = (t.contiguous() for t in rope)
         _, _, nblocks, bs, _ = cache.k.shape
         desc = dl.StepDesc(x.data_ptr(), B, None if ids is None else ids.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                            cache.k.data_ptr(), cache.v.data_ptr(), nblocks, bs, positions.data_ptr(),
-                           tables.data_ptr(), tables.shape[1], step.span, self._scratch.data_ptr())
+                           tables.data_ptr(), tables.shape[1], step.span, scratch.data_ptr())
         self.kernel.run(self._stack, desc)
         return x
 
