@@ -1,16 +1,22 @@
-"""Decode tokens/s of the 135M Llama config (bench/serve.py's `build_135m`: SmolLM2-135M's shapes, random weights):
-the fused CPU decode step (kernels/decode.py) against the same model on its torch layers, in one process.
+"""Milliseconds per decode step of a Llama (default: bench/serve.py's `build_135m`, SmolLM2-135M's shapes, random
+weights) on three paths in one process: every decoder layer in one compiled call (model/decode_stack.py), the
+per-op fused step (kernels/decode.py, a Python call per op and projection) and the torch layers.
 
-B = 1 and B = 8 distinct rows (prompts of 16 + b tokens), base only and with a different LoRA (r = 16, all
-linears) per row; NF4 and dense bf16 weights. Each figure is the median over --rounds of --steps greedy decode
-steps after the prefill; the fused and the torch path alternate round by round, so a shared machine slows both.
+B = 1 and B = 8 distinct rows (prompts of 16 + b tokens), base only and with a different LoRA per row (r = 16, all
+linears: random, or the PEFT dirs `adapters/a0..a7` beside --model when it has them); NF4 and dense bf16 weights
+(dense bf16 keeps the per-op step: model/decode_stack.py says why). Each figure is the median over --rounds of
+--steps greedy decode steps after the prefill; the paths alternate round by round, so a shared machine slows all.
 
-    python -m bench.decode_step [--steps 32] [--rounds 5] [--quantize nf4,none]
+    python -m bench.decode_step [--model DIR] [--steps 32] [--rounds 5] [--quantize nf4,none] [--paths stack,per-op]
 
-One run (AMD EPYC Zen 4, 2 cores, other processes on the machine; --rounds 3 --steps 24), tokens/s fused / torch:
-NF4 1 row 74.3 / 45.1, 8 rows 211.6 / 158.7, 1 row + LoRA 44.1 / 32.5, 8 rows + 8 LoRAs 105.3 / 15.7 (that torch
-figure is an outlier of the shared machine: 90-135 in other runs); bf16 33.1 / 23.1, 164.4 / 117.8, 19.6 / 15.4,
-118.2 / 101.1. The 4-bit linears take ~11 of the ~14 ms of an NF4 1-row step.
+One run (AMD EPYC Zen 4, 2 cores, quiet; the 135M checkpoint with eight r=16 PEFT adapters, --rounds 5), ms per
+step, one call / per-op: NF4 1 row 7.3 / 11.2, 1 row + LoRA 8.5 / 18.3, 8 rows 19.9 / 24.0, 8 rows + 8 LoRAs
+24.9 / 32.2 (with other agents on the machine: 7.4 / 10.6, 9.0 / 16.1, 22.3 / 25.7, 28.6 / 35.5). The 1B config
+(--steps 8): 1 row ~57 ms, 8 rows + 8 LoRAs ~131 ms on either path (its bf16 lm_head over the tied 128256 x 2048
+embedding reads 525 MB a step). What remains of a 135M 1-row step: the layers' call ~4.5 ms (the 4-bit linears),
+the bf16 lm_head GEMV over the tied 49152 x 576 embedding ~1.9 ms, Python ~0.5 ms. Eight distinct r=16 adapters
+are ~80 MB of bf16 stacks a step reads besides the ~60 MB of NF4 layers (~2.5 ms at the 31 GB/s two cores
+stream): most of the 8-row LoRA cost is those bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +34,7 @@ from adapterhub.runtime import load_base
 from bench.serve import build_135m
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PATHS = ("stack", "per-op", "torch")
 
 
 def decode_seconds(base, B: int, ids, steps: int) -> float:
@@ -42,34 +50,55 @@ def decode_seconds(base, B: int, ids, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def use_path(base, kernels, path: str) -> None:
+    base.model.use_decode_kernels(None if path == "torch" else kernels, whole_step=path == "stack")
+
+
+def adapters(base, model: Path) -> list[str]:
+    """Eight adapters: the PEFT dirs beside the model when there are, else random r=16 ones on every linear."""
+    dirs = [model / "adapters" / f"a{i}" for i in range(8)]
+    if all(d.is_dir() for d in dirs):
+        return [base.add_adapter(d, name=f"lora{i}") for i, d in enumerate(dirs)]
+    return [base.add_adapter(random_adapter(base.module_shapes(), r=16, lora_alpha=32, target_modules=TARGETS,
+                                            seed=i), f"lora{i}") for i in range(8)]
+
+
+def run(model: Path, args) -> None:
+    paths = args.paths.split(",")
+    print(f"{'weights':8} {'rows':>4} {'adapters':>9} " + " ".join(f"{p + ' ms':>10}" for p in paths), flush=True)
+    for fmt in args.quantize.split(","):
+        base = load_base(model, quantize=None if fmt == "none" else fmt)
+        fused = base.model.decode_kernels
+        names = adapters(base, model)
+        for B, chosen in ((1, None), (1, names[:1]), (8, None), (8, names)):
+            ids = None if chosen is None else base.pool.acquire(chosen)
+            times = {path: [] for path in paths}
+            for _ in range(args.rounds):
+                for path in paths:
+                    use_path(base, fused, path)
+                    times[path].append(decode_seconds(base, B, ids, args.steps))
+            use_path(base, fused, "stack")
+            if ids is not None:
+                base.pool.release(ids)
+            label = "-" if chosen is None else str(len(chosen))
+            cells = " ".join(f"{1000 * statistics.median(times[p]):>10.2f}" for p in paths)
+            print(f"{fmt:8} {B:>4} {label:>9} {cells}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a Llama checkpoint dir (default: build the 135M config)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quantize", default="nf4,none", help="comma-separated weight formats; none: dense bf16")
+    parser.add_argument("--paths", default="stack,per-op,torch", help=f"comma-separated, of {', '.join(PATHS)}")
     args = parser.parse_args()
+    if args.model is not None:
+        run(args.model, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         build_135m(tmp)
-        print(f"{'weights':8} {'rows':>4} {'adapters':>9} {'fused tok/s':>12} {'torch tok/s':>12} {'ratio':>6}")
-        for fmt in args.quantize.split(","):
-            base = load_base(tmp, quantize=None if fmt == "none" else fmt)
-            fused = base.model.decode_kernels
-            names = [base.add_adapter(random_adapter(base.module_shapes(), r=16, lora_alpha=32, target_modules=TARGETS,
-                                                     seed=i), f"lora{i}") for i in range(8)]
-            for B, adapters in ((1, None), (8, None), (1, names[:1]), (8, names)):
-                ids = None if adapters is None else base.pool.acquire(adapters)
-                times = {"fused": [], "torch": []}
-                for _ in range(args.rounds):
-                    for path, kernels in (("fused", fused), ("torch", None)):
-                        base.model.use_decode_kernels(kernels)
-                        times[path].append(decode_seconds(base, B, ids, args.steps))
-                base.model.use_decode_kernels(fused)
-                if ids is not None:
-                    base.pool.release(ids)
-                rate = {path: B / statistics.median(t) for path, t in times.items()}
-                label = "-" if adapters is None else str(len(adapters))
-                print(f"{fmt:8} {B:>4} {label:>9} {rate['fused']:>12.1f} {rate['torch']:>12.1f} "
-                      f"{rate['fused'] / rate['torch']:>6.2f}", flush=True)
+        run(Path(tmp), args)
 
 
 if __name__ == "__main__":

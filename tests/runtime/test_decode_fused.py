@@ -78,7 +78,7 @@ def _both_paths(base: Base, forced_from_torch: bool = False):
     counting = CountingKernels(base.model.decode_kernels)
     base.model.use_decode_kernels(None)
     want_logits, want_tokens = _decode(base, ids, prompts)
-    base.model.use_decode_kernels(counting)
+    base.model.use_decode_kernels(counting, whole_step=False)  # the per-op step (test_decode_stack.py: the other)
     got_logits, got_tokens = _decode(base, ids, prompts, want_tokens if forced_from_torch else None)
     assert counting.calls > STEPS * base.config.num_hidden_layers  # every layer of every step ran fused
     return got_logits, got_tokens, want_logits, want_tokens

@@ -190,8 +190,9 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(ray_app, offline):
     pids = _replica_pids(ray_app)
     assert len(pids) == 2
     retries_before = total(ray_app.client.get("/metrics").text, "adapterhub_ingress_retries_total")
-    # 16 requests, more than one replica's 8 rows: both replicas decode some of them.
-    requests = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)], 128) for i in range(16)]
+    # 16 requests, more than one replica's 8 rows: both replicas decode some of them, long enough (the tiny model
+    # decodes a 128-token request in a fraction of a second) to be seen busy by the polls below.
+    requests = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)], 512) for i in range(16)]
     bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0} for m, p, n in requests]
 
     async def burst_and_kill():

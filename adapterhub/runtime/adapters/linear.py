@@ -31,6 +31,7 @@ over the distinct adapters of a batch, the price of PEFT's numerics (bench/mixed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,20 @@ class RankGroup:
 class AdapterLinear(nn.Module):
     """A frozen base weight (any `BaseWeight` format) plus stacked per-slot adapters."""
 
+    # Moves whenever any layer's weight, stacks (new tensors) or adapters change: model/decode_stack.py keeps
+    # raw pointers to them and rebuilds its descriptors when this differs from what it built at (one int compare
+    # per step instead of a walk over every layer).
+    generation: ClassVar[int] = 0
+
+    @staticmethod
+    def _changed() -> None:
+        AdapterLinear.generation += 1
+
+    def __setattr__(self, name, value):
+        if name == "trainable":  # set by train/ while training: forward then ignores the stacks
+            AdapterLinear._changed()
+        super().__setattr__(name, value)
+
     def __init__(self, weight: BaseWeight, bias: torch.Tensor | None = None, *, dtype: torch.dtype = torch.bfloat16,
                  adapter_dtype: torch.dtype | None = None):
         super().__init__()
@@ -94,6 +109,7 @@ class AdapterLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != (out, in) = ({self.out_features}, {self.in_features})")
         self.weight = weight
+        self._changed()
 
     def dequantized_weight(self) -> torch.Tensor:
         """(Dout, Din) in the compute dtype: the W every formula uses (may alias a dense weight's storage)."""
@@ -109,6 +125,7 @@ class AdapterLinear(nn.Module):
         """Only slot 0 ("no adapter")."""
         self.num_slots = 1  # pool slots this layer accepts in `ids` (0..num_slots-1)
         self.rank_groups: dict[int, RankGroup] = {}
+        self._changed()
 
     @property
     def ranks(self) -> list[int]:
@@ -119,6 +136,7 @@ class AdapterLinear(nn.Module):
         if self.rank_groups and dtype != self.adapter_dtype:
             raise ValueError(f"cannot change the adapter dtype to {dtype} with adapters installed; remove them first")
         self.adapter_dtype = dtype
+        self._changed()
 
     @property
     def adapter_nbytes(self) -> int:
@@ -136,6 +154,7 @@ class AdapterLinear(nn.Module):
         for g in self.rank_groups.values():
             g.slot_map = torch.cat([g.slot_map, g.slot_map.new_zeros(num_slots - self.num_slots)])
         self.num_slots = num_slots
+        self._changed()
 
     @torch.inference_mode(False)
     def install(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor | None) -> None:
@@ -158,6 +177,7 @@ class AdapterLinear(nn.Module):
             group.dora_locals.add(local)
         group.locals[slot] = local
         group.slot_map[slot] = local
+        self._changed()  # in place, but a DoRA adapter moves the bias after the LoRA terms
 
     @torch.inference_mode(False)
     def uninstall(self, slot: int) -> None:
@@ -173,6 +193,7 @@ class AdapterLinear(nn.Module):
             group.dora_locals.discard(local)
             if not group.locals:
                 del self.rank_groups[R]
+            self._changed()
 
     def _new_group(self, R: int) -> RankGroup:
         dev, is_wide = self.device, self.adapter_dtype != self.dtype
@@ -185,6 +206,7 @@ class AdapterLinear(nn.Module):
             slot_map=torch.zeros(self.num_slots, dtype=torch.int64, device=dev),
         )
         self.rank_groups[R] = group
+        self._changed()
         return group
 
     @staticmethod
@@ -197,6 +219,7 @@ class AdapterLinear(nn.Module):
             group.B = torch.cat([group.B, torch.zeros_like(group.B[:1])])
         group.scaling = torch.cat([group.scaling, torch.zeros_like(group.scaling[:1])])
         group.dora = torch.cat([group.dora, torch.ones_like(group.dora[:1])])
+        AdapterLinear._changed()
 
     # --- forward -------------------------------------------------------------------------------------
 

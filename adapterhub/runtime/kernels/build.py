@@ -1,6 +1,7 @@
 """Compile the CPU kernels' C sources once per (source, flags, compiler, CPU) and cache the library.
 
-The sources (``csrc/fourbit_cpu.c``, ``csrc/lora_cpu.c``, ``csrc/decode_cpu.c``, ``csrc/cpu_common.h``) are
+The sources (``csrc/fourbit_cpu.c``, ``csrc/lora_cpu.c``, ``csrc/decode_cpu.c``, ``csrc/decode_layer.c``,
+``csrc/cpu_common.h``) are
 compiled into one shared library with the system C compiler (``cc -O3 -march=native -fopenmp -shared -fPIC``,
 about a second) on first use, cached by a hash of everything that affects the binary, and loaded with ctypes
 (which releases the GIL during a call). There is no torch C++ extension, so nothing needs ninja or
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "fourbit_cpu.c", CSRC / "lora_cpu.c", CSRC / "decode_cpu.c")
+SOURCES = (CSRC / "fourbit_cpu.c", CSRC / "lora_cpu.c", CSRC / "decode_cpu.c", CSRC / "decode_layer.c")
 HEADERS = (CSRC / "cpu_common.h",)  # part of the cache key, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV = "ADAPTERHUB_DISABLE_CPU_KERNELS"  # "1": every compiled CPU kernel off (NF4 and LoRA)

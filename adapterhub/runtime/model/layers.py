@@ -8,7 +8,8 @@ What each variant computes, and the transformers source it follows, is in docs/s
 `decode` (one token per row on the paged cache, no autograd) is the same layer through the fused CPU ops of
 kernels/decode.py: the norms, rotary + the cache write + attention, and SiLU(gate) * up are one call each,
 the residual stream is one (B, D) tensor added to in place, and the projections run as in `forward`.
-Model.forward picks it (model/model.py); `forward` is its twin, and the tests compare the two.
+Model.forward picks it (model/model.py); `forward` is its twin, and the tests compare the two. Where
+model/decode_stack.py covers a model, one compiled call runs this same sequence for every layer (its twin).
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ layers also hide keys `sliding_window` or more indices back (transformers' `slid
 
 A decode step (one token per row on the paged KVCache, no autograd, CPU, bf16 or fp32, no attention soft-cap)
 runs the layers' `decode` on the fused ops of kernels/decode.py, where the compiled library runs: no masks,
-RoPE's cos / sin once per step, keys read from their blocks in place. `use_decode_kernels(None)` keeps every
-step on the torch layers, the twin (tests/runtime/test_decode_fused.py compares them). The head of a bf16
+RoPE's cos / sin once per step, keys read from their blocks in place; where model/decode_stack.py covers the
+model and the step, every layer in one compiled call instead. `use_decode_kernels(None)` keeps every step on
+the torch layers, the twin (tests/runtime/test_decode_fused.py, test_decode_stack.py compare them);
+`use_decode_kernels(K, whole_step=False)` the per-op step. The head of a bf16
 forward of few rows (decode, a prefill's last tokens) runs the final norm and lm_head on those ops too.
 """
 
@@ -27,7 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from adapterhub.runtime import kernels
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.kernels import decode as decode_ops
+from adapterhub.runtime.kernels import decode_layer
 from adapterhub.runtime.model.config import ModelConfig
+from adapterhub.runtime.model.decode_stack import DecodeStack
 from adapterhub.runtime.model.kv_cache import CacheStep, KVCache
 from adapterhub.runtime.model.layers import DecodeStep, DecoderLayer, norm
 from adapterhub.runtime.model.rope import rope_cos_sin, rope_inv_freq
@@ -58,6 +62,7 @@ class Transformer(nn.Module):
         # Training: recompute each decoder layer in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
         self.decode_kernels: decode_ops.DecodeKernels | None = None  # set by `materialize` where they run
+        self.decode_stack: DecodeStack | None = None  # the whole step in one call, where it runs (model/decode_stack.py)
 
     def materialize(self, device) -> None:
         """Gives every module still on meta real (uninitialised) storage and ties the output embedding."""
@@ -74,9 +79,13 @@ class Transformer(nn.Module):
         is_fusable = is_cpu and self.dtype in decode_ops.DTYPES and c.attn_logit_softcapping is None
         self.use_decode_kernels(decode_ops.kernels() if is_fusable else None)
 
-    def use_decode_kernels(self, ops: decode_ops.DecodeKernels | None) -> None:
-        """Run decode steps (and few-row bf16 heads) on these fused ops; None: on the torch layers (the twin)."""
+    def use_decode_kernels(self, ops: decode_ops.DecodeKernels | None, *, whole_step: bool = True) -> None:
+        """Run decode steps (and few-row bf16 heads) on these fused ops; None: on the torch layers (the twin).
+        whole_step: every layer in one compiled call where model/decode_stack.py covers the model and the step;
+        False keeps the per-op step (its twin)."""
         self.decode_kernels = ops
+        kernel = decode_layer.kernel() if ops is not None and whole_step else None
+        self.decode_stack = None if kernel is None else DecodeStack(self, kernel)
 
     def projections(self) -> dict[str, nn.Module]:
         """Every decoder projection by HF module path: shape holders before loading, AdapterLinear after."""
@@ -149,6 +158,8 @@ class Transformer(nn.Module):
         """hidden_states of one token per row through the layers' fused `decode`.  # (B, 1) -> (B, 1, D)"""
         c, B = self.config, input_ids.shape[0]
         rope = rope_cos_sin(step.positions, self.inv_freq, self.dtype)  # (B, 1, 1, Dh) each, once per step
+        if self.local_inv_freq is None and self.decode_stack is not None and self.decode_stack.supports(ids, B):
+            return self.decode_stack.run(self._embed(input_ids), ids, cache, step, rope)
         local = rope if self.local_inv_freq is None else rope_cos_sin(step.positions, self.local_inv_freq, self.dtype)
         scratch = lambda n: torch.empty(B, 1, n, dtype=self.dtype, device=self.device)  # noqa: E731
         shared = DecodeStep(self.decode_kernels, cache, step.positions.reshape(B).contiguous(),
