@@ -234,8 +234,38 @@ int lut4_amx_enable(void) { return 0; }
  * matching elements. Each (row of x, row of W) has one fp32 accumulator, fed the even then the odd half of
  * each block in order: a row's result does not depend on M or on the tile it lands in. VDPBF16PS reads bf16
  * subnormals as zero and flushes products below 2^-126 (as the cvtne weight table already did). */
-#define PF_ROWS 16 /* prefetch W and absmax this many rows ahead: a decode step streams W from DRAM (1.2x) */
 #define MR_MAX 8 /* rows of x per tile: M > 8 runs in ceil(M / 8) even passes over W (from the cache) */
+
+/* Streaming W from DRAM (every decode step: the model is larger than the caches). A tile's NR rows of W
+ * (and of absmax) are one contiguous span, but the tile walks them column block by column block: NR + NR
+ * short strided streams per thread, which the hardware prefetchers follow badly (the absmax rows of a
+ * 2048-wide tile are 2 cache lines each). So each tile prefetches, spread evenly over its K / G steps, the
+ * whole span of the tile PF_TILES ahead, a line at a time, into L2 (T1: a 8192-wide tile's span is 36 KB,
+ * more than L1). Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, 16+ weights rotated so that none is
+ * cached, bench/nf4_linear.py --stream: 8192x2048 from 14 GB/s to 23-27 GB/s, 2048x2048 from 13 to 22-25,
+ * 2048x8192 from 15 to 23-24 (torch's sum of 512 MB: 32-42 GB/s on the same machine, which varies with
+ * its neighbours); the cache-hot time is unchanged. PF_TILES 1-4 and a T0 hint measured within the noise,
+ * except T0 with K = 8192 (L1 thrashed: 13 GB/s). The former scheme, each row PF_ROWS rows ahead at the
+ * same column, stays selectable (lut4_dp_stream_prefetch(0)) so that benchmarks can compare the two. */
+#define PF_TILES 2
+#define SERIAL_WORK 1500000 /* N * K * (4 + M): see linear_dpbf16 */
+#define PF_ROWS 16
+static int stream_prefetch = 1; /* lut4_dp_stream_prefetch */
+
+/* The bytes [0, nw) at w and [0, na) at a that a tile prefetches while it runs (nw = na = 0: none). */
+typedef struct {
+    const char *w, *a;
+    int64_t nw, na;
+} prefetch_span;
+
+/* Step b of a tile's S: prefetch the b-th of S equal parts (per lines each) of the n bytes at p. Always
+ * inlined: GCC 12 deems a function that only prefetches free of effects and deletes the calls to it. */
+static inline __attribute__((always_inline)) void prefetch_step(const char *p, int64_t n, int64_t per, int64_t b) {
+    for (int64_t i = 0; i < per; i++) {
+        const int64_t off = (b * per + i) * 64;
+        if (off < n) _mm_prefetch(p + off, _MM_HINT_T1);
+    }
+}
 
 /* x (M, K) bf16 -> xs (M, K): per block of 64, its 32 even elements then its 32 odd ones */
 static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
@@ -253,16 +283,23 @@ static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
  * w + r * K / 2, a + r * K / G). Inlined with constant MR, NR so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dp_tile(const int MR, const int NR, const float *code_,
                                                           const uint8_t *w, const float *a, const uint16_t *xs,
-                                                          int64_t K, float *sums) {
+                                                          int64_t K, float *sums, prefetch_span pf) {
     const __m512 code = _mm512_loadu_ps(code_);
     __m512 acc[MR_MAX][8];
     for (int m = 0; m < MR; m++)
         for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
+    const int64_t per_w = (pf.nw / 64 + K / G) / (K / G), per_a = (pf.na / 64 + K / G) / (K / G); /* lines */
     for (int64_t b = 0; b < K / G; b++) {
         __m512i we[8], wo[8];
+        if (stream_prefetch) {
+            prefetch_step(pf.w, pf.nw, per_w, b);
+            prefetch_step(pf.a, pf.na, per_a, b);
+        }
         for (int r = 0; r < NR; r++) {
-            _mm_prefetch((const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32), _MM_HINT_T0);
-            _mm_prefetch((const char *)(a + (r + PF_ROWS) * (K / G) + b), _MM_HINT_T0);
+            if (!stream_prefetch) {
+                _mm_prefetch((const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32), _MM_HINT_T0);
+                _mm_prefetch((const char *)(a + (r + PF_ROWS) * (K / G) + b), _MM_HINT_T0);
+            }
             __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[r * (K / G) + b]));
             __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(t, t);
             __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + b * 32)));
@@ -288,11 +325,11 @@ static inline int dp_rows_of_w(int MR) { return MR == 1 ? 8 : MR <= 4 ? 4 : 2; }
 
 /* One tile: MR (runtime, <= 8) rows of x, NR = dp_rows_of_w(MR) or 1 weight rows from n0. */
 static void dp_dispatch(int MR, int NR, const float *code, const uint8_t *w, const float *a, const uint16_t *xs,
-                        int64_t K, float *sums) {
+                        int64_t K, float *sums, prefetch_span pf) {
 #define DP_CASE(mr)                                                                                           \
     case mr:                                                                                                  \
-        if (NR == 1) dp_tile(mr, 1, code, w, a, xs, K, sums);                                                 \
-        else dp_tile(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2), code, w, a, xs, K, sums);                           \
+        if (NR == 1) dp_tile(mr, 1, code, w, a, xs, K, sums, pf);                                             \
+        else dp_tile(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2), code, w, a, xs, K, sums, pf);                       \
         break;
     switch (MR) {
         DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6) DP_CASE(7) DP_CASE(8)
@@ -306,19 +343,24 @@ static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, co
     spread_x(x, M, K, xs);
     const int64_t passes = (M + MR_MAX - 1) / MR_MAX, MT = (M + passes - 1) / passes, NR = dp_rows_of_w((int)MT);
     const int64_t tiles = (N + NR - 1) / NR;
-    /* guided: each thread first streams a long contiguous run of W (the hardware prefetchers' best case,
-     * 1.2x a decode step over dynamic chunks), and a thread slowed by another process still hands the
-     * shrinking rest over */
-#pragma omp parallel for schedule(guided, 4)
+    /* guided: each thread first streams a long contiguous run of W, and a thread slowed by another process
+     * still hands the shrinking rest over (a static half each: 1.5x slower whenever a neighbour takes a
+     * core). One thread below SERIAL_WORK: waking the second costs ~2 us, more than it saves there (M=1
+     * 192x576 4.9 us instead of 6.8, M=8 17 instead of 19; 576x576 even at M=1, ahead at M=8). */
+#pragma omp parallel for schedule(guided, 4) if (N * K * (4 + M) >= SERIAL_WORK)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
         float sums[MR_MAX * 8];
+        const int64_t p0 = n0 + PF_TILES * NR, pn = p0 >= N ? 0 : N - p0 < NR ? N - p0 : NR; /* rows to prefetch */
+        const prefetch_span ahead = {(const char *)(w + p0 * (K / 2)), (const char *)(absmax + p0 * (K / G)),
+                                     pn * (K / 2), pn * (K / G) * 4},
+                            none = {0};
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mr = (int)(M - m0 < MT ? M - m0 : MT);
             const int full = nr == dp_rows_of_w(mr) ? (int)nr : 1; /* the last tile: one weight row at a time */
             for (int64_t r0 = 0; r0 < nr; r0 += full) {
                 dp_dispatch(mr, full, code, w + (n0 + r0) * (K / 2), absmax + (n0 + r0) * (K / G), xs + m0 * K, K,
-                            sums);
+                            sums, m0 == 0 && r0 == 0 ? ahead : none);
                 for (int m = 0; m < mr; m++)
                     for (int r = 0; r < full; r++) y[(m0 + m) * N + n0 + r0 + r] = f32_to_bf16(sums[m * full + r]);
             }
@@ -344,6 +386,18 @@ int lut4_dpbf16_enable(int enable) {
 #ifdef HAVE_DPBF16
     if (enable >= 0) use_dpbf16 = enable != 0;
     return use_dpbf16;
+#else
+    (void)enable;
+    return 0;
+#endif
+}
+
+/* 1 (the default): the VDPBF16PS path prefetches the tiles ahead; 0: the former per-row prefetch (benchmarks);
+ * enable < 0 only asks. 0 where this build lacks the path. Results are identical either way. */
+int lut4_dp_stream_prefetch(int enable) {
+#ifdef HAVE_DPBF16
+    if (enable >= 0) stream_prefetch = enable != 0;
+    return stream_prefetch;
 #else
     (void)enable;
     return 0;
