@@ -15,8 +15,8 @@ shape here stays in the L2/L3 cache between calls; a decode step over a whole mo
 
 --stream instead measures the fused bf16 kernel alone (no Python wrapper: the C function through ctypes) at
 M=1 2 4 8 16 on every shape, both from DRAM (enough weights, each its own, rotated call by call that none is
-in the caches: ~160 MB) as GB/s of weight read, and cache-hot (one weight) in us, for the tiles-ahead prefetch
-(new) and the former per-row one (old, lut4_dp_stream_prefetch(0)), the two taking turns.
+in the caches: ~160 MB) as GB/s of weight read, and cache-hot (one weight) in us, with W prefetched into L2
+(new) and into L1 as before (old, lut4_dp_prefetch_l2(0)), the two taking turns.
 
 --step instead times the 210 linears of one 135M decode step (30 layers, each weight its own, ~53 MB: read
 from DRAM, not the caches) at M=1 and M=8 through the CPU ops, in ms, and the rows/s that 8 rows gain.
@@ -106,14 +106,14 @@ def decode_step(ops, M: int, dtype: torch.dtype, repeats: int) -> tuple[float, f
 
 
 def stream(lib, shapes, rows, repeats: int) -> None:
-    """The fused bf16 kernel (VDPBF16PS), weights from DRAM vs cache-hot, tiles-ahead vs per-row prefetch."""
+    """The fused bf16 kernel (VDPBF16PS), weights from DRAM vs cache-hot, prefetched into L2 vs into L1."""
     if not lib.use_dpbf16():
         raise SystemExit("--stream measures the VDPBF16PS path, which this CPU (or build) lacks")
     fn, code = lib.lib.lut4_linear, NF4.values
     print(f"{'out x in':>11} {'M':>3} {'DRAM GB/s old':>13} {'new':>6} {'hot us old':>10} {'new':>7}")
     for N, K in shapes:
         nbytes = N * K // 2 + N * K // 64 * 4  # packed codes + fp32 absmax, read once per call
-        count = max(4, min(64, 160_000_000 // nbytes))  # together far more than the L3 cache
+        count = max(4, min(4096, 160_000_000 // nbytes))  # ~160 MB together: far more than the L3 cache
         weights = [NF4Weight.quantize(torch.randn(N, K, dtype=torch.bfloat16) * 0.02) for _ in range(count)]
         ptrs = [(q.packed.data_ptr(), q.absmax_f32.data_ptr()) for q in weights]
         for M in rows:
@@ -129,11 +129,11 @@ def stream(lib, shapes, rows, repeats: int) -> None:
                 fn(x.data_ptr(), 1, M, N, K, *ptrs[0], code.data_ptr(), y.data_ptr())
 
             def mode(f, on):
-                return lambda: (lib.stream_prefetch(on), f())
+                return lambda: (lib.prefetch_l2(on), f())
 
             us = time_interleaved({"cold old": mode(cold, False), "cold new": mode(cold, True),
                                    "hot old": mode(hot, False), "hot new": mode(hot, True)}, max(repeats, 2 * count))
-            lib.stream_prefetch(True)
+            lib.prefetch_l2(True)
             print(f"{N:>5}x{K:<5} {M:>3} {nbytes / us['cold old'] / 1e3:13.1f} {nbytes / us['cold new'] / 1e3:6.1f} "
                   f"{us['hot old']:10.1f} {us['hot new']:7.1f}", flush=True)
 

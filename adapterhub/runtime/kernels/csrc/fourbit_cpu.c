@@ -236,36 +236,17 @@ int lut4_amx_enable(void) { return 0; }
  * subnormals as zero and flushes products below 2^-126 (as the cvtne weight table already did). */
 #define MR_MAX 8 /* rows of x per tile: M > 8 runs in ceil(M / 8) even passes over W (from the cache) */
 
-/* Streaming W from DRAM (every decode step: the model is larger than the caches). A tile's NR rows of W
- * (and of absmax) are one contiguous span, but the tile walks them column block by column block: NR + NR
- * short strided streams per thread, which the hardware prefetchers follow badly (the absmax rows of a
- * 2048-wide tile are 2 cache lines each). So each tile prefetches, spread evenly over its K / G steps, the
- * whole span of the tile PF_TILES ahead, a line at a time, into L2 (T1: a 8192-wide tile's span is 36 KB,
- * more than L1). Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, 16+ weights rotated so that none is
- * cached, bench/nf4_linear.py --stream: 8192x2048 from 14 GB/s to 23-27 GB/s, 2048x2048 from 13 to 22-25,
- * 2048x8192 from 15 to 23-24 (torch's sum of 512 MB: 32-42 GB/s on the same machine, which varies with
- * its neighbours); the cache-hot time is unchanged. PF_TILES 1-4 and a T0 hint measured within the noise,
- * except T0 with K = 8192 (L1 thrashed: 13 GB/s). The former scheme, each row PF_ROWS rows ahead at the
- * same column, stays selectable (lut4_dp_stream_prefetch(0)) so that benchmarks can compare the two. */
-#define PF_TILES 2
-#define SERIAL_WORK 1500000 /* N * K * (4 + M): see linear_dpbf16 */
+/* Streaming W from DRAM (every decode step: the model is larger than the caches). Each weight row of a tile
+ * is prefetched PF_ROWS rows (2 tiles at M=1) ahead at the same column, into L2 (prefetcht1), not L1: a
+ * prefetch into L1 holds one of the core's few L1 miss buffers until its line arrives from DRAM, so at most
+ * a handful are in flight and the stream stalls. Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, 16+
+ * weights rotated so that none is cached (bench/nf4_linear.py --stream): 8192x2048 from 17-20 GB/s (T0) to
+ * 28-32 GB/s (T1), 2048x2048 from 15-17 to 23-25, 1536x576 from 14.6 to 15.5, the cache-hot time unchanged;
+ * M=4 and 8 the same either way (compute-bound). Prefetching each tile's whole span ahead line by line in
+ * order, with T1, streamed no faster and cost 5-10% when hot; T0 for M >= 5 gained nothing.
+ * lut4_dp_prefetch_l2(0) selects the former T0 so that benchmarks can compare the two. */
 #define PF_ROWS 16
-static int stream_prefetch = 1; /* lut4_dp_stream_prefetch */
-
-/* The bytes [0, nw) at w and [0, na) at a that a tile prefetches while it runs (nw = na = 0: none). */
-typedef struct {
-    const char *w, *a;
-    int64_t nw, na;
-} prefetch_span;
-
-/* Step b of a tile's S: prefetch the b-th of S equal parts (per lines each) of the n bytes at p. Always
- * inlined: GCC 12 deems a function that only prefetches free of effects and deletes the calls to it. */
-static inline __attribute__((always_inline)) void prefetch_step(const char *p, int64_t n, int64_t per, int64_t b) {
-    for (int64_t i = 0; i < per; i++) {
-        const int64_t off = (b * per + i) * 64;
-        if (off < n) _mm_prefetch(p + off, _MM_HINT_T1);
-    }
-}
+static int prefetch_l2 = 1; /* lut4_dp_prefetch_l2 */
 
 /* x (M, K) bf16 -> xs (M, K): per block of 64, its 32 even elements then its 32 odd ones */
 static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
@@ -279,27 +260,43 @@ static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
     }
 }
 
+/* out[k] = _mm512_reduce_add_ps(v[k]) for k < n <= 16, bit for bit: the same tree (lanes i and i + 8, then
+ * i + 4, i + 2, i + 1), but 16 vectors at a time, halves of two vectors side by side: 46 shuffles and adds
+ * instead of ~8 per vector. A tile's reductions were 11% (M=1) to 32% (M=8) of its work at K = 576. */
+static inline __attribute__((always_inline)) void reduce_sums(const __m512 *v, const int n, float *out) {
+    __m512 s1[8], s2[4], s3[2];
+    for (int j = 0; j < 8; j++) {
+        const __m512 a = 2 * j < n ? v[2 * j] : _mm512_setzero_ps();
+        const __m512 b = 2 * j + 1 < n ? v[2 * j + 1] : _mm512_setzero_ps();
+        s1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee)); /* i, i + 8 */
+    }
+    for (int j = 0; j < 4; j++) /* i, i + 4 */
+        s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
+                              _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xdd));
+    for (int j = 0; j < 2; j++) /* i, i + 2 */
+        s3[j] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], 0x44),
+                              _mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], 0xee));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xdd));
+    const __m512i lane = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4 (k % 4) + k / 4 */
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(lane, r));
+}
+
 /* sums[m * NR + r] = sum_k W[r, k] x[m, k] for MR rows of x (xs, stride K) and NR rows of W (w, a: row r at
  * w + r * K / 2, a + r * K / G). Inlined with constant MR, NR so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dp_tile(const int MR, const int NR, const float *code_,
                                                           const uint8_t *w, const float *a, const uint16_t *xs,
-                                                          int64_t K, float *sums, prefetch_span pf) {
+                                                          int64_t K, float *sums, const int l2) {
     const __m512 code = _mm512_loadu_ps(code_);
     __m512 acc[MR_MAX][8];
     for (int m = 0; m < MR; m++)
         for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
-    const int64_t per_w = (pf.nw / 64 + K / G) / (K / G), per_a = (pf.na / 64 + K / G) / (K / G); /* lines */
     for (int64_t b = 0; b < K / G; b++) {
         __m512i we[8], wo[8];
-        if (stream_prefetch) {
-            prefetch_step(pf.w, pf.nw, per_w, b);
-            prefetch_step(pf.a, pf.na, per_a, b);
-        }
         for (int r = 0; r < NR; r++) {
-            if (!stream_prefetch) {
-                _mm_prefetch((const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32), _MM_HINT_T0);
-                _mm_prefetch((const char *)(a + (r + PF_ROWS) * (K / G) + b), _MM_HINT_T0);
-            }
+            const char *pw = (const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32),
+                       *pa = (const char *)(a + (r + PF_ROWS) * (K / G) + b);
+            if (l2) _mm_prefetch(pw, _MM_HINT_T1), _mm_prefetch(pa, _MM_HINT_T1);
+            else _mm_prefetch(pw, _MM_HINT_T0), _mm_prefetch(pa, _MM_HINT_T0);
             __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[r * (K / G) + b]));
             __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(t, t);
             __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + b * 32)));
@@ -315,8 +312,10 @@ static inline __attribute__((always_inline)) void dp_tile(const int MR, const in
             }
         }
     }
+    __m512 all[16];
     for (int m = 0; m < MR; m++)
-        for (int r = 0; r < NR; r++) sums[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+        for (int r = 0; r < NR; r++) all[m * NR + r] = acc[m][r];
+    reduce_sums(all, MR * NR, sums); /* writes 16 */
 }
 
 /* Weight rows per tile for MR rows of x: 8-16 independent accumulators hide VDPBF16PS's latency, and the
@@ -325,16 +324,19 @@ static inline int dp_rows_of_w(int MR) { return MR == 1 ? 8 : MR <= 4 ? 4 : 2; }
 
 /* One tile: MR (runtime, <= 8) rows of x, NR = dp_rows_of_w(MR) or 1 weight rows from n0. */
 static void dp_dispatch(int MR, int NR, const float *code, const uint8_t *w, const float *a, const uint16_t *xs,
-                        int64_t K, float *sums, prefetch_span pf) {
+                        int64_t K, float *sums) {
+#define DP_TILE(mr, nr) /* the prefetch's target a constant: no branch in the loop */                     \
+    prefetch_l2 ? dp_tile(mr, nr, code, w, a, xs, K, sums, 1) : dp_tile(mr, nr, code, w, a, xs, K, sums, 0)
 #define DP_CASE(mr)                                                                                           \
     case mr:                                                                                                  \
-        if (NR == 1) dp_tile(mr, 1, code, w, a, xs, K, sums, pf);                                             \
-        else dp_tile(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2), code, w, a, xs, K, sums, pf);                       \
+        if (NR == 1) DP_TILE(mr, 1);                                                                          \
+        else DP_TILE(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2));                                                    \
         break;
     switch (MR) {
         DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6) DP_CASE(7) DP_CASE(8)
     }
 #undef DP_CASE
+#undef DP_TILE
 }
 
 static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
@@ -345,22 +347,19 @@ static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, co
     const int64_t tiles = (N + NR - 1) / NR;
     /* guided: each thread first streams a long contiguous run of W, and a thread slowed by another process
      * still hands the shrinking rest over (a static half each: 1.5x slower whenever a neighbour takes a
-     * core). One thread below SERIAL_WORK: waking the second costs ~2 us, more than it saves there (M=1
-     * 192x576 4.9 us instead of 6.8, M=8 17 instead of 19; 576x576 even at M=1, ahead at M=8). */
-#pragma omp parallel for schedule(guided, 4) if (N * K * (4 + M) >= SERIAL_WORK)
+     * core). Small calls stay on both threads too: on one, 192x576 took 4.9 us instead of 6.8 when the
+     * other thread slept, but 7.6 instead of 4.8 right after a parallel call (as in a decode step), while
+     * the other thread still spins. */
+#pragma omp parallel for schedule(guided, 4)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
         float sums[MR_MAX * 8];
-        const int64_t p0 = n0 + PF_TILES * NR, pn = p0 >= N ? 0 : N - p0 < NR ? N - p0 : NR; /* rows to prefetch */
-        const prefetch_span ahead = {(const char *)(w + p0 * (K / 2)), (const char *)(absmax + p0 * (K / G)),
-                                     pn * (K / 2), pn * (K / G) * 4},
-                            none = {0};
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mr = (int)(M - m0 < MT ? M - m0 : MT);
             const int full = nr == dp_rows_of_w(mr) ? (int)nr : 1; /* the last tile: one weight row at a time */
             for (int64_t r0 = 0; r0 < nr; r0 += full) {
                 dp_dispatch(mr, full, code, w + (n0 + r0) * (K / 2), absmax + (n0 + r0) * (K / G), xs + m0 * K, K,
-                            sums, m0 == 0 && r0 == 0 ? ahead : none);
+                            sums);
                 for (int m = 0; m < mr; m++)
                     for (int r = 0; r < full; r++) y[(m0 + m) * N + n0 + r0 + r] = f32_to_bf16(sums[m * full + r]);
             }
@@ -392,12 +391,12 @@ int lut4_dpbf16_enable(int enable) {
 #endif
 }
 
-/* 1 (the default): the VDPBF16PS path prefetches the tiles ahead; 0: the former per-row prefetch (benchmarks);
+/* 1 (the default): the VDPBF16PS path prefetches W into L2; 0: into L1, as it did before (benchmarks);
  * enable < 0 only asks. 0 where this build lacks the path. Results are identical either way. */
-int lut4_dp_stream_prefetch(int enable) {
+int lut4_dp_prefetch_l2(int enable) {
 #ifdef HAVE_DPBF16
-    if (enable >= 0) stream_prefetch = enable != 0;
-    return stream_prefetch;
+    if (enable >= 0) prefetch_l2 = enable != 0;
+    return prefetch_l2;
 #else
     (void)enable;
     return 0;
