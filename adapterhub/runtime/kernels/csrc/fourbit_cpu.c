@@ -239,11 +239,12 @@ int lut4_amx_enable(void) { return 0; }
 /* Streaming W from DRAM (every decode step: the model is larger than the caches). Each weight row of a tile
  * is prefetched PF_ROWS rows (2 tiles at M=1) ahead at the same column, into L2 (prefetcht1), not L1: a
  * prefetch into L1 holds one of the core's few L1 miss buffers until its line arrives from DRAM, so at most
- * a handful are in flight and the stream stalls. Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, 16+
- * weights rotated so that none is cached (bench/nf4_linear.py --stream): 8192x2048 from 17-20 GB/s (T0) to
- * 28-32 GB/s (T1), 2048x2048 from 15-17 to 23-25, 1536x576 from 14.6 to 15.5, the cache-hot time unchanged;
- * M=4 and 8 the same either way (compute-bound). Prefetching each tile's whole span ahead line by line in
- * order, with T1, streamed no faster and cost 5-10% when hot; T0 for M >= 5 gained nothing.
+ * a handful are in flight and the stream stalls. Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, ~160 MB
+ * of weights rotated so that none is cached (bench/nf4_linear.py --stream), T0 -> T1: 2048x2048 15-18 ->
+ * 24-26 GB/s, 8192x2048 17-20 -> 28-32, 2048x8192 25 -> 30, 1536x576 18 -> 23.5, 576x1536 16 -> 23 (a plain
+ * 2-thread read: 32-42 GB/s); M=2 1.1-1.3x; the cache-hot time and M >= 4 (compute-bound) unchanged.
+ * Prefetching each tile's whole span ahead, line by line in order, with T1, streamed no faster and cost
+ * 5-10% when hot; T0 for M >= 5 gained nothing.
  * lut4_dp_prefetch_l2(0) selects the former T0 so that benchmarks can compare the two. */
 #define PF_ROWS 16
 static int prefetch_l2 = 1; /* lut4_dp_prefetch_l2 */
@@ -262,7 +263,7 @@ static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
 
 /* out[k] = _mm512_reduce_add_ps(v[k]) for k < n <= 16, bit for bit: the same tree (lanes i and i + 8, then
  * i + 4, i + 2, i + 1), but 16 vectors at a time, halves of two vectors side by side: 46 shuffles and adds
- * instead of ~8 per vector. A tile's reductions were 11% (M=1) to 32% (M=8) of its work at K = 576. */
+ * instead of ~8 per vector. 2-8% faster at M = 4..8 on the 135M shapes, where a tile is only 9 blocks long. */
 static inline __attribute__((always_inline)) void reduce_sums(const __m512 *v, const int n, float *out) {
     __m512 s1[8], s2[4], s3[2];
     for (int j = 0; j < 8; j++) {
