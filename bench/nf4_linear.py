@@ -13,6 +13,15 @@ and prints medians in microseconds, the ratios fused / deq+mm and runtime / dens
 kernel the rate at which it reads the weight (packed codes + fp32 absmax per call / time, GB/s). Every
 shape here stays in the L2/L3 cache between calls; a decode step over a whole model streams from DRAM.
 
+--stream instead measures the fused bf16 kernel alone (no Python wrapper: the C function through ctypes) at
+M=1 2 4 8 16 on every shape, both from DRAM (enough weights, each its own, rotated call by call that none is
+in the caches: ~160 MB) as GB/s of weight read, and cache-hot (one weight) in us, with W prefetched into L2
+(new) and into L1 as before (old, lut4_dp_prefetch_l2(0)), the two taking turns. Measured (EPYC Zen 4, 2
+threads; a plain 2-thread read of 512 MB: 32-42 GB/s there), DRAM GB/s old -> new at M=1: 576x576 13 -> 16,
+192x576 8 -> 10, 1536x576 18 -> 23.5, 576x1536 16 -> 23, 2048x2048 18 -> 26, 8192x2048 19 -> 30, 2048x8192
+25 -> 30; M=2 1.0-1.3x; M=4..16 and every cache-hot time within 3% (M=8 hot: 27 / 12 / 64 / 53 / 228 / 879
+/ 829 us in that order of shapes). The small shapes are bound by the call (~1 us from C, more via Python).
+
 --step instead times the 210 linears of one 135M decode step (30 layers, each weight its own, ~53 MB: read
 from DRAM, not the caches) at M=1 and M=8 through the CPU ops, in ms, and the rows/s that 8 rows gain.
 
@@ -100,6 +109,39 @@ def decode_step(ops, M: int, dtype: torch.dtype, repeats: int) -> tuple[float, f
     return ms, nbytes / ms / 1e6
 
 
+def stream(lib, shapes, rows, repeats: int) -> None:
+    """The fused bf16 kernel (VDPBF16PS), weights from DRAM vs cache-hot, prefetched into L2 vs into L1."""
+    if not lib.use_dpbf16():
+        raise SystemExit("--stream measures the VDPBF16PS path, which this CPU (or build) lacks")
+    fn, code = lib.lib.lut4_linear, NF4.values
+    print(f"{'out x in':>11} {'M':>3} {'DRAM GB/s old':>13} {'new':>6} {'hot us old':>10} {'new':>7}")
+    for N, K in shapes:
+        nbytes = N * K // 2 + N * K // 64 * 4  # packed codes + fp32 absmax, read once per call
+        count = max(4, min(4096, 160_000_000 // nbytes))  # ~160 MB together: far more than the L3 cache
+        weights = [NF4Weight.quantize(torch.randn(N, K, dtype=torch.bfloat16) * 0.02) for _ in range(count)]
+        ptrs = [(q.packed.data_ptr(), q.absmax_f32.data_ptr()) for q in weights]
+        for M in rows:
+            x, y = torch.randn(M, K).to(torch.bfloat16), torch.empty(M, N, dtype=torch.bfloat16)
+            turn = [0]
+
+            def cold():
+                w, a = ptrs[turn[0] % count]
+                turn[0] += 1
+                fn(x.data_ptr(), 1, M, N, K, w, a, code.data_ptr(), y.data_ptr())
+
+            def hot():
+                fn(x.data_ptr(), 1, M, N, K, *ptrs[0], code.data_ptr(), y.data_ptr())
+
+            def mode(f, on):
+                return lambda: (lib.prefetch_l2(on), f())
+
+            us = time_interleaved({"cold old": mode(cold, False), "cold new": mode(cold, True),
+                                   "hot old": mode(hot, False), "hot new": mode(hot, True)}, max(repeats, 2 * count))
+            lib.prefetch_l2(True)
+            print(f"{N:>5}x{K:<5} {M:>3} {nbytes / us['cold old'] / 1e3:13.1f} {nbytes / us['cold new'] / 1e3:6.1f} "
+                  f"{us['hot old']:10.1f} {us['hot new']:7.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
@@ -107,6 +149,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--shapes", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="row counts M (default 1 2 4 8 16 32)")
+    parser.add_argument("--stream", action="store_true",
+                        help="instead: the bf16 kernel alone, from DRAM (GB/s) and cache-hot (us), new vs old prefetch")
     parser.add_argument("--step", action="store_true",
                         help="instead: one 135M decode step's 210 linears, weights streamed from memory, M=1 vs 8")
     args = parser.parse_args()
@@ -121,6 +165,9 @@ def main() -> None:
     limits = ", ".join(f"{str(d).removeprefix('torch.')} {n}" for d, n in ops.fused_4bit_rows.items())
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, ops {ops.name}, VDPBF16PS "
           f"{lib.use_dpbf16()}, fused up to rows: {limits}; medians in us")
+    if args.stream:
+        return stream(lib, shapes, [m for m in args.rows if m <= 16] if args.rows != ROWS else [1, 2, 4, 8, 16],
+                      repeats)
     if args.step:
         for dtype in dtypes:
             (ms1, gbs), (ms8, _) = decode_step(ops, 1, dtype, repeats), decode_step(ops, 8, dtype, repeats)

@@ -101,6 +101,33 @@ def test_a_row_does_not_depend_on_its_batch(path, dtype):
     assert torch.equal(y, alone)
 
 
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+@pytest.mark.parametrize("N, K", [(37, 192), (1029, 576), (300, 8192)])
+def test_prefetch_and_thread_count_change_no_bit(M, N, K):
+    # Where the VDPBF16PS path prefetches W (L2, or L1 as before) and how many threads split N (a last partial
+    # tile at 1029; prefetches past the last row at 37 and 300) may change no result, which stays within the
+    # bound of the torch path.
+    if not LIB.has_dpbf16:
+        pytest.skip("no AVX512-BF16 here")
+    g = torch.Generator().manual_seed(N + M)
+    packed, absmax, W = random_weight(N, K, g)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    assert LIB.prefetch_l2()  # the default
+    try:
+        y = LIB.linear_4bit(x, packed, absmax, CODE, N, K)
+        torch.set_num_threads(1)
+        one_thread = LIB.linear_4bit(x, packed, absmax, CODE, N, K)
+        torch.set_num_threads(threads)
+        assert not LIB.prefetch_l2(False)
+        into_l1 = LIB.linear_4bit(x, packed, absmax, CODE, N, K)
+    finally:
+        torch.set_num_threads(threads)
+        LIB.prefetch_l2(True)
+    assert torch.equal(y, one_thread) and torch.equal(y, into_l1)
+    assert_within_bound(y, x, W)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 15, 16, 17, 32, 40])
 def test_cpu_ops_match_the_torch_twin(path, dtype, rows):

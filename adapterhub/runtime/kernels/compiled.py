@@ -54,6 +54,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "lut4_dequantize_bf16": ((_P, _P, _I, _P, _P), None),  # packed, absmax, n, code, out
     "lut4_amx_enable": ((), _C),
     "lut4_dpbf16_enable": ((_C,), _C),  # enable (1 on, 0 off, -1 only ask) -> 1 where the path is on
+    "lut4_dp_prefetch_l2": ((_C,), _C),  # 1 prefetch W into L2 (default), 0 into L1 (as before)
     "nf4_quantize": ((_P, _C, _I, _I, _P, _P), None),  # x, kind, n, blocksize, absmax, packed
     "lut4_dequantize": ((_P, _P, _I, _I, _C, _P, _P), None),  # packed, absmax, n, blocksize, kind, code, out
     "lora_kernels_available": ((), _C),
@@ -101,6 +102,11 @@ class CompiledLibrary:
         """Turn the VDPBF16PS path on or off for the process (None: only ask; tests and benchmarks compare
         it with the fp32-FMA path). Returns whether it is on; always False where the CPU lacks it."""
         return bool(self.lib.lut4_dpbf16_enable(-1 if enable is None else int(enable)))
+
+    def prefetch_l2(self, enable: bool | None = None) -> bool:
+        """Where the VDPBF16PS path prefetches W: True (default) into L2, False into L1 as it did before
+        (benchmarks compare the two); None only asks. Results are identical either way."""
+        return bool(self.lib.lut4_dp_prefetch_l2(-1 if enable is None else int(enable)))
 
     # --- 4-bit weights -------------------------------------------------------------------------------
 

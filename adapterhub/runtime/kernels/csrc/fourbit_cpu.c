@@ -234,8 +234,20 @@ int lut4_amx_enable(void) { return 0; }
  * matching elements. Each (row of x, row of W) has one fp32 accumulator, fed the even then the odd half of
  * each block in order: a row's result does not depend on M or on the tile it lands in. VDPBF16PS reads bf16
  * subnormals as zero and flushes products below 2^-126 (as the cvtne weight table already did). */
-#define PF_ROWS 16 /* prefetch W and absmax this many rows ahead: a decode step streams W from DRAM (1.2x) */
 #define MR_MAX 8 /* rows of x per tile: M > 8 runs in ceil(M / 8) even passes over W (from the cache) */
+
+/* Streaming W from DRAM (every decode step: the model is larger than the caches). Each weight row of a tile
+ * is prefetched PF_ROWS rows (2 tiles at M=1) ahead at the same column, into L2 (prefetcht1), not L1: a
+ * prefetch into L1 holds one of the core's few L1 miss buffers until its line arrives from DRAM, so at most
+ * a handful are in flight and the stream stalls. Measured on an EPYC Zen 4 (2 cores, 2 threads), M=1, ~160 MB
+ * of weights rotated so that none is cached (bench/nf4_linear.py --stream), T0 -> T1: 2048x2048 15-18 ->
+ * 24-26 GB/s, 8192x2048 17-20 -> 28-32, 2048x8192 25 -> 30, 1536x576 18 -> 23.5, 576x1536 16 -> 23 (a plain
+ * 2-thread read: 32-42 GB/s); M=2 1.1-1.3x; the cache-hot time and M >= 4 (compute-bound) unchanged.
+ * Prefetching each tile's whole span ahead, line by line in order, with T1, streamed no faster and cost
+ * 5-10% when hot; T0 for M >= 5 gained nothing.
+ * lut4_dp_prefetch_l2(0) selects the former T0 so that benchmarks can compare the two. */
+#define PF_ROWS 16
+static int prefetch_l2 = 1; /* lut4_dp_prefetch_l2 */
 
 /* x (M, K) bf16 -> xs (M, K): per block of 64, its 32 even elements then its 32 odd ones */
 static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
@@ -249,11 +261,44 @@ static void spread_x(const uint16_t *x, int64_t M, int64_t K, uint16_t *xs) {
     }
 }
 
-/* sums[m * NR + r] = sum_k W[r, k] x[m, k] for MR rows of x (xs, stride K) and NR rows of W (w, a: row r at
+/* f32_to_bf16 on 16 lanes, bit for bit (round to nearest even; a NaN keeps its high half, made quiet) */
+static inline __m256i f32_to_bf16_x16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f), one = _mm512_set1_epi32(1);
+    __m512i r = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    r = _mm512_srli_epi32(_mm512_add_epi32(u, r), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* out[k] = f32_to_bf16(_mm512_reduce_add_ps(v[k])) for k < n <= 16, bit for bit: the same tree (lanes i and
+ * i + 8, then i + 4, i + 2, i + 1), but 16 vectors at a time, halves of two vectors side by side, and one
+ * rounding for all: 55 vector operations instead of ~8 per vector plus 16 scalar roundings. 2-8% faster
+ * at M = 4..8 on the 135M shapes, where a tile is only 9 blocks long. */
+static inline __attribute__((always_inline)) void reduce_sums(const __m512 *v, const int n, uint16_t *out) {
+    __m512 s1[8], s2[4], s3[2];
+    for (int j = 0; j < 8; j++) {
+        const __m512 a = 2 * j < n ? v[2 * j] : _mm512_setzero_ps();
+        const __m512 b = 2 * j + 1 < n ? v[2 * j + 1] : _mm512_setzero_ps();
+        s1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee)); /* i, i + 8 */
+    }
+    for (int j = 0; j < 4; j++) /* i, i + 4 */
+        s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
+                              _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xdd));
+    for (int j = 0; j < 2; j++) /* i, i + 2 */
+        s3[j] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], 0x44),
+                              _mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], 0xee));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xdd));
+    const __m512i lane = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4 (k % 4) + k / 4 */
+    _mm256_storeu_si256((__m256i *)out, f32_to_bf16_x16(_mm512_permutexvar_ps(lane, r)));
+}
+
+/* sums[m * NR + r] = bf16(sum_k W[r, k] x[m, k]) for MR rows of x (xs, stride K) and NR rows of W (w, a: row r at
  * w + r * K / 2, a + r * K / G). Inlined with constant MR, NR so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dp_tile(const int MR, const int NR, const float *code_,
                                                           const uint8_t *w, const float *a, const uint16_t *xs,
-                                                          int64_t K, float *sums) {
+                                                          int64_t K, uint16_t *sums, const int l2) {
     const __m512 code = _mm512_loadu_ps(code_);
     __m512 acc[MR_MAX][8];
     for (int m = 0; m < MR; m++)
@@ -261,8 +306,10 @@ static inline __attribute__((always_inline)) void dp_tile(const int MR, const in
     for (int64_t b = 0; b < K / G; b++) {
         __m512i we[8], wo[8];
         for (int r = 0; r < NR; r++) {
-            _mm_prefetch((const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32), _MM_HINT_T0);
-            _mm_prefetch((const char *)(a + (r + PF_ROWS) * (K / G) + b), _MM_HINT_T0);
+            const char *pw = (const char *)(w + (r + PF_ROWS) * (K / 2) + b * 32),
+                       *pa = (const char *)(a + (r + PF_ROWS) * (K / G) + b);
+            if (l2) _mm_prefetch(pw, _MM_HINT_T1), _mm_prefetch(pa, _MM_HINT_T1);
+            else _mm_prefetch(pw, _MM_HINT_T0), _mm_prefetch(pa, _MM_HINT_T0);
             __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a[r * (K / G) + b]));
             __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(t, t);
             __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * (K / 2) + b * 32)));
@@ -278,8 +325,10 @@ static inline __attribute__((always_inline)) void dp_tile(const int MR, const in
             }
         }
     }
+    __m512 all[16];
     for (int m = 0; m < MR; m++)
-        for (int r = 0; r < NR; r++) sums[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+        for (int r = 0; r < NR; r++) all[m * NR + r] = acc[m][r];
+    reduce_sums(all, MR * NR, sums); /* writes 16 */
 }
 
 /* Weight rows per tile for MR rows of x: 8-16 independent accumulators hide VDPBF16PS's latency, and the
@@ -288,16 +337,19 @@ static inline int dp_rows_of_w(int MR) { return MR == 1 ? 8 : MR <= 4 ? 4 : 2; }
 
 /* One tile: MR (runtime, <= 8) rows of x, NR = dp_rows_of_w(MR) or 1 weight rows from n0. */
 static void dp_dispatch(int MR, int NR, const float *code, const uint8_t *w, const float *a, const uint16_t *xs,
-                        int64_t K, float *sums) {
+                        int64_t K, uint16_t *sums) {
+#define DP_TILE(mr, nr) /* the prefetch's target a constant: no branch in the loop */                     \
+    prefetch_l2 ? dp_tile(mr, nr, code, w, a, xs, K, sums, 1) : dp_tile(mr, nr, code, w, a, xs, K, sums, 0)
 #define DP_CASE(mr)                                                                                           \
     case mr:                                                                                                  \
-        if (NR == 1) dp_tile(mr, 1, code, w, a, xs, K, sums);                                                 \
-        else dp_tile(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2), code, w, a, xs, K, sums);                           \
+        if (NR == 1) DP_TILE(mr, 1);                                                                          \
+        else DP_TILE(mr, (mr == 1 ? 8 : mr <= 4 ? 4 : 2));                                                    \
         break;
     switch (MR) {
         DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6) DP_CASE(7) DP_CASE(8)
     }
 #undef DP_CASE
+#undef DP_TILE
 }
 
 static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, const uint8_t *w,
@@ -306,13 +358,15 @@ static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, co
     spread_x(x, M, K, xs);
     const int64_t passes = (M + MR_MAX - 1) / MR_MAX, MT = (M + passes - 1) / passes, NR = dp_rows_of_w((int)MT);
     const int64_t tiles = (N + NR - 1) / NR;
-    /* guided: each thread first streams a long contiguous run of W (the hardware prefetchers' best case,
-     * 1.2x a decode step over dynamic chunks), and a thread slowed by another process still hands the
-     * shrinking rest over */
+    /* guided: each thread first streams a long contiguous run of W, and a thread slowed by another process
+     * still hands the shrinking rest over (a static half each: 1.5x slower whenever a neighbour takes a
+     * core). Small calls stay on both threads too: on one, 192x576 took 4.9 us instead of 6.8 when the
+     * other thread slept, but 7.6 instead of 4.8 right after a parallel call (as in a decode step), while
+     * the other thread still spins. */
 #pragma omp parallel for schedule(guided, 4)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
-        float sums[MR_MAX * 8];
+        uint16_t sums[16];
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mr = (int)(M - m0 < MT ? M - m0 : MT);
             const int full = nr == dp_rows_of_w(mr) ? (int)nr : 1; /* the last tile: one weight row at a time */
@@ -320,7 +374,7 @@ static void linear_dpbf16(const uint16_t *x, int64_t M, int64_t N, int64_t K, co
                 dp_dispatch(mr, full, code, w + (n0 + r0) * (K / 2), absmax + (n0 + r0) * (K / G), xs + m0 * K, K,
                             sums);
                 for (int m = 0; m < mr; m++)
-                    for (int r = 0; r < full; r++) y[(m0 + m) * N + n0 + r0 + r] = f32_to_bf16(sums[m * full + r]);
+                    for (int r = 0; r < full; r++) y[(m0 + m) * N + n0 + r0 + r] = sums[m * full + r];
             }
         }
     }
@@ -344,6 +398,18 @@ int lut4_dpbf16_enable(int enable) {
 #ifdef HAVE_DPBF16
     if (enable >= 0) use_dpbf16 = enable != 0;
     return use_dpbf16;
+#else
+    (void)enable;
+    return 0;
+#endif
+}
+
+/* 1 (the default): the VDPBF16PS path prefetches W into L2; 0: into L1, as it did before (benchmarks);
+ * enable < 0 only asks. 0 where this build lacks the path. Results are identical either way. */
+int lut4_dp_prefetch_l2(int enable) {
+#ifdef HAVE_DPBF16
+    if (enable >= 0) prefetch_l2 = enable != 0;
+    return prefetch_l2;
 #else
     (void)enable;
     return 0;
