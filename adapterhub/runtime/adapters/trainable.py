@@ -88,9 +88,9 @@ class TrainableAdapter(nn.Module):
         """||W + s B A||_row (Dout,) float32, detached (see the module docstring for the expansion)."""
         s, B, A32 = self.scaling, self.lora_B, self.lora_A
         AW = weight.matmul(A, None).float()  # (R, Dout) = A W^T, in the compute dtype
-        cross = (B * AW.T).sum(1)  # (Dout,)
-        quadratic = ((B @ (A32 @ A32.T)) * B).sum(1)  # (Dout,)
-        return (self.weight_norm_sq + 2 * s * cross + s * s * quadratic).clamp_min(0).sqrt()
+        # the cross and quadratic terms as one row-wise dot product: sum_r B_ir (2 s (A W^T)_ri + s^2 (B A A^T)_ir)
+        terms = torch.addmm(AW.T, B, A32 @ A32.T, beta=2 * s, alpha=s * s)  # (Dout, R)
+        return torch.linalg.vecdot(B, terms).add_(self.weight_norm_sq).clamp_min_(0).sqrt_()
 
 
 class _AdapterLinear(torch.autograd.Function):
