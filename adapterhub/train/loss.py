@@ -43,7 +43,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, targets, head, scale: float, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        total = torch.zeros((), dtype=torch.float64, device=rows.device)
         grads = torch.empty_like(rows) if rows.requires_grad else None
         for start in range(0, rows.shape[0], chunk):
             part = rows[start:start + chunk].detach().requires_grad_(grads is not None)
@@ -56,8 +56,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
             z -= z.amax(dim=-1, keepdim=True)  # shifted by the row max, as log-softmax computes
             picked = z.gather(1, target[:, None])  # (C, 1) shifted logit of the label
             z.exp_()
+            # The row sums of terms in (0, 1] are well conditioned in float32 (torch reduces in a cascade);
+            # a float64 sum would cast a (C, V) copy (+4 bytes per logit, ~25x the time). What follows them
+            # is float64: log-sum-exp minus the label's logit and the running total over chunks and rows.
             sums = z.sum(dim=-1, keepdim=True)  # (C, 1)
-            total += (sums.log() - picked).sum() * scale  # -log softmax at the labels
+            total += (sums.double().log() - picked.double()).sum() * scale  # -log softmax at the labels
             if grads is None:
                 continue
             z *= scale / sums  # scale * softmax
@@ -66,7 +69,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             del z
             grads[start:start + chunk] = torch.autograd.grad(logits, part, grad)[0]
         ctx.save_for_backward(grads)
-        return total
+        return total.to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_output):

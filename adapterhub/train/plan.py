@@ -5,16 +5,17 @@ checkpointing.
 The counts follow what this package's training keeps alive (train/loop.py on runtime/adapters/trainable.py):
 - weights: the frozen base in the compute dtype, decoder linears in NF4 for the q-methods (0.5 byte per
   weight + the double-quantized absmax: 1 byte per 64 weights + 4 bytes per 256 blocks; semantics §2.4);
-  embeddings, norms and lm_head stay in the compute dtype; the adapters in float32. A dense base keeps
-  its checkpoint file mapped (the decoder weights are read from it in place), and the file pages of the
-  embeddings and lm_head, read to copy them, stay resident too: counted twice.
+  embeddings, norms and lm_head stay in the compute dtype; the adapters in float32. (A dense base's
+  decoder weights are its mapped checkpoint file; the loader drops the file pages of the tensors it copies
+  out of it, so the embeddings and lm_head count once.)
 - gradients and AdamW's two moments: float32, for the trainable parameters only (all of them for "full",
   in the compute dtype, as torch keeps them for a bf16 model).
 - activations, per decoder layer and token, in the compute dtype unless said: the RMSNorm inputs kept in
   float32 (two per layer), the inputs of every adapted projection (the attention block's and the MLP's),
   q, k, v (k and v also repeated to every query head), the attention probabilities (H x T per token), the
-  attention output, the MLP's gate, up, silu(gate) and product; DoRA also keeps each adapted
-  projection's output (its magnitude's gradient needs it). With checkpointing only each layer's input is
+  attention output, the MLP's gate, up, silu(gate) and product; DoRA also keeps the outputs of q_proj,
+  k_proj, o_proj and down_proj (its magnitude's gradient needs every adapted projection's output; those of
+  v_proj, gate_proj and up_proj are the tensors attention and the MLP keep anyway). With checkpointing only each layer's input is
   kept, plus one layer's activations while it is recomputed. The head runs on one chunk of labelled rows
   at a time (train/loss.py): a chunk's logits (compute dtype), a float32 copy and the gradient (compute
   dtype), and the (tokens, D) gradient of the head's input.
@@ -82,12 +83,6 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
         trainable = L * sum(r * (i + o) + (o if is_dora else 0) for o, i in linears.values())
         per_weight = NF4_BYTES_PER_WEIGHT if is_quantized else b
         weights = int(linear_weights * per_weight) + other * b + trainable * 4
-        if not is_quantized:
-            # A dense base reads its decoder weights in place from the mapped safetensors file, so the mapping
-            # stays and the file pages read while copying out the embeddings and lm_head stay resident: those
-            # bytes count twice in the process's memory (an NF4 base unmaps the file after quantizing). Assumes
-            # a checkpoint stored in the compute dtype, as config.json alone cannot say otherwise.
-            weights += V * D * (1 if c.tie_word_embeddings else 2) * b
         grads, optimizer = trainable * 4, 2 * trainable * 4
     q, kv, H = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads
     per_token = (2 * 4 * D  # the two RMSNorm inputs in float32
@@ -98,7 +93,7 @@ def plan(c: ModelConfig, method: str, *, r: int = 16, batch: int = 4, seq: int =
                  + b * 2 * q  # the attention output and o_proj's input
                  + b * 4 * F_)  # gate, up, silu(gate) and the product (down_proj's input)
     if is_dora:
-        per_token += b * sum(o for o, _ in linears.values())
+        per_token += b * (q + kv + 2 * D)  # q_proj, k_proj, o_proj and down_proj outputs (see the docstring)
     if method != "full":
         per_token += b * r * len(linears)  # the A x of every adapter (in the activations' dtype)
     activations = L * N * per_token

@@ -78,3 +78,40 @@ def test_plan_is_within_15_percent_of_the_measured_peak(checkpoint, method, chec
     planned = p.total_checkpointed if checkpointing else p.total
     assert abs(planned - measured) <= 0.15 * measured, (
         f"{method}: plan {planned / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB")
+
+
+def _resident_file_bytes(file: Path) -> int:
+    """Bytes of `file` mapped and resident in this process (/proc/self/smaps Rss of its mappings)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(file):
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_a_dense_base_keeps_no_file_pages_of_the_tensors_it_copied(tmp_path):
+    """The plan counts a dense base's embeddings and lm_head once: the loader copies them out of the mapped
+    checkpoint and drops the file pages it read (the decoder weights, used in place, are not read yet)."""
+    from safetensors.torch import load_file
+
+    from adapterhub.runtime.base import load_base
+
+    config = ModelConfig(**{**vars(CONFIG), "num_hidden_layers": 1})
+    path = random_checkpoint(tmp_path / "base", config, seed=1, dtype=torch.bfloat16)
+    file = (path / "model.safetensors").resolve()
+    base = load_base(path, quantize=None, compute_dtype=torch.bfloat16)
+    copied = 2 * config.vocab_size * config.hidden_size * 2  # embeddings + lm_head, bf16: 16 MiB
+    resident = _resident_file_bytes(file)
+    assert resident < copied / 8, f"{resident / 2**20:.1f} MiB of the checkpoint file resident after loading"
+    stored = load_file(file)
+    params = dict(base.model.named_parameters())
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(params[name], stored[name])
+    # the decoder weights, which share the mapping (and its pages next to the dropped ones), read as stored
+    for name, linear in base.model.linears().items():
+        assert torch.equal(linear.dequantized_weight(), stored[name + ".weight"]), name

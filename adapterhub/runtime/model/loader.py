@@ -9,7 +9,10 @@ lm_head) get storage once and are filled from the file: every tensor is read onc
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -49,8 +52,43 @@ def build_model(config: ModelConfig, get: Callable[[str], torch.Tensor], names, 
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[0] in projections or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
-            param.copy_(checkpoint.checked(get, names, name, tuple(param.shape)))
+            source = checkpoint.checked(get, names, name, tuple(param.shape))
+            param.copy_(source)
+            _release_file_pages(source)
     return model.eval()
+
+
+# Below this size a tensor's file pages are not worth a look at /proc/self/maps (norm weights).
+RELEASE_MIN_BYTES = 1 << 20
+MADV_DONTNEED = 4  # Linux
+
+
+def _release_file_pages(source: torch.Tensor) -> None:
+    """Drops this process's pages of a tensor read from the mapped checkpoint once it has been copied.
+
+    safetensors maps the file, and a dense base's decoder weights are that mapping (in the compute dtype no
+    copy is made), so it lives as long as the model; the pages of every tensor copied out of it (embeddings,
+    lm_head: 125 MiB of bench/train.py's model) would stay in the RSS beside their copies. madvise(DONTNEED)
+    on a file mapping only unmaps them: a later read would fault them in again from the file. Only pages
+    wholly inside the tensor, and only in a mapping of a file (never anonymous memory, which it would zero)."""
+    start, size = source.data_ptr(), source.numel() * source.element_size()
+    if sys.platform != "linux" or source.device.type != "cpu" or size < RELEASE_MIN_BYTES or not source.is_contiguous():
+        return
+    end, page = start + size, mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first and _in_file_mapping(start, end):
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one mapping of a regular file (/proc/self/maps: inode and a path)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(a, 16) for a in fields[0].split("-"))
+            if low <= start and end <= high:
+                return fields[4] != "0" and len(fields) == 6 and fields[5].startswith("/")
+    return False
 
 
 def load_parts(path_or_id, quantize: str | None, dtype: torch.dtype, device):
