@@ -29,22 +29,23 @@ steps' wall time, median of the repeats), and the prefill of one 512-token promp
 Goals: adapterhub 1 stream >= 1.0x llama.cpp Q4_1's 1 stream on the 135M and >= 1.2x on the 1B; 8
 mixed-adapter streams >= 5x adapterhub's 1 stream.
 
-Figures with the fused CPU decode step (AMD EPYC (Zen 4), 2 cores, quiet, torch 2.13.0, llama-cpp-python
-0.3.36; 135m: `--tokens 64`, median of 3; 1b: `--tokens 32 --repeats 2`, 6.5 minutes), decode tokens/s by
-streams (8 mixed: each its own adapter); prefill: one 512-token prompt, tokens/s; in parentheses the same
-run before that work:
+Figures with the one-call CPU decode step (AMD EPYC (Zen 4), 2 cores, torch 2.13.0, llama-cpp-python 0.3.36;
+135m: `--tokens 64`, median of 3, 2.3 minutes; 1b: `--tokens 32 --repeats 2`, 6.4 minutes; one helper agent
+editing files beside it), decode tokens/s by streams (8 mixed: each its own adapter); prefill: one 512-token
+prompt, tokens/s; in parentheses an earlier run of the same bench on the same kind of machine with one Python
+call per fused op:
 
                               135m: 1            8        8 mixed  prefill    1b: 1         8       8 mixed  prefill
-    llama.cpp         Q4_0      160.8        374.3              -      812     29.1      59.9             -      126
-    llama.cpp         Q4_1      110.4        202.6              -      309     15.8      28.5             -       38
-    adapterhub        NF4   92.4 (37.6) 327.0 (101.9) 235.5 (90.2)    1119  16.9 (12.3) 60.6 (28.7) 55.0 (20.3)  165
-    adapterhub        bf16  34.5 (23.7) 177.9 (128.2) 135.0 (115.3)   1120   5.9 (5.2) 34.7 (35.1) 32.0 (31.5)   183
-    transformers      bf16       22.3            -              -      921      4.6         -            -      178
-    + PEFT, 1 adapter bf16       17.7            -              -      738      4.8         -            -       85
+    llama.cpp         Q4_0  188.8 (160.8) 402.7 (374.3)         -      880  29.6 (29.1) 65.3 (59.9)        -   135
+    llama.cpp         Q4_1  124.4 (110.4) 240.9 (202.6)         -      338  18.3 (15.8) 30.0 (28.5)        -    42
+    adapterhub        NF4   167.9 (92.4)  409.6 (327.0) 328.6 (235.5) 1091  24.9 (16.9) 66.3 (60.6) 63.1 (55.0) 178
+    adapterhub        bf16   33.9 (34.5)  178.7 (177.9) 156.2 (135.0) 1099   6.5 (5.9)  37.8 (34.7) 34.9 (32.0) 178
+    transformers      bf16       25.2            -              -      958      5.5         -            -      182
+    + PEFT, 1 adapter bf16       17.8            -              -      681      5.3         -            -       88
 
-adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 0.84x (135m), 1.07x (1b); 8 mixed / 1 stream: 2.55x,
-3.25x (bf16: 3.92x, 5.45x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146 (1b) of the logits' std, every
-prompt argmax equal; the control 0.2997.
+adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 1.35x (135m), 1.36x (1b); 8 streams / 1 stream: 2.44x,
+2.66x; 8 mixed / 1 stream: 1.96x, 2.54x (bf16: 4.61x, 5.38x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146
+(1b) of the logits' std, every prompt argmax equal; the control 0.2997.
 """
 
 from __future__ import annotations

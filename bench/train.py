@@ -12,18 +12,18 @@ the libraries imported). The ratios are adapterhub over PEFT.
     python -m bench.train [--quick] [--steps N] [--methods lora,qlora,dora,qlora-dora] [--no-peft]
                           [--layers N] [--checkpointing]
 
-Result (AMD EPYC Zen 4, 2 cores shared with other jobs, torch 2.13.0, peft 0.21.2, bitsandbytes 0.50.2):
+Result (AMD EPYC Zen 4, 2 cores, torch 2.13.0, peft 0.21.2, bitsandbytes 0.50.2; 3 minutes):
 
     method      impl          tokens/s  peak MiB  plan MiB  speed x   mem x
-    lora        adapterhub         550      1074       916     1.15    0.66
-    lora        peft               479      1638         -     1.00    1.00
-    qlora       adapterhub         479       862       664     1.01    0.49
-    qlora       peft               473      1749         -     1.00    1.00
-    dora        adapterhub         522      1258      1061     1.44    0.40
-    dora        peft               362      3114         -     1.00    1.00
-    qlora-dora  adapterhub         482      1086       809     1.36    0.35
-    qlora-dora  peft               354      3120         -     1.00    1.00
-    adapterhub QLoRA peak / bf16 LoRA peak: 0.80
+    lora        adapterhub         549       905       791     1.36    0.53
+    lora        peft               404      1702         -     1.00    1.00
+    qlora       adapterhub         547       789       664     1.31    0.46
+    qlora       peft               418      1722         -     1.00    1.00
+    dora        adapterhub         548       945       844     1.83    0.30
+    dora        peft               300      3180         -     1.00    1.00
+    qlora-dora  adapterhub         523       874       717     1.73    0.28
+    qlora-dora  peft               302      3094         -     1.00    1.00
+    adapterhub QLoRA peak / bf16 LoRA peak: 0.87
 
 --layers changes the decoder depth (where the decoder outweighs the embeddings and lm_head);
 --checkpointing turns on gradient checkpointing in both implementations. "plan MiB" is train/plan.py's
