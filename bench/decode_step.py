@@ -9,11 +9,11 @@ linears: random, or the PEFT dirs `adapters/a0..a7` beside --model when it has t
 
     python -m bench.decode_step [--model DIR] [--steps 32] [--rounds 5] [--quantize nf4,none] [--paths stack,per-op]
 
-One run (AMD EPYC Zen 4, 2 cores, quiet; the 135M checkpoint with eight r=16 PEFT adapters, --rounds 5), ms per
-step, one call / per-op: NF4 1 row 7.3 / 11.2, 1 row + LoRA 8.5 / 18.3, 8 rows 19.9 / 24.0, 8 rows + 8 LoRAs
-24.9 / 32.2 (with other agents on the machine: 7.4 / 10.6, 9.0 / 16.1, 22.3 / 25.7, 28.6 / 35.5). The 1B config
-(--steps 8): 1 row ~57 ms, 8 rows + 8 LoRAs ~131 ms on either path (its bf16 lm_head over the tied 128256 x 2048
-embedding reads 525 MB a step). What remains of a 135M 1-row step: the layers' call ~4.5 ms (the 4-bit linears),
+One run (AMD EPYC Zen 4, 2 cores, quiet; the 135M checkpoint of bench/decode.py with its eight r=16 PEFT
+adapters, --quantize nf4 --rounds 5, 1.6 minutes), ms per step, one call / per-op / torch: NF4 1 row 5.78 / 9.45 /
+16.61, 1 row + LoRA 7.36 / 14.66 / 22.10, 8 rows 19.06 / 22.86 / 30.33, 8 rows + 8 LoRAs 24.40 / 31.40 / 39.65.
+The 1B config: 1 row ~40 ms (bench/decode.py: 24.9 tokens/s), its bf16 lm_head over the tied 128256 x 2048
+embedding reading 525 MB a step. What remains of a 135M 1-row step: the layers' call ~3.5 ms (the 4-bit linears),
 the bf16 lm_head GEMV over the tied 49152 x 576 embedding ~1.9 ms, Python ~0.5 ms. Eight distinct r=16 adapters
 are ~80 MB of bf16 stacks a step reads besides the ~60 MB of NF4 layers (~2.5 ms at the 31 GB/s two cores
 stream): most of the 8-row LoRA cost is those bytes.
