@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from adapterhub.runtime import generate as gen
 from adapterhub.runtime.model.config import ModelConfig
 from adapterhub.runtime.model.loader import build_model
 from adapterhub.runtime.model.tiny import random_checkpoint, random_weights
@@ -49,3 +50,17 @@ def fp32_model(family: str, seed: int = 0):
     model = build_model(family_config(family), weights.__getitem__, weights, quantize=None, dtype=torch.float32,
                         device="cpu")
     return model, weights
+
+
+def greedy_decode(base, ids, prompts, rows, steps: int, forced: torch.Tensor | None = None):
+    """Greedy logits (steps, B, V) and tokens (B, steps) of `prompts` on cache `rows` of a paged cache of 4-token
+    blocks; `forced` (B, steps) feeds those tokens instead of the argmax (so two paths see the same inputs)."""
+    cache = base.new_cache(max_batch=6, max_seq=64, block_size=4)
+    with torch.inference_mode():
+        logits = [gen.prefill(base.model, cache, rows, prompts, ids)]
+        tokens = [logits[0].argmax(-1)]
+        for i in range(1, steps):
+            fed = tokens[-1] if forced is None else forced[:, i - 1]
+            logits.append(gen.decode(base.model, cache, torch.tensor(rows), fed, ids))
+            tokens.append(logits[-1].argmax(-1))
+    return torch.stack(logits).float(), torch.stack(tokens, 1)

@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from adapterhub.adapter import random_adapter
-from adapterhub.runtime import generate as gen
 from adapterhub.runtime.base import Base, load_base
 from adapterhub.runtime.kernels import decode
 from adapterhub.runtime.model.tiny import byte_tokenizer
 from family_fixtures import NEW_FAMILIES, all_targets, hf_checkpoint
-from model_fixtures import family_config, fp32_model
+from model_fixtures import family_config, fp32_model, greedy_decode
 
 K = decode.kernels()
 pytestmark = pytest.mark.skipif(K is None, reason="no compiled CPU kernels here (the model keeps the torch path)")
@@ -50,17 +49,8 @@ def _prompts() -> list[list[int]]:
 
 
 def _decode(base: Base, ids, prompts, forced: torch.Tensor | None = None):
-    """Greedy logits (STEPS, B, V) and tokens (B, STEPS); `forced` (B, STEPS) feeds those tokens instead."""
-    cache = base.new_cache(max_batch=6, max_seq=64, block_size=4)
-    rows = [4, 1, 5, 0]  # scattered cache rows
-    with torch.inference_mode():
-        logits = [gen.prefill(base.model, cache, rows, prompts, ids)]
-        tokens = [logits[0].argmax(-1)]
-        for i in range(1, STEPS):
-            fed = tokens[-1] if forced is None else forced[:, i - 1]
-            logits.append(gen.decode(base.model, cache, torch.tensor(rows), fed, ids))
-            tokens.append(logits[-1].argmax(-1))
-    return torch.stack(logits).float(), torch.stack(tokens, 1)
+    """Greedy logits (STEPS, B, V) and tokens (B, STEPS) on scattered cache rows."""
+    return greedy_decode(base, ids, prompts, [4, 1, 5, 0], STEPS, forced)
 
 
 def _with_adapters(base: Base):

@@ -18,13 +18,12 @@ import pytest
 import torch
 
 from adapterhub.adapter import random_adapter
-from adapterhub.runtime import generate as gen
 from adapterhub.runtime.adapters.linear import AdapterLinear
 from adapterhub.runtime.base import Base, load_base
 from adapterhub.runtime.kernels import decode, decode_layer
 from adapterhub.runtime.model.tiny import byte_tokenizer, random_checkpoint
 from family_fixtures import all_targets, hf_checkpoint
-from model_fixtures import family_config, fp32_model
+from model_fixtures import family_config, fp32_model, greedy_decode
 
 K = decode.kernels()
 pytestmark = pytest.mark.skipif(K is None or decode_layer.kernel() is None,
@@ -70,16 +69,7 @@ def _decode(base: Base, ids, rows: int, forced: torch.Tensor | None = None, step
     """Greedy logits (steps, B, V) and tokens (B, steps) of `rows` prompts on a paged cache of 4-token blocks."""
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENGTHS[:rows]]
-    cache = base.new_cache(max_batch=6, max_seq=64, block_size=4)
-    cache_rows = [4, 1, 5, 0, 2][:rows]
-    with torch.inference_mode():
-        logits = [gen.prefill(base.model, cache, cache_rows, prompts, ids)]
-        tokens = [logits[0].argmax(-1)]
-        for i in range(1, steps):
-            fed = tokens[-1] if forced is None else forced[:, i - 1]
-            logits.append(gen.decode(base.model, cache, torch.tensor(cache_rows), fed, ids))
-            tokens.append(logits[-1].argmax(-1))
-    return torch.stack(logits).float(), torch.stack(tokens, 1)
+    return greedy_decode(base, ids, prompts, [4, 1, 5, 0, 2][:rows], steps, forced)
 
 
 def _fp32_base(family: str, tmp_path) -> Base:
