@@ -394,10 +394,16 @@ static int use_dpbf16 = 1; /* lut4_dpbf16_enable(0) turns the VDPBF16PS path off
 #endif
 
 /* 1 where this build has the VDPBF16PS path and it is now on; enable < 0 only asks. */
+#ifdef HAVE_DPBF16
+static int set_flag(int *flag, int enable) {
+    if (enable >= 0) *flag = enable != 0;
+    return *flag;
+}
+#endif
+
 int lut4_dpbf16_enable(int enable) {
 #ifdef HAVE_DPBF16
-    if (enable >= 0) use_dpbf16 = enable != 0;
-    return use_dpbf16;
+    return set_flag(&use_dpbf16, enable);
 #else
     (void)enable;
     return 0;
@@ -408,8 +414,7 @@ int lut4_dpbf16_enable(int enable) {
  * enable < 0 only asks. 0 where this build lacks the path. Results are identical either way. */
 int lut4_dp_prefetch_l2(int enable) {
 #ifdef HAVE_DPBF16
-    if (enable >= 0) prefetch_l2 = enable != 0;
-    return prefetch_l2;
+    return set_flag(&prefetch_l2, enable);
 #else
     (void)enable;
     return 0;
