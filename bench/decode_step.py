@@ -8,6 +8,7 @@ linears: random, or the PEFT dirs `adapters/a0..a7` beside --model when it has t
 --steps greedy decode steps after the prefill; the paths alternate round by round, so a shared machine slows all.
 
     python -m bench.decode_step [--model DIR] [--steps 32] [--rounds 5] [--quantize nf4,none] [--paths stack,per-op]
+    python -m bench.decode_step --parts [--model DIR]    # where a one-call NF4 step's time goes
 
 One run (AMD EPYC Zen 4, 2 cores, quiet; the 135M checkpoint of bench/decode.py with its eight r=16 PEFT
 adapters, --quantize nf4 --rounds 5, 1.6 minutes), ms per step, one call / per-op / torch: NF4 1 row 5.78 / 9.45 /
@@ -48,6 +49,55 @@ def decode_seconds(base, B: int, ids, steps: int) -> float:
     for _ in range(steps):
         tokens = base.decode(cache, rows, tokens, ids).argmax(-1)
     return (time.perf_counter() - start) / steps
+
+
+class Parts:
+    """Wall time inside the layers' one call (DecodeStack.run) and inside the model's head (final norm + lm_head),
+    accumulated while installed: the rest of a step is Python, the embedding and the argmax."""
+
+    def __init__(self, base):
+        self.base, self.stack, self.head, self.steps = base, 0.0, 0.0, 0
+
+    def __enter__(self):
+        model = self.base.model
+        run, head = model.decode_stack.run, model.head
+
+        def timed_run(*args, **kwargs):
+            start = time.perf_counter()
+            out = run(*args, **kwargs)
+            self.stack += time.perf_counter() - start
+            self.steps += 1
+            return out
+
+        def timed_head(*args, **kwargs):
+            start = time.perf_counter()
+            out = head(*args, **kwargs)
+            self.head += time.perf_counter() - start
+            return out
+
+        model.decode_stack.run, model.head = timed_run, timed_head
+        return self
+
+    def __exit__(self, *exc):
+        del self.base.model.decode_stack.run, self.base.model.head  # the class's methods again
+
+
+def parts(model: Path, args) -> None:
+    """--parts: ms per step of the layers' call and of the head, one-call path, NF4, 1 and 8 rows."""
+    base = load_base(model, quantize="nf4")
+    names = adapters(base, model)
+    print(f"{'rows':>4} {'adapters':>9} {'step ms':>8} {'layers ms':>10} {'head ms':>8}", flush=True)
+    for B, chosen in ((1, None), (1, names[:1]), (8, None), (8, names)):
+        ids = None if chosen is None else base.pool.acquire(chosen)
+        rounds = []
+        for _ in range(args.rounds):
+            with Parts(base) as p:
+                step = decode_seconds(base, B, ids, args.steps)
+            rounds.append((step, p.stack / p.steps, p.head / p.steps))
+        if ids is not None:
+            base.pool.release(ids)
+        step, stack, head = (1000 * statistics.median(r[i] for r in rounds) for i in range(3))
+        print(f"{B:>4} {'-' if chosen is None else len(chosen):>9} {step:>8.2f} {stack:>10.2f} {head:>8.2f}", flush=True)
 
 
 def use_path(base, kernels, path: str) -> None:
@@ -92,13 +142,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quantize", default="nf4,none", help="comma-separated weight formats; none: dense bf16")
     parser.add_argument("--paths", default="stack,per-op,torch", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--parts", action="store_true", help="time the layers' call and the head within the step")
     args = parser.parse_args()
+    job = parts if args.parts else run
     if args.model is not None:
-        run(args.model, args)
+        job(args.model, args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         build_135m(tmp)
-        run(Path(tmp), args)
+        job(Path(tmp), args)
 
 
 if __name__ == "__main__":
