@@ -11,6 +11,11 @@ recomputed: one prefill of the prompt and the tokens generated so far, whose log
 token was sampled already), after which decoding goes on as if nothing happened. Sampling is counter-based
 per row, so a preempted row samples what it would have.
 
+With prefix caching on, every prefill (admission and recomputation) first takes the cached blocks of the longest
+run of its tokens' full blocks under the row's adapter and computes only the rest (KVCache.share_prefix); the
+row's full prompt blocks are then named for later rows. Freed rows leave those blocks cached (evictable), and
+the free-block counts used for admission and preemption include them.
+
 Faults are isolated per row: a row whose preparation, prefill, sampling or text handling raises fails
 alone (its handle gets the error) and every other row goes on. A batched prefill or sampling call that
 raises is retried one row at a time, which gives the same tokens (sampling is counter-based per row) and
@@ -40,6 +45,7 @@ class Row:
     prompt: list[int] = field(repr=False)
     params: SamplingParams
     slot_ids: torch.Tensor  # (1,) pinned pool slot
+    adapter: str = ""  # the adapter's digest, "" for the base: what the prefix cache's keys start from
     index: int = -1  # cache row
     generated: int = 0
     last_token: int = -1
@@ -51,9 +57,11 @@ class Row:
 
 
 class RowBatch:
-    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish, kv_memory: int | None = None):
+    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish, kv_memory: int | None = None,
+                 use_prefix_caching: bool = True):
         self.base = base
         self.cache = base.new_cache(max_batch, max_seq, memory=kv_memory)
+        self.use_prefix_caching = use_prefix_caching
         self.preempted: deque[Row] = deque()  # rows whose blocks were taken back, oldest preemption first
         self.metrics = metrics
         self._on_finish = on_finish  # (row, status) -> None: releases the slot pin
@@ -139,7 +147,8 @@ class RowBatch:
             return []
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
+            raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids,
+                                    self._prefix_adapters(rows))
             params, rows_t = [r.params for r in rows], torch.tensor([r.index for r in rows], dtype=torch.long)
             logits = self._penalties.apply(raw, rows_t, params)
             tokens = sample(logits, _sampling_batch(params, [0] * len(rows))).tolist()
@@ -173,12 +182,16 @@ class RowBatch:
         """Rebuilds the cache of resumed rows: prompt + every generated token but the last (the next input)."""
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            self.base.prefill(self.cache, [r.index for r in rows], [r.prompt + r.outputs[:-1] for r in rows], ids)
+            self.base.prefill(self.cache, [r.index for r in rows], [r.prompt + r.outputs[:-1] for r in rows], ids,
+                              self._prefix_adapters(rows))
         except Exception as error:
             if len(rows) == 1:
                 return self._fail(rows[0], error)
             for row in rows:
                 self._refill([row])
+
+    def _prefix_adapters(self, rows: list[Row]) -> list[str] | None:
+        return [r.adapter for r in rows] if self.use_prefix_caching else None
 
     def _sample(self, active: list[Row], logits: torch.Tensor) -> list[int | None]:
         """The next token of every row (None: that row failed)."""

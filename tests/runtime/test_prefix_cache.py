@@ -146,6 +146,12 @@ def test_a_prefill_from_cached_blocks_computes_only_the_suffix_with_the_same_log
     assert seen == [(3, 48), (1, 48), (2, 30)]  # second: 16 uncached tokens, padded to third's 30
     assert (cache.prefix_queries, cache.prefix_hits) == (48 + 48 + 30, 32)
     torch.testing.assert_close(got, expected[1:], atol=1e-5, rtol=0)
+    shared_blocks = cache.tables[0, :2].tolist()
+    assert [cache.pool.refs(b) for b in shared_blocks] == [2, 2]
+    # A retried prefill (the engine retries a failed batch row by row) starts its row clean: no reference twice.
+    again = base.prefill(cache, [1], [second], None, prefix_adapters=[""])
+    assert [cache.pool.refs(b) for b in shared_blocks] == [2, 2] and cache.tables[1, :2].tolist() == shared_blocks
+    torch.testing.assert_close(again, expected[1:2], atol=1e-5, rtol=0)
     # Decoding on goes on from the shared blocks: the next step's logits match too.
     token = expected[1:].argmax(-1)
     nxt = base.decode(cache, torch.tensor([1, 2]), token, None)
