@@ -248,7 +248,8 @@ class Engine:
                 if not self._waiting:
                     break
                 item = self._waiting.popleft()
-                if not self._rows.has_room([*(len(r.prompt) for r in admitted), len(item.prompt)]):
+                prompts = [(r.adapter, r.prompt) for r in admitted] + [(item.resolved.digest or "", item.prompt)]
+                if not self._rows.has_room(prompts):
                     self._waiting.appendleft(item)
                     break
             if item.handle.is_cancelled:

@@ -80,15 +80,21 @@ class RowBatch:
     def free_rows(self) -> int:
         return len(self._free)
 
-    def has_room(self, token_counts: list[int]) -> bool:
-        """Whether rows of these many tokens can start now: a free cache row each and blocks for one more token."""
-        blocks = sum(self.cache.blocks_for(n + 1) for n in token_counts)
-        return len(token_counts) <= len(self._free) and blocks <= self.cache.free_blocks
+    def has_room(self, prompts: list[tuple[str, list[int]]]) -> bool:
+        """Whether rows prefilling these (adapter, tokens) can start now: a free cache row each and blocks for one
+        more token (with prefix caching, less the cached blocks they will share)."""
+        if len(prompts) > len(self._free):
+            return False
+        if self.use_prefix_caching:
+            blocks = self.cache.blocks_to_start([(a, tokens, len(tokens) + 1) for a, tokens in prompts])
+        else:
+            blocks = sum(self.cache.blocks_for(len(tokens) + 1) for _, tokens in prompts)
+        return blocks <= self.cache.free_blocks
 
     def resume(self) -> None:
         """Recomputes preempted rows, oldest first, while they fit (module docstring)."""
         rows = []  # each recomputes len(prompt) + generated - 1 tokens, then decodes
-        while self.preempted and self.has_room([len(r.prompt) + r.generated - 1 for r in [*rows, self.preempted[0]]]):
+        while self.preempted and self.has_room([(r.adapter, _refilled(r)) for r in [*rows, self.preempted[0]]]):
             row = self.preempted.popleft()
             if row.handle.is_cancelled:
                 self._finish(row, "cancelled", has_tail=False)
@@ -182,7 +188,7 @@ class RowBatch:
         """Rebuilds the cache of resumed rows: prompt + every generated token but the last (the next input)."""
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            self.base.prefill(self.cache, [r.index for r in rows], [r.prompt + r.outputs[:-1] for r in rows], ids,
+            self.base.prefill(self.cache, [r.index for r in rows], [_refilled(r) for r in rows], ids,
                               self._prefix_adapters(rows))
         except Exception as error:
             if len(rows) == 1:
@@ -283,6 +289,11 @@ class RowBatch:
             self._active.remove(row)
         self._is_dirty = True
         self._on_finish(row, status)
+
+
+def _refilled(row: Row) -> list[int]:
+    """What a resumed row prefills: its prompt and every generated token but the last (the next input)."""
+    return row.prompt + row.outputs[:-1]
 
 
 def _sampling_batch(params: list[SamplingParams], offsets: list[int]) -> SamplingBatch:

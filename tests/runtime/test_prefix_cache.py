@@ -49,6 +49,7 @@ def test_shared_blocks_are_referenced_not_copied():
     shared = _prompt(1, 40)
     first, second = shared + _prompt(2, 8), shared + _prompt(3, 9)  # 48 and 49 tokens, 40 in common
     assert _admit(cache, 0, first) == 0
+    assert cache.blocks_to_start([("", second, 50)]) == 4 - 2  # admission: the two shared blocks are held already
     assert _admit(cache, 1, second) == 32  # the two full blocks of the common 40 tokens
     assert cache.tables[1, :2].tolist() == cache.tables[0, :2].tolist()  # the same block ids
     assert cache.tables[1, 2] != cache.tables[0, 2]  # the third block differs (tokens 32..47 differ)
@@ -70,6 +71,8 @@ def test_refcounts_and_freed_blocks_stay_reusable():
     assert cache.pool.is_evictable(blocks[0]) and cache.pool.is_evictable(blocks[1])
     assert not cache.pool.is_evictable(blocks[2])  # the partial block (tokens 32..39) was never registered
     assert cache.free_blocks == 12  # cached blocks count as available
+    # Two rows starting with it: one new block each, and the two cached blocks they revive, counted once.
+    assert cache.blocks_to_start([("", prompt, 41), ("", prompt, 41)]) == 1 + 1 + 2
     assert _admit(cache, 2, prompt) == 32  # found again after every row let go
     assert cache.tables[2, :2].tolist() == blocks[:2]
 

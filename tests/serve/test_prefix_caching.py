@@ -124,3 +124,32 @@ def test_serve_has_the_switch():
     refused = CliRunner().invoke(main, ["serve", "--replicas", "2", "--no-enable-prefix-caching"])
     assert refused.exit_code != 0 and "--no-enable-prefix-caching" in refused.output
     assert EngineConfig().enable_prefix_caching  # on by default, as vLLM's
+
+
+def test_admission_counts_the_blocks_a_prompt_will_share(registry, offline):
+    """A budget of 6 blocks: after A (48 tokens) finished, B and C (48 tokens, A's first two blocks in common) each
+    need 4 blocks for their prompt and one more token; with the two cached blocks shared they need 2 + 2 + the 2
+    shared ones, so both start in one prefill of their 16-token suffixes; without caching they go one at a time."""
+    C = PREFIX[:43] + "lake"
+    per_block = 16 * make_base().kv_bytes_per_token()
+
+    def serve(enable: bool):
+        base = make_base()
+        shapes = []
+        base.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+        engine = Engine(base, registry, EngineConfig(max_batch=4, max_seq=64, kv_cache_memory=6 * per_block,
+                                                     enable_prefix_caching=enable))
+        tokenizer, params = base.tokenizer, SamplingParams(max_tokens=8)
+        try:
+            first = engine.submit(tokenizer.encode(A), "sql:prod", params, is_streaming=False).result()[0]
+            with engine._cv:  # both queued before the engine thread looks
+                handles = [engine.submit(tokenizer.encode(p), "sql:prod", params, is_streaming=False) for p in (B, C)]
+            return [first, *(h.result()[0] for h in handles)], [s for s in shapes if s[1] > 1], engine.metrics.snapshot()
+        finally:
+            engine.close()
+
+    on, on_shapes, on_stats = serve(True)
+    off, off_shapes, _ = serve(False)
+    assert on == off == [offline.complete("sql:prod", p, 8) for p in (A, B, C)]
+    assert on_shapes == [(1, 48), (2, 16)] and off_shapes == [(1, 48), (1, 48), (1, 48)]
+    assert on_stats["prefix_cache_hits"] == 64 and on_stats["preemptions"] == 0

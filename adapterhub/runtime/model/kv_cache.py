@@ -134,6 +134,18 @@ class KVCache:
         self.prefix_hits += len(blocks) * self.block_size
         return len(blocks) * self.block_size
 
+    def blocks_to_start(self, prompts) -> int:
+        """Blocks that rows starting now with `prompts` [(adapter, tokens, total)] take from `free_blocks` to hold
+        `total` tokens each, `share_prefix` done first: less each prompt's cached run, plus the cached blocks of
+        those runs that no row holds (sharing takes them out of the available ones), each counted once."""
+        need, revived = 0, set()
+        for adapter, tokens, total in prompts:
+            usable = (len(tokens) - 1) // self.block_size * self.block_size
+            blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+            need += self.blocks_for(total) - len(blocks)
+            revived.update(b for b in blocks if self.pool.is_evictable(b))
+        return need + len(revived)
+
     def register_prefix(self, row: int, adapter: str, tokens) -> None:
         """Names the row's full blocks of `tokens` (written: positions 0..len-1 hold them) by their content, so
         later rows can share them (`share_prefix`); blocks named already keep their names."""

@@ -17,6 +17,7 @@ first block on, and a missing head would make the blocks after it unreachable an
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from typing import Sequence
 
@@ -29,7 +30,7 @@ def block_keys(adapter: str, tokens: Sequence[int], block_size: int) -> list[byt
     for start in range(0, len(tokens) - block_size + 1, block_size):
         h = hashlib.blake2b(digest_size=16)  # 128 bits: a collision would silently serve another prompt's keys
         h.update(len(parent).to_bytes(4, "little") + parent)
-        h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens[start : start + block_size]))
+        h.update(struct.pack(f"<{block_size}i", *tokens[start : start + block_size]))
         parent = h.digest()
         keys.append(parent)
     return keys
