@@ -83,8 +83,8 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, quantize: str, served_model_name: str | None,
           chat_template_file: Path | None, lora_modules: list[tuple[str, str]], adapter_dtype: str,
-          kv_cache_memory: str | None, enable_prefix_caching: bool, max_body_bytes: int, header_timeout: float, body_timeout: float,
-          max_connections: int, allow_base_mismatch: bool, allow_hub: bool, replicas: int | None,
+          kv_cache_memory: str | None, enable_prefix_caching: bool, max_body_bytes: int, header_timeout: float,
+          body_timeout: float, max_connections: int, allow_base_mismatch: bool, allow_hub: bool, replicas: int | None,
           ray_address: str | None, autoscale: str | None) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 

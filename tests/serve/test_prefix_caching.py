@@ -124,6 +124,11 @@ def test_serve_has_the_switch():
     refused = CliRunner().invoke(main, ["serve", "--replicas", "2", "--no-enable-prefix-caching"])
     assert refused.exit_code != 0 and "--no-enable-prefix-caching" in refused.output
     assert EngineConfig().enable_prefix_caching  # on by default, as vLLM's
+    engine = Engine(make_base(), None, EngineConfig(max_seq=64, enable_prefix_caching=False))
+    try:
+        assert engine.memory_summary().endswith("; prefix caching off")
+    finally:
+        engine.close()
 
 
 def test_admission_counts_the_blocks_a_prompt_will_share(registry, offline):

@@ -17,8 +17,8 @@ same values at the same key indices as the contiguous cache, so the scores and t
 contiguous path. A decode step on the fused ops (model/layers.py `decode`) writes and reads them in place.
 Storage starts as zeros so masked keys are finite (a NaN key would poison a row's softmax even when masked).
 Blocks are reference-counted (model/prefix_cache.py): rows that start with the same full blocks of a prompt under
-the same adapter can hold the same blocks (`lookup`, `share`, `register`), and a freed block that has a content
-key stays cached until a new block is needed.
+the same adapter can hold the same blocks (`share_prefix`, `register_prefix`), and a freed block that has a
+content key stays cached until a new block is needed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterhub.errors import CapacityError, ConfigError
+from adapterhub.errors import CapacityError, ConfigError, RequestError
 from adapterhub.runtime.model.prefix_cache import BlockPool, block_keys
 
 BLOCK_SIZE = 16  # tokens per block: a row wastes under one block; the tables stay small (max_seq / 16 entries)
@@ -123,7 +123,7 @@ class KVCache:
         nothing) and returns how many tokens it covers: at most `(len(tokens) - 1) // block_size` blocks, so the
         last token is always computed (its logits are the next token's) and the row never writes a shared block."""
         if self._held[row]:
-            raise CapacityError(f"cache row {row} holds {self._held[row]} blocks; free it before sharing a prefix")
+            raise RequestError(f"cache row {row} holds {self._held[row]} blocks; free it before sharing a prefix")
         usable = (len(tokens) - 1) // self.block_size * self.block_size
         blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
         for i, block in enumerate(blocks):
