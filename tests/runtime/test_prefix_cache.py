@@ -160,3 +160,23 @@ def test_a_prefill_from_cached_blocks_computes_only_the_suffix_with_the_same_log
     nxt = base.decode(cache, torch.tensor([1, 2]), token, None)
     ref = base.decode(plain, torch.tensor([1, 2]), token, None)
     torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=0)
+
+
+def test_a_one_token_suffix_runs_as_a_decode_step_with_the_same_logits():
+    """A 33-token prompt seen before: 32 tokens cached, so the prefill is one token per row, which the model runs
+    on the decode step's fused path where the compiled kernels run; fp32 logits within the decode twins' 1e-4."""
+    base = load_base("tiny", compute_dtype=torch.float32)
+    prompt = _prompt(16, 33)
+    plain = base.new_cache(2, 64)
+    expected = base.prefill(plain, [0], [prompt], None)
+    cache = base.new_cache(2, 64)
+    base.prefill(cache, [0], [prompt], None, prefix_adapters=[""])
+    seen = []
+    hook = base.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        got = base.prefill(cache, [1], [prompt], None, prefix_adapters=[""])
+    finally:
+        hook.remove()
+    assert seen == [(1, 1)] and cache.prefix_hits == 32
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert int(got.argmax()) == int(expected.argmax())
