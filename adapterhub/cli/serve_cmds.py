@@ -57,6 +57,10 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
               help="KV cache budget, e.g. 512MB, 2GiB: blocks of 16 tokens given to requests as tokens arrive; "
                    "requests wait (or are preempted and recomputed) when it is full. Default: 1/8 of the memory "
                    "available, at most the base's weight bytes, at least one request of --max-seq tokens.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+              help="Requests whose prompts start with the same full 16-token blocks, under the same adapter, share "
+                   "those blocks' keys and values instead of recomputing them; freed blocks stay cached until the "
+                   "budget needs them.")
 @click.option("--max-body-bytes", default=HttpLimits.max_body_bytes, show_default=True, type=click.IntRange(1),
               help="Largest request body; bigger ones get HTTP 413 before they are read.")
 @click.option("--header-timeout", default=HttpLimits.header_timeout_s, show_default=True,
@@ -79,8 +83,8 @@ def _name_ref_pairs(ctx, param, values) -> list[tuple[str, str]]:
 def serve(base_name: str, registry: str | None, host: str, port: int, max_adapters: int, max_queue: int,
           max_batch: int, max_seq: int | None, dtype: str, quantize: str, served_model_name: str | None,
           chat_template_file: Path | None, lora_modules: list[tuple[str, str]], adapter_dtype: str,
-          kv_cache_memory: str | None, max_body_bytes: int, header_timeout: float, body_timeout: float,
-          max_connections: int, allow_base_mismatch: bool, allow_hub: bool, replicas: int | None,
+          kv_cache_memory: str | None, enable_prefix_caching: bool, max_body_bytes: int, header_timeout: float,
+          body_timeout: float, max_connections: int, allow_base_mismatch: bool, allow_hub: bool, replicas: int | None,
           ray_address: str | None, autoscale: str | None) -> None:
     """Serve one base and any adapter of a registry over an OpenAI-style HTTP API.
 
@@ -112,7 +116,8 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
                       ray_address, host, port, limits, _single_process_only(
                           quantize=quantize != "nf4", served_model_name=served_model_name,
                           chat_template=chat_template_file, lora_modules=lora_modules,
-                          adapter_dtype=adapter_dtype != "auto", kv_cache_memory=kv_cache_memory))
+                          adapter_dtype=adapter_dtype != "auto", kv_cache_memory=kv_cache_memory,
+                          no_enable_prefix_caching=not enable_prefix_caching))
         return
     kv_bytes = None
     if kv_cache_memory is not None:
@@ -138,7 +143,8 @@ def serve(base_name: str, registry: str | None, host: str, port: int, max_adapte
         if template is not None:
             base.tokenizer = base.tokenizer.with_chat_template(template)
         config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, base_name=served_model_name,
-                              allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub, kv_cache_memory=kv_bytes)
+                              allow_base_mismatch=allow_base_mismatch, allow_hub=allow_hub, kv_cache_memory=kv_bytes,
+                              enable_prefix_caching=enable_prefix_caching)
         engine = Engine(base, reg, config)
         for name, source in lora_modules:
             engine.add_named_adapter(name, source).result()

@@ -196,9 +196,11 @@ class Base:
         tensors = {t.data_ptr(): t.nbytes for t in [*self.model.parameters(), *self.model.buffers()] if t is not None}
         return sum(tensors.values()) + sum(m.weight.nbytes for m in self.model.linears().values())
 
-    def prefill(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]], ids) -> torch.Tensor:
+    def prefill(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]], ids,
+                prefix_adapters: Sequence[str] | None = None) -> torch.Tensor:
+        """generate.prefill; `prefix_adapters` (each row's adapter digest, "" for the base) turns prefix caching on."""
         with torch.inference_mode():
-            return gen.prefill(self.model, cache, rows, prompts, self._ids(ids))
+            return gen.prefill(self.model, cache, rows, prompts, self._ids(ids), prefix_adapters)
 
     def decode(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, ids) -> torch.Tensor:
         with torch.inference_mode():

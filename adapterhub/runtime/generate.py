@@ -113,8 +113,12 @@ def _uniform(seed: torch.Tensor, offset: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
-            ids: torch.Tensor | None) -> torch.Tensor:
-    """Writes each prompt at positions 0..len-1 of its cache row; logits at each last prompt token (B, V)."""
+            ids: torch.Tensor | None, prefix_adapters: Sequence[str] | None = None) -> torch.Tensor:
+    """Writes each prompt at positions 0..len-1 of its cache row; logits at each last prompt token (B, V).
+
+    prefix_adapters: prefix caching on a paged cache, each row's adapter identity (its digest, "" for the base).
+    Each row is freed, then takes the cached blocks of its prompt's longest cached run of full blocks
+    (`KVCache.share_prefix`); only the rest is computed, and the row's full prompt blocks are registered after."""
     lengths = [len(p) for p in prompts]
     if not prompts:
         raise RequestError("prefill needs at least one prompt")
@@ -133,11 +137,24 @@ def prefill(model: Transformer, cache: KVCache, rows: Sequence[int], prompts: Se
     if int(tokens.min()) < 0 or int(tokens.max()) >= V:
         raise RequestError(f"prompt token ids must be in [0, {V}) for this base; "
                            f"got {int(tokens.min())}..{int(tokens.max())}")
+    starts = [0] * B
+    if prefix_adapters is not None:
+        if len(prefix_adapters) != B:
+            raise RequestError(f"prefix_adapters has {len(prefix_adapters)} entries for {B} prompts; give one each")
+        cache.free(rows)  # a retried prefill (engine) starts its rows clean: no half-shared tables
+        starts = [cache.share_prefix(r, a, p) for r, a, p in zip(rows, prefix_adapters, prompts)]
+        T = max(n - s for n, s in zip(lengths, starts))
+        tokens = torch.zeros(B, T, dtype=torch.long)  # the uncached suffixes, right-padded
+        for b, (p, s) in enumerate(zip(prompts, starts)):
+            tokens[b, : len(p) - s] = torch.as_tensor(p[s:], dtype=torch.long)
     cache.allocate(rows, lengths)  # CapacityError when the cache's free blocks do not hold the prompts
-    step = cache.step(rows, T, starts=torch.zeros(B, dtype=torch.long))
-    last = torch.tensor(lengths, dtype=torch.long) - 1
+    step = cache.step(rows, T, starts=torch.tensor(starts, dtype=torch.long))
+    last = torch.tensor(lengths, dtype=torch.long) - torch.tensor(starts, dtype=torch.long) - 1
     logits = model(tokens.to(model.device), ids, cache, step=step, logits_at=last.to(model.device))  # (B, V)
     cache.lengths[torch.as_tensor(rows, dtype=torch.long).cpu()] = torch.tensor(lengths, dtype=torch.long)
+    if prefix_adapters is not None:
+        for r, a, p in zip(rows, prefix_adapters, prompts):
+            cache.register_prefix(r, a, p)
     return logits
 
 

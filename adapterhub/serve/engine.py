@@ -72,6 +72,7 @@ class EngineConfig:
     allow_base_mismatch: bool = False  # load adapters recorded against another base (warns instead of HTTP 422)
     allow_hub: bool = False  # a `model` may be hf://org/name[@revision], imported into the registry on first use
     kv_cache_memory: int | None = None  # KV cache budget in bytes; None: default_kv_memory
+    enable_prefix_caching: bool = True  # prompts sharing full 16-token blocks (same adapter) share their KV blocks
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Engine:
         self._resident: dict[str, str] = {}  # digest -> label ("task@v3")
         self._is_stopping = False
         kv_memory = config.kv_cache_memory or default_kv_memory(base, config.max_batch, self.max_seq)
-        self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row, kv_memory)
+        self._rows = RowBatch(base, config.max_batch, self.max_seq, self.metrics, self._finish_row, kv_memory,
+                              config.enable_prefix_caching)
         cache = self._rows.cache
         self.metrics.set_memory(kv_cache_bytes=cache.nbytes, kv_blocks=cache.num_blocks, kv_block_tokens=cache.block_size,
                                 kv_bytes_per_token=base.kv_bytes_per_token(), adapter_dtype=str(base.pool.adapter_dtype),
@@ -198,7 +200,8 @@ class Engine:
         return (f"KV cache {m['kv_cache_bytes'] / 2**20:.1f} MiB: {cache.num_blocks} blocks of {cache.block_size} tokens "
                 f"({cache.num_blocks * cache.block_size} tokens, {m['kv_bytes_per_token']} bytes each); adapter pool "
                 f"{m['adapter_pool_bytes']} bytes now, in {m['adapter_dtype'].removeprefix('torch.')}, "
-                f"+{16 * m['adapter_bytes_per_rank'] / 2**20:.1f} MiB per r=16 adapter on every linear")
+                f"+{16 * m['adapter_bytes_per_rank'] / 2**20:.1f} MiB per r=16 adapter on every linear; prefix "
+                f"caching {'on' if self.config.enable_prefix_caching else 'off'}")
 
     def close(self) -> None:
         with self._cv:
@@ -227,8 +230,10 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._rows.fail_all(error)
             self._heap.maybe_trim()  # between steps: the prefills' freed activations back to the OS (heap.py)
+            cache = self._rows.cache
             self.metrics.set_gauges(queue_depth=len(self._waiting) + len(self._rows.preempted), batch_size=len(self._rows),
-                                    kv_blocks_free=self._rows.cache.free_blocks, adapter_pool_bytes=self._pool_bytes)
+                                    kv_blocks_free=cache.free_blocks, adapter_pool_bytes=self._pool_bytes)
+            self.metrics.set_prefix_cache(queries=cache.prefix_queries, hits=cache.prefix_hits)
         self._shutdown()
 
     def _admit(self) -> None:
@@ -243,7 +248,8 @@ class Engine:
                 if not self._waiting:
                     break
                 item = self._waiting.popleft()
-                if not self._rows.has_room([*(len(r.prompt) for r in admitted), len(item.prompt)]):
+                prompts = [(r.adapter, r.prompt) for r in admitted] + [(item.resolved.digest or "", item.prompt)]
+                if not self._rows.has_room(prompts):
                     self._waiting.appendleft(item)
                     break
             if item.handle.is_cancelled:
@@ -261,7 +267,7 @@ class Engine:
                 item.handle.fail(error)
                 self.metrics.count_request(type(error).__name__)
                 continue
-            admitted.append(Row(item.handle, item.prompt, item.params, ids))
+            admitted.append(Row(item.handle, item.prompt, item.params, ids, item.resolved.digest or ""))
         with self._cv:
             self._waiting.extendleft(reversed(deferred))
         if admitted:

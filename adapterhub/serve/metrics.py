@@ -25,6 +25,8 @@ class Metrics:
         self.adapter_evictions = 0
         self.preemptions = 0
         self.kv_blocks_free = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (admissions, recomputations)
+        self.prefix_cache_hits = 0  # of those, tokens whose keys and values were cached (not recomputed)
         self.adapter_pool_bytes = 0
         self.memory: dict = {}  # set once at start: the KV budget, its blocks, the adapter dtype (set_memory)
         self.requests: Counter[str] = Counter()  # status -> count
@@ -46,6 +48,11 @@ class Metrics:
                                kv_bytes_per_token=kv_bytes_per_token, adapter_dtype=adapter_dtype,
                                adapter_bytes_per_rank=adapter_bytes_per_rank)
             self.kv_blocks_free = kv_blocks
+
+    def set_prefix_cache(self, *, queries: int, hits: int) -> None:
+        """The KV cache's running totals (it counts them: the prefill is where the lookups happen)."""
+        with self._lock:
+            self.prefix_cache_queries, self.prefix_cache_hits = queries, hits
 
     def add_preemption(self) -> None:
         with self._lock:
@@ -93,6 +100,8 @@ class Metrics:
                 "adapter_evictions": self.adapter_evictions,
                 "preemptions": self.preemptions,
                 "kv_blocks_free": self.kv_blocks_free,
+                "prefix_cache_queries": self.prefix_cache_queries,
+                "prefix_cache_hits": self.prefix_cache_hits,
                 "adapter_pool_bytes": self.adapter_pool_bytes,
                 **self.memory,
                 "requests": dict(self.requests),
@@ -118,7 +127,12 @@ class Metrics:
              s.get("kv_cache_bytes", 0)),
             ("adapterhub_kv_cache_blocks", "gauge", "KV cache blocks in the budget.", s.get("kv_blocks", 0)),
             ("adapterhub_kv_cache_block_tokens", "gauge", "Tokens per KV cache block.", s.get("kv_block_tokens", 0)),
-            ("adapterhub_kv_cache_blocks_free", "gauge", "KV cache blocks no row holds.", s["kv_blocks_free"]),
+            ("adapterhub_kv_cache_blocks_free", "gauge", "KV cache blocks no row holds (free, or cached and evictable).",
+             s["kv_blocks_free"]),
+            ("adapterhub_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+             s["prefix_cache_queries"]),
+            ("adapterhub_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache (not recomputed).",
+             s["prefix_cache_hits"]),
             ("adapterhub_adapter_pool_bytes", "gauge", "Bytes of the adapter stacks.", s["adapter_pool_bytes"]),
         ]
         lines = []

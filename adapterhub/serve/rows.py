@@ -11,6 +11,11 @@ recomputed: one prefill of the prompt and the tokens generated so far, whose log
 token was sampled already), after which decoding goes on as if nothing happened. Sampling is counter-based
 per row, so a preempted row samples what it would have.
 
+With prefix caching on, every prefill (admission and recomputation) first takes the cached blocks of the longest
+run of its tokens' full blocks under the row's adapter and computes only the rest (KVCache.share_prefix); the
+row's full prompt blocks are then named for later rows. Freed rows leave those blocks cached (evictable), and
+the free-block counts used for admission and preemption include them.
+
 Faults are isolated per row: a row whose preparation, prefill, sampling or text handling raises fails
 alone (its handle gets the error) and every other row goes on. A batched prefill or sampling call that
 raises is retried one row at a time, which gives the same tokens (sampling is counter-based per row) and
@@ -40,6 +45,7 @@ class Row:
     prompt: list[int] = field(repr=False)
     params: SamplingParams
     slot_ids: torch.Tensor  # (1,) pinned pool slot
+    adapter: str = ""  # the adapter's digest, "" for the base: what the prefix cache's keys start from
     index: int = -1  # cache row
     generated: int = 0
     last_token: int = -1
@@ -51,9 +57,11 @@ class Row:
 
 
 class RowBatch:
-    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish, kv_memory: int | None = None):
+    def __init__(self, base, max_batch: int, max_seq: int, metrics, on_finish, kv_memory: int | None = None,
+                 use_prefix_caching: bool = True):
         self.base = base
         self.cache = base.new_cache(max_batch, max_seq, memory=kv_memory)
+        self.use_prefix_caching = use_prefix_caching
         self.preempted: deque[Row] = deque()  # rows whose blocks were taken back, oldest preemption first
         self.metrics = metrics
         self._on_finish = on_finish  # (row, status) -> None: releases the slot pin
@@ -72,15 +80,21 @@ class RowBatch:
     def free_rows(self) -> int:
         return len(self._free)
 
-    def has_room(self, token_counts: list[int]) -> bool:
-        """Whether rows of these many tokens can start now: a free cache row each and blocks for one more token."""
-        blocks = sum(self.cache.blocks_for(n + 1) for n in token_counts)
-        return len(token_counts) <= len(self._free) and blocks <= self.cache.free_blocks
+    def has_room(self, prompts: list[tuple[str, list[int]]]) -> bool:
+        """Whether rows prefilling these (adapter, tokens) can start now: a free cache row each and blocks for one
+        more token (with prefix caching, less the cached blocks they will share)."""
+        if len(prompts) > len(self._free):
+            return False
+        if self.use_prefix_caching:
+            blocks = self.cache.blocks_to_start([(a, tokens, len(tokens) + 1) for a, tokens in prompts])
+        else:
+            blocks = sum(self.cache.blocks_for(len(tokens) + 1) for _, tokens in prompts)
+        return blocks <= self.cache.free_blocks
 
     def resume(self) -> None:
         """Recomputes preempted rows, oldest first, while they fit (module docstring)."""
         rows = []  # each recomputes len(prompt) + generated - 1 tokens, then decodes
-        while self.preempted and self.has_room([len(r.prompt) + r.generated - 1 for r in [*rows, self.preempted[0]]]):
+        while self.preempted and self.has_room([(r.adapter, _refilled(r)) for r in [*rows, self.preempted[0]]]):
             row = self.preempted.popleft()
             if row.handle.is_cancelled:
                 self._finish(row, "cancelled", has_tail=False)
@@ -139,7 +153,8 @@ class RowBatch:
             return []
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids)
+            raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids,
+                                    self._prefix_adapters(rows))
             params, rows_t = [r.params for r in rows], torch.tensor([r.index for r in rows], dtype=torch.long)
             logits = self._penalties.apply(raw, rows_t, params)
             tokens = sample(logits, _sampling_batch(params, [0] * len(rows))).tolist()
@@ -173,12 +188,16 @@ class RowBatch:
         """Rebuilds the cache of resumed rows: prompt + every generated token but the last (the next input)."""
         try:
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
-            self.base.prefill(self.cache, [r.index for r in rows], [r.prompt + r.outputs[:-1] for r in rows], ids)
+            self.base.prefill(self.cache, [r.index for r in rows], [_refilled(r) for r in rows], ids,
+                              self._prefix_adapters(rows))
         except Exception as error:
             if len(rows) == 1:
                 return self._fail(rows[0], error)
             for row in rows:
                 self._refill([row])
+
+    def _prefix_adapters(self, rows: list[Row]) -> list[str] | None:
+        return [r.adapter for r in rows] if self.use_prefix_caching else None
 
     def _sample(self, active: list[Row], logits: torch.Tensor) -> list[int | None]:
         """The next token of every row (None: that row failed)."""
@@ -270,6 +289,11 @@ class RowBatch:
             self._active.remove(row)
         self._is_dirty = True
         self._on_finish(row, status)
+
+
+def _refilled(row: Row) -> list[int]:
+    """What a resumed row prefills: its prompt and every generated token but the last (the next input)."""
+    return row.prompt + row.outputs[:-1]
 
 
 def _sampling_batch(params: list[SamplingParams], offsets: list[int]) -> SamplingBatch:

@@ -93,11 +93,11 @@ def test_a_failing_prefill_is_retried_row_by_row_and_fails_that_request_only(eng
     real, batch_sizes = base.prefill, []
     poison_prompt = base.tokenizer.encode(PROMPTS[2])
 
-    def poisoned(cache, rows, prompts, ids):
+    def poisoned(cache, rows, prompts, ids, prefix_adapters=None):
         batch_sizes.append(len(prompts))
         if any(list(p) == poison_prompt for p in prompts):
             raise RuntimeError("injected prefill fault")
-        return real(cache, rows, prompts, ids)
+        return real(cache, rows, prompts, ids, prefix_adapters)
 
     base.prefill = poisoned
     requests = [r for r in healthy_requests(6) if r[1] != PROMPTS[2]]

@@ -16,6 +16,9 @@ Attention on the torch layers reads a row's blocks in order, gathered into `(B, 
 same values at the same key indices as the contiguous cache, so the scores and the softmax are those of the
 contiguous path. A decode step on the fused ops (model/layers.py `decode`) writes and reads them in place.
 Storage starts as zeros so masked keys are finite (a NaN key would poison a row's softmax even when masked).
+Blocks are reference-counted (model/prefix_cache.py): rows that start with the same full blocks of a prompt under
+the same adapter can hold the same blocks (`share_prefix`, `register_prefix`), and a freed block that has a
+content key stays cached until a new block is needed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterhub.errors import CapacityError, ConfigError
+from adapterhub.errors import CapacityError, ConfigError, RequestError
+from adapterhub.runtime.model.prefix_cache import BlockPool, block_keys
 
 BLOCK_SIZE = 16  # tokens per block: a row wastes under one block; the tables stay small (max_seq / 16 entries)
 
@@ -69,7 +73,9 @@ class KVCache:
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # (Bmax,) host: tokens held per row
         self.tables = torch.zeros(max_batch, self.blocks_per_row, dtype=torch.long)  # host; 0: not held
         self._held = [0] * max_batch  # blocks each row holds (tables[row, :held])
-        self._free = list(range(self.num_blocks, 0, -1))  # a stack: the lowest block is handed out first
+        self.pool = BlockPool(self.num_blocks)  # free, held (reference-counted) and cached blocks
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache (`share_prefix`)
+        self.prefix_hits = 0  # of those, tokens found cached (not recomputed)
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +84,8 @@ class KVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: free, or cached without a row holding them (evicted on demand)."""
+        return self.pool.available
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks a row of `tokens` tokens holds."""
@@ -95,19 +102,55 @@ class KVCache:
         if max(totals, default=0) > self.max_seq:
             raise CapacityError(f"a row of {max(totals)} tokens does not fit this cache's max_seq={self.max_seq}")
         need = self.blocks_to_grow(rows, totals)
-        if need > len(self._free):
-            raise CapacityError(f"the KV cache has {len(self._free)} free blocks of {self.block_size} tokens and "
+        if need > self.free_blocks:
+            raise CapacityError(f"the KV cache has {self.free_blocks} free blocks of {self.block_size} tokens and "
                                 f"this step needs {need}; free rows, or give the cache more memory")
         for r, t in zip(rows, totals):
             while self._held[r] < self.blocks_for(t):
-                self.tables[r, self._held[r]] = self._free.pop()
+                self.tables[r, self._held[r]] = self.pool.take()
                 self._held[r] += 1
 
     def free(self, rows) -> None:
-        """Forgets rows and gives their blocks back (their stale values are never read unmasked)."""
+        """Forgets rows and releases their blocks, last first (their stale values are never read unmasked;
+        registered blocks stay cached, model/prefix_cache.py)."""
         for r in _ints(rows):
-            self._free.extend(reversed(self.tables[r, : self._held[r]].tolist()))
+            for block in reversed(self.tables[r, : self._held[r]].tolist()):
+                self.pool.release(block)
             self.tables[r], self._held[r], self.lengths[r] = 0, 0, 0
+
+    def share_prefix(self, row: int, adapter: str, tokens) -> int:
+        """Maps the longest cached run of `tokens`' full blocks under `adapter` into `row`'s table (the row holds
+        nothing) and returns how many tokens it covers: at most `(len(tokens) - 1) // block_size` blocks, so the
+        last token is always computed (its logits are the next token's) and the row never writes a shared block."""
+        if self._held[row]:
+            raise RequestError(f"cache row {row} holds {self._held[row]} blocks; free it before sharing a prefix")
+        usable = (len(tokens) - 1) // self.block_size * self.block_size
+        blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+        for i, block in enumerate(blocks):
+            self.pool.share(block)
+            self.tables[row, i] = block
+        self._held[row] = len(blocks)
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += len(blocks) * self.block_size
+        return len(blocks) * self.block_size
+
+    def blocks_to_start(self, prompts) -> int:
+        """Blocks that rows starting now with `prompts` [(adapter, tokens, total)] take from `free_blocks` to hold
+        `total` tokens each, `share_prefix` done first: less each prompt's cached run, plus the cached blocks of
+        those runs that no row holds (sharing takes them out of the available ones), each counted once."""
+        need, revived = 0, set()
+        for adapter, tokens, total in prompts:
+            usable = (len(tokens) - 1) // self.block_size * self.block_size
+            blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+            need += self.blocks_for(total) - len(blocks)
+            revived.update(b for b in blocks if self.pool.is_evictable(b))
+        return need + len(revived)
+
+    def register_prefix(self, row: int, adapter: str, tokens) -> None:
+        """Names the row's full blocks of `tokens` (written: positions 0..len-1 hold them) by their content, so
+        later rows can share them (`share_prefix`); blocks named already keep their names."""
+        for i, key in enumerate(block_keys(adapter, tokens, self.block_size)[: self._held[row]]):
+            self.pool.register(int(self.tables[row, i]), key)
 
     def step(self, rows, T: int, starts: torch.Tensor | None = None) -> CacheStep:
         """Plans a forward of T tokens per row starting at `starts` (B,) (default: each row's length).
@@ -117,6 +160,8 @@ class KVCache:
         positions = starts[:, None] + torch.arange(T)  # (B, T)
         span = int(starts.max()) + T
         tables = self.tables[rows_host, : self.blocks_for(span)]  # (B, nb)
+        if tables.shape[1] < self.blocks_for(span):  # a batch of different starts: right padding past max_seq
+            tables = torch.nn.functional.pad(tables, (0, self.blocks_for(span) - tables.shape[1]))  # to block 0
         blocks = tables.gather(1, positions // self.block_size)  # (B, T)
         device = self.k.device
         to = dict(device=device, non_blocking=True)

@@ -32,6 +32,10 @@ _SERIES = [
     ("misses", "adapterhub_adapter_misses_total", "counter", "Requests whose adapter had to be loaded."),
     ("adapter_loads", "adapterhub_adapter_loads_total", "counter", "Adapters installed into the pool."),
     ("adapter_evictions", "adapterhub_adapter_evictions_total", "counter", "Adapters evicted from the pool."),
+    ("prefix_cache_queries", "adapterhub_prefix_cache_queries_total", "counter",
+     "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "adapterhub_prefix_cache_hits_total", "counter",
+     "Prompt tokens found in the prefix cache (not recomputed)."),
 ]
 
 
