@@ -262,22 +262,49 @@ static inline __m512 dot_bf16x32(__m512 acc, __m512i x, __m512i w) {
 
 #define GEMV_ROWS 8 /* x rows per pass over W: each row of W is read from memory once per 8 rows of x */
 
+/* y[r, n0 + j] for MR rows of x and the NB rows of W from n0 (fewer at the end of W): MR * NB <= 16 fp32
+ * accumulators of 16 lanes, reduced and rounded 16 at once (reduce_sums: the tree of _mm512_reduce_add_ps, so
+ * the result is that of one reduction per output). Inlined with constant MR, NB: the accumulators stay in
+ * registers, and each load of x serves NB rows of W, each load of W MR rows of x. */
+static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int NB, const uint16_t *x, int64_t K,
+                                                            const uint16_t *W, int64_t N, int64_t n0, uint16_t *y) {
+    __m512 acc[16];
+    for (int i = 0; i < MR * NB; i++) acc[i] = _mm512_setzero_ps();
+    const int nb = N - n0 < NB ? (int)(N - n0) : NB;
+    const uint16_t *ahead = n0 + 3 * NB <= N ? W + (n0 + 2 * NB) * K : NULL;
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 mk = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
+        __m512i w[16];
+        for (int j = 0; j < NB; j++) w[j] = j < nb ? _mm512_maskz_loadu_epi16(mk, W + (n0 + j) * K + k) : _mm512_setzero_si512();
+        if (ahead) /* the same line of each row two tiles on: the tile reads NB streams, which the hardware misses */
+            for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(ahead + j * K + k), _MM_HINT_T1);
+        for (int r = 0; r < MR; r++) {
+            const __m512i xr = _mm512_maskz_loadu_epi16(mk, x + r * K + k);
+            for (int j = 0; j < NB; j++) acc[r * NB + j] = dot_bf16x32(acc[r * NB + j], xr, w[j]);
+        }
+    }
+    _Alignas(32) uint16_t sums[16];
+    reduce_sums(acc, MR * NB, sums);
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < nb; j++) y[r * N + n0 + j] = sums[r * NB + j];
+}
+
+/* rows of W per tile for MR rows of x: as many as 16 accumulators allow */
+static inline int gemv_rows_of_w(int64_t MR) { return MR == 1 ? 16 : MR == 2 ? 8 : MR <= 4 ? 4 : 2; }
+
+#define GEMV_CASE(MR) case MR: gemv_tile(MR, gemv_rows_of_w(MR), xm, K, W, N, n, ym); break;
+
 /* x (M, K), W (N, K), y (M, N), all bf16 row-major. Where the CPU has AVX512-BF16 the products come from
  * VDPBF16PS, which reads bf16 subnormal inputs as zero. */
 void decode_linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, uint16_t *y) {
     for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-        const int64_t mr = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
-#pragma omp parallel for schedule(dynamic, 256) /* dynamic: as in attention */
-        for (int64_t n = 0; n < N; n++) {
-            __m512 acc[GEMV_ROWS];
-            for (int64_t r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 32) {
-                const __mmask32 mk = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
-                const __m512i w = _mm512_maskz_loadu_epi16(mk, W + n * K + k);
-                for (int64_t r = 0; r < mr; r++)
-                    acc[r] = dot_bf16x32(acc[r], _mm512_maskz_loadu_epi16(mk, x + (m0 + r) * K + k), w);
-            }
-            for (int64_t r = 0; r < mr; r++) y[(m0 + r) * N + n] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+        const int64_t mr = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS, nb = gemv_rows_of_w(mr);
+        const uint16_t *xm = x + m0 * K;
+        uint16_t *ym = y + m0 * N;
+#pragma omp parallel for schedule(dynamic, 16) /* dynamic: as in attention; 16 tiles: 32-256 rows of W */
+        for (int64_t n = 0; n < N; n += nb) {
+            switch (mr) { GEMV_CASE(1) GEMV_CASE(2) GEMV_CASE(3) GEMV_CASE(4) GEMV_CASE(5) GEMV_CASE(6) GEMV_CASE(7)
+                          GEMV_CASE(8) }
         }
     }
 }
