@@ -29,22 +29,22 @@ steps' wall time, median of the repeats), and the prefill of one 512-token promp
 Goals: adapterhub 1 stream >= 1.0x llama.cpp Q4_1's 1 stream on the 135M and >= 1.2x on the 1B; 8
 mixed-adapter streams >= 5x adapterhub's 1 stream.
 
-Figures with the one-call CPU decode step (AMD EPYC (Zen 4), 2 cores, torch 2.13.0, llama-cpp-python 0.3.36;
-135m: `--tokens 64`, median of 3, 2.3 minutes; 1b: `--tokens 32 --repeats 2`, 6.4 minutes; one helper agent
-editing files beside it), decode tokens/s by streams (8 mixed: each its own adapter); prefill: one 512-token
-prompt, tokens/s; in parentheses an earlier run of the same bench on the same kind of machine with one Python
-call per fused op:
+Figures with the one-call CPU decode step and the tiled head GEMV (AMD EPYC (Zen 4), 2 cores, torch 2.13.0,
+llama-cpp-python 0.3.36; 135m: `--tokens 64`, median of 3, 2.3 minutes; 1b: `--tokens 32 --repeats 2`, 6.4
+minutes; the machine's speed drifts by 10-20 % over minutes), decode tokens/s by streams (8 mixed: each its own
+adapter); prefill: one 512-token prompt, tokens/s; in parentheses an earlier run of the same bench on the same
+kind of machine with one Python call per fused op:
 
                               135m: 1            8        8 mixed  prefill    1b: 1         8       8 mixed  prefill
-    llama.cpp         Q4_0  188.8 (160.8) 402.7 (374.3)         -      880  29.6 (29.1) 65.3 (59.9)        -   135
-    llama.cpp         Q4_1  124.4 (110.4) 240.9 (202.6)         -      338  18.3 (15.8) 30.0 (28.5)        -    42
-    adapterhub        NF4   167.9 (92.4)  409.6 (327.0) 328.6 (235.5) 1091  24.9 (16.9) 66.3 (60.6) 63.1 (55.0) 178
-    adapterhub        bf16   33.9 (34.5)  178.7 (177.9) 156.2 (135.0) 1099   6.5 (5.9)  37.8 (34.7) 34.9 (32.0) 178
-    transformers      bf16       25.2            -              -      958      5.5         -            -      182
-    + PEFT, 1 adapter bf16       17.8            -              -      681      5.3         -            -       88
+    llama.cpp         Q4_0  182.0 (160.8) 354.7 (374.3)         -      910  27.7 (29.1) 62.7 (59.9)        -   132
+    llama.cpp         Q4_1  128.9 (110.4) 205.9 (202.6)         -      343  17.6 (15.8) 29.9 (28.5)        -    37
+    adapterhub        NF4   157.8 (92.4)  392.0 (327.0) 315.2 (235.5)  885  24.3 (16.9) 85.1 (60.6) 74.4 (55.0) 180
+    adapterhub        bf16   33.3 (34.5)  187.3 (177.9) 146.1 (135.0)  942   6.4 (5.9)  42.8 (34.7) 36.0 (32.0) 173
+    transformers      bf16       23.2            -              -     1021      5.2         -            -      178
+    + PEFT, 1 adapter bf16       18.3            -              -      689      4.5         -            -       86
 
-adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 1.35x (135m), 1.36x (1b); 8 streams / 1 stream: 2.44x,
-2.66x; 8 mixed / 1 stream: 1.96x, 2.54x (bf16: 4.61x, 5.38x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146
+adapterhub NF4 1 stream / llama.cpp Q4_1 1 stream: 1.22x (135m), 1.38x (1b); 8 streams / 1 stream: 2.48x,
+3.50x; 8 mixed / 1 stream: 2.00x, 3.06x (bf16: 4.39x, 5.63x). Sanity: max |Δlogit| 0.0047 (135m) and 0.0146
 (1b) of the logits' std, every prompt argmax equal; the control 0.2997.
 """
 
