@@ -246,7 +246,7 @@ async def _events(handles: list[RequestHandle]):
 async def _sse(handles: list[RequestHandle], request_id: str, is_chat: bool, has_usage: bool,
                logprobs: _LogprobsJson):
     """OpenAI chunk stream, the n choices interleaved; an error after the headers went out becomes an error event."""
-    model, started, completion_tokens = handles[0].model, set(), 0
+    model, started, completion_tokens, cached_tokens = handles[0].model, set(), 0, 0
     try:
         async for index, event in _events(handles):
             is_first = index not in started
@@ -257,10 +257,12 @@ async def _sse(handles: list[RequestHandle], request_id: str, is_chat: bool, has
             else:
                 assert isinstance(event, Finished)
                 completion_tokens += event.completion_tokens
+                cached_tokens = event.cached_tokens if index == 0 else cached_tokens
                 chunk = chunk_json(request_id, model, None, event.finish_reason, is_chat, is_first, index)
             yield f"data: {json.dumps(chunk)}\n\n"
         if has_usage:
-            usage = usage_chunk_json(request_id, model, handles[0].prompt_tokens, completion_tokens, is_chat)
+            usage = usage_chunk_json(request_id, model, handles[0].prompt_tokens, completion_tokens, is_chat,
+                                     cached_tokens)
             yield f"data: {json.dumps(usage)}\n\n"
     except Exception as error:  # this request failed (the engine logged why; the others go on): end it properly
         status = error.http_status if isinstance(error, AdapterHubError) else 500

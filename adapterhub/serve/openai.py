@@ -121,7 +121,8 @@ def completion_json(request_id: str, model: str, choices: list[tuple[str, Finish
     return {
         **_envelope(request_id, model, "chat.completion" if is_chat else "text_completion"),
         "choices": out,
-        "usage": _usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in choices)),
+        "usage": _usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in choices),
+                        choices[0][1].cached_tokens),
     }
 
 
@@ -140,10 +141,11 @@ def chunk_json(request_id: str, model: str, text: str | None, finish_reason: str
             "choices": [choice]}
 
 
-def usage_chunk_json(request_id: str, model: str, prompt_tokens: int, completion_tokens: int, is_chat: bool) -> dict:
+def usage_chunk_json(request_id: str, model: str, prompt_tokens: int, completion_tokens: int, is_chat: bool,
+                     cached_tokens: int = 0) -> dict:
     """The extra last chunk of `stream_options: {"include_usage": true}`: no choices, the usage of all choices."""
     return {**_envelope(request_id, model, "chat.completion.chunk" if is_chat else "text_completion"),
-            "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": [], "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_logprobs_json(tokenizer, entries: Sequence[TokenLogprob]) -> dict:
@@ -412,9 +414,11 @@ def _clip(value, depth: int):
     return value
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens`: the prompt tokens read from the prefix cache (the
+    first choice's: the n choices of one request are admitted together and share nothing among themselves)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _envelope(request_id: str, model: str, kind: str) -> dict:

@@ -48,6 +48,7 @@ class Row:
     adapter: str = ""  # the adapter's digest, "" for the base: what the prefix cache's keys start from
     index: int = -1  # cache row
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache held at admission (usage.prompt_tokens_details)
     last_token: int = -1
     outputs: list[int] = field(default_factory=list, repr=False)  # sampled tokens fed back (for recomputing)
     decoder: IncrementalDecoder | None = None
@@ -152,6 +153,9 @@ class RowBatch:
         if not rows:
             return []
         try:
+            if self.use_prefix_caching:  # looked up before the prefill shares and registers blocks
+                for row in rows:
+                    row.cached_tokens = self.cache.cached_prefix(row.adapter, row.prompt)
             ids = torch.cat([r.slot_ids for r in rows])  # (B,)
             raw = self.base.prefill(self.cache, [r.index for r in rows], [r.prompt for r in rows], ids,
                                     self._prefix_adapters(rows))
@@ -278,7 +282,7 @@ class RowBatch:
             row.handle.emit(Delta(tail, tuple(row.pending)))
             row.pending.clear()
         self._release(row, "ok" if reason != "cancelled" else "cancelled")
-        row.handle.emit(Finished(reason, len(row.prompt), row.generated))
+        row.handle.emit(Finished(reason, len(row.prompt), row.generated, row.cached_tokens))
 
     def _release(self, row: Row, status: str) -> None:
         row.is_released = True

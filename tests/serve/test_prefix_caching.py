@@ -6,6 +6,7 @@ Under a KV budget that preempts rows, every request still completes with the tok
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -158,3 +159,28 @@ def test_admission_counts_the_blocks_a_prompt_will_share(registry, offline):
     assert on == off == [offline.complete("sql:prod", p, 8) for p in (A, B, C)]
     assert on_shapes == [(1, 48), (2, 16)] and off_shapes == [(1, 48), (1, 48), (1, 48)]
     assert on_stats["prefix_cache_hits"] == 64 and on_stats["preemptions"] == 0
+
+
+def test_usage_reports_the_cached_prompt_tokens(registry):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field): 0 for a first prompt, the shared full blocks for
+    a prompt starting the same (B after A: 32 of 48), in the stream's usage chunk too; 0 with caching off."""
+    def cached(enable: bool) -> list[int]:
+        engine = Engine(make_base(), registry, EngineConfig(max_batch=4, max_seq=128, enable_prefix_caching=enable))
+        try:
+            with serve_in_thread(create_app(engine, api_key="")) as url, httpx.Client(base_url=url, timeout=60) as c:
+                out = []
+                for prompt in (A, B):
+                    body = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0}).json()
+                    assert body["usage"]["prompt_tokens"] == 48
+                    out.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+                stream = c.post("/v1/completions", json={"prompt": A, "max_tokens": 4, "temperature": 0, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+                chunks = [json.loads(line[6:]) for line in stream.text.splitlines()
+                          if line.startswith("data: {")]
+                out.append(chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"])
+                return out
+        finally:
+            engine.close()
+
+    assert cached(True) == [0, 32, 32]
+    assert cached(False) == [0, 0, 0]

@@ -20,7 +20,10 @@ def test_official_client_completions_streaming_chat_models_and_errors(served):
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
-    assert chunks[-1].usage == reply.usage
+    usage, whole = chunks[-1].usage, reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.prompt_tokens, whole.completion_tokens)
+    # the same prompt again: its full blocks come from the prefix cache (the last token is always computed)
+    assert usage.prompt_tokens_details.cached_tokens == (whole.prompt_tokens - 1) // 16 * 16 > 0
     assert {"tiny", "sql"} <= {m.id for m in client.models.list()}
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-task", prompt="x")

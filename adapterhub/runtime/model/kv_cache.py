@@ -124,8 +124,7 @@ class KVCache:
         last token is always computed (its logits are the next token's) and the row never writes a shared block."""
         if self._held[row]:
             raise RequestError(f"cache row {row} holds {self._held[row]} blocks; free it before sharing a prefix")
-        usable = (len(tokens) - 1) // self.block_size * self.block_size
-        blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+        blocks = self._cached_run(adapter, tokens)
         for i, block in enumerate(blocks):
             self.pool.share(block)
             self.tables[row, i] = block
@@ -134,14 +133,21 @@ class KVCache:
         self.prefix_hits += len(blocks) * self.block_size
         return len(blocks) * self.block_size
 
+    def cached_prefix(self, adapter: str, tokens) -> int:
+        """Tokens of `tokens` that `share_prefix` would find cached now (nothing is taken or counted)."""
+        return len(self._cached_run(adapter, tokens)) * self.block_size
+
+    def _cached_run(self, adapter: str, tokens) -> list[int]:
+        usable = (len(tokens) - 1) // self.block_size * self.block_size  # the last token is always computed
+        return self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+
     def blocks_to_start(self, prompts) -> int:
         """Blocks that rows starting now with `prompts` [(adapter, tokens, total)] take from `free_blocks` to hold
         `total` tokens each, `share_prefix` done first: less each prompt's cached run, plus the cached blocks of
         those runs that no row holds (sharing takes them out of the available ones), each counted once."""
         need, revived = 0, set()
         for adapter, tokens, total in prompts:
-            usable = (len(tokens) - 1) // self.block_size * self.block_size
-            blocks = self.pool.lookup(block_keys(adapter, tokens[:usable], self.block_size))
+            blocks = self._cached_run(adapter, tokens)
             need += self.blocks_for(total) - len(blocks)
             revived.update(b for b in blocks if self.pool.is_evictable(b))
         return need + len(revived)
