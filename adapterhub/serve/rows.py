@@ -13,8 +13,9 @@ per row, so a preempted row samples what it would have.
 
 With prefix caching on, every prefill (admission and recomputation) first takes the cached blocks of the longest
 run of its tokens' full blocks under the row's adapter and computes only the rest (KVCache.share_prefix); the
-row's full prompt blocks are then named for later rows. Freed rows leave those blocks cached (evictable), and
-the free-block counts used for admission and preemption include them.
+row's full prompt blocks are then named for later rows, and a finished row's full blocks of prompt and answer
+too (a next chat turn repeats both). Freed rows leave those blocks cached (evictable), and the free-block
+counts used for admission and preemption include them.
 
 Faults are isolated per row: a row whose preparation, prefill, sampling or text handling raises fails
 alone (its handle gets the error) and every other row goes on. A batched prefill or sampling call that
@@ -281,6 +282,8 @@ class RowBatch:
         if tail or row.pending:  # the last tokens' log-probabilities go with the last delta
             row.handle.emit(Delta(tail, tuple(row.pending)))
             row.pending.clear()
+        if self.use_prefix_caching and row.index >= 0:  # a next chat turn starts with this prompt and this answer
+            self.cache.register_prefix(row.index, row.adapter, _refilled(row)[: int(self.cache.lengths[row.index])])
         self._release(row, "ok" if reason != "cancelled" else "cancelled")
         row.handle.emit(Finished(reason, len(row.prompt), row.generated, row.cached_tokens))
 

@@ -184,3 +184,31 @@ def test_usage_reports_the_cached_prompt_tokens(registry):
 
     assert cached(True) == [0, 32, 32]
     assert cached(False) == [0, 0, 0]
+
+
+def test_a_next_turn_finds_the_answer_cached(registry, offline):
+    """A finished request's blocks of prompt and answer are named too: a next turn whose prompt repeats both
+    (A, its 19 fed answer tokens, then more) finds 64 tokens cached, not only A's 48; its tokens equal caching
+    off and offline (fp32)."""
+    tokenizer = make_base().tokenizer
+    first = tokenizer.encode(A)
+    params = SamplingParams(max_tokens=20)
+
+    def turns(enable: bool):
+        engine = Engine(make_base(), registry, EngineConfig(max_batch=4, max_seq=128, enable_prefix_caching=enable))
+        try:
+            answer = [lp.token for event in engine.submit(first, "sql:prod", SamplingParams(max_tokens=20, logprobs=0),
+                                                          is_streaming=False).events()
+                      if isinstance(event, Delta) for lp in event.logprobs]
+            second = first + answer + tokenizer.encode(" And then?", add_special_tokens=False)
+            events = list(engine.submit(second, "sql:prod", params, is_streaming=False).events())
+            return answer, second, "".join(e.text for e in events if isinstance(e, Delta)), events[-1].cached_tokens
+        finally:
+            engine.close()
+
+    answer, second, text_on, cached_on = turns(True)
+    assert len(answer) == 20 and len(second) >= 65
+    assert cached_on == 64  # A's 48 tokens and the first 16 answer tokens: 48 + 19 fed tokens hold 4 full blocks
+    answer_off, _, text_off, cached_off = turns(False)
+    assert answer_off == answer and text_on == text_off and cached_off == 0
+    assert text_on == offline.complete("sql:prod", second, params.max_tokens)
