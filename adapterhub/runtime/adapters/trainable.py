@@ -120,9 +120,12 @@ class _AdapterLinear(torch.autograd.Function):
             # g * out is kept and divided by g in the backward pass (no second (tokens, Dout) tensor), unless
             # some g is 0: then out itself
             ctx.kept_is_scaled = bool((g != 0).all())
-            kept = y.mul_(g) if ctx.kept_is_scaled else y
-            y = kept if ctx.kept_is_scaled else y * g
-            y = y if bias is None else y + bias
+            if ctx.kept_is_scaled:
+                kept = y = y.mul_(g)
+            else:
+                kept, y = y, y * g
+            if bias is not None:
+                y = y + bias
         ctx.save_for_backward(x, h, A, sB, g, norm, kept)
         ctx.weight, ctx.scaling = weight, adapter.scaling
         return y
